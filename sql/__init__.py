@@ -1,0 +1,1 @@
+"""pgmeter's SQL: numbered migrations and per-meter templates, shipped as package data."""

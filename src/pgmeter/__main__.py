@@ -1,0 +1,5 @@
+import sys
+
+from pgmeter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""``pgmeter``: one command, one subcommand per role.
+
+Exit codes: 0 done, 1 a dependency or the schema is not usable, 2 bad usage or
+configuration (one line on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from importlib import resources
+from pathlib import Path
+
+from pgmeter import logs
+from pgmeter.config import DEFAULT_CONFIG_FILE, ConfigError, Settings, load_settings
+
+log = logging.getLogger("pgmeter")
+
+ROLE_HELP = {
+    "api": "serve the OpenMeter-compatible HTTP API (ingest, meters, query)",
+    "sink": "move events from JetStream into Postgres, exactly once",
+    "refresher": "keep every meter's rollups up to date; partitions and retention",
+    "lago-sync": "push closed usage windows to Lago",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgmeter",
+        description="Usage metering with OpenMeter's API on PostgreSQL, NATS JetStream and Valkey.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"YAML config file (default: {DEFAULT_CONFIG_FILE} if present); "
+                             "PGMETER_* environment variables override it")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    dev = commands.add_parser("dev", help="run every role with embedded Postgres, NATS and Valkey")
+    dev.add_argument("--data-dir", default=".pgmeter", type=Path,
+                     help="where the embedded services keep their data (default: .pgmeter)")
+    for role, text in ROLE_HELP.items():
+        sub = commands.add_parser(role, help=text)
+        if role == "lago-sync":
+            sub.add_argument("--once", action="store_true", help="run one sync and exit")
+            sub.add_argument("--dry-run", action="store_true", help="print what would be sent and exit")
+    commands.add_parser("migrate", help="apply pending SQL migrations and exit")
+    return parser
+
+
+def fail(message: str, code: int) -> int:
+    print(f"pgmeter: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM (Kubernetes, systemd) gets the same graceful path as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if args.command == "dev":
+            return run_dev(args)
+        settings = load_settings(args.config)
+        logs.configure(settings.log_level)
+        if args.command == "migrate":
+            return run_migrate(settings)
+        if args.command == "lago-sync" and (args.once or args.dry_run):
+            from pgmeter.lago.cli import run_once
+
+            return run_once(settings, dry_run=args.dry_run)
+        return serve(settings, frozenset({args.command}))
+    except ConfigError as exc:
+        return fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_migrate(settings: Settings) -> int:
+    from pgmeter.db.migrate import SchemaError, migrate
+
+    try:
+        applied = migrate(settings.postgres.url)
+    except SchemaError as exc:
+        return fail(str(exc), 1)
+    except OSError as exc:
+        return fail(f"cannot reach Postgres: {exc}", 1)
+    except Exception as exc:  # psycopg.OperationalError and friends: say what, not where
+        return fail(f"migration failed: {type(exc).__name__}: {exc}".strip(), 1)
+    for migration in applied:
+        log.info("applied migration", extra={"version": migration.version, "migration": migration.name})
+    print(f"schema up to date ({len(applied)} migration(s) applied)")
+    return 0
+
+
+def serve(settings: Settings, roles: frozenset[str], banner: str | None = None) -> int:
+    import psycopg
+    import uvicorn
+
+    from pgmeter.api.app import create_app
+    from pgmeter.db.migrate import SchemaError, check_schema
+
+    try:
+        check_schema(settings.postgres.url)
+    except SchemaError as exc:
+        return fail(str(exc), 1)
+    except psycopg.OperationalError as exc:
+        return fail(f"cannot reach Postgres: {str(exc).strip()}", 1)
+    config = uvicorn.Config(
+        create_app(settings, roles),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    if banner:
+        print(banner, flush=True)
+    asyncio.run(server.serve())
+    return 0 if server.started else 1
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    from pgmeter.devstack.stack import DevStack, StackError
+
+    if args.config:
+        settings = load_settings(args.config)
+    else:
+        example = resources.files("pgmeter.devstack").joinpath("example.yaml")
+        with resources.as_file(example) as path:
+            settings = load_settings(path)
+    logs.configure(settings.log_level)
+    stack = DevStack(args.data_dir.resolve())
+    try:
+        stack.start()
+    except (StackError, RuntimeError, OSError) as exc:
+        return fail(str(exc).replace("\n", " | "), 1)
+    try:
+        settings.postgres.url = stack.postgres_url
+        settings.nats.url = stack.nats_url
+        settings.valkey.url = stack.valkey_url
+        code = run_migrate(settings)
+        if code:
+            return code
+        banner = "\n".join([
+            "pgmeter dev is up:",
+            f"  api       http://{settings.address}/api/v1  (try /api/v1/meters)",
+            f"  postgres  {stack.postgres_url}",
+            f"  nats      {stack.nats_url}",
+            f"  valkey    {stack.valkey_url}",
+            f"  data      {stack.data_dir}",
+            "Ctrl-C stops everything.",
+        ])
+        return serve(settings, frozenset({"api", "sink", "refresher", "lago-sync"}), banner)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Configuration: one YAML file plus ``PGMETER_*`` environment overrides.
+
+The file follows OpenMeter's config shape where the two overlap (``namespace``,
+``meters``), so an OpenMeter meter list can be pasted in unchanged. Every
+connection setting can be overridden from the environment, which is how the Helm
+chart injects secrets: ``PGMETER_POSTGRES_URL`` sets ``postgres.url``,
+``PGMETER_NATS_URL`` sets ``nats.url`` and so on (one ``_`` splits the section
+from the field).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pgmeter.meters.model import MeterSpec
+
+DEFAULT_CONFIG_FILE = "pgmeter.yaml"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used. The message names the file and the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PostgresConfig(Section):
+    url: str = "postgresql://postgres@127.0.0.1:5432/pgmeter"
+    # Short queries from the api may go through a transaction-mode pooler; everything
+    # that needs a session (COPY, advisory locks, LISTEN) uses ``url``.
+    query_url: str | None = Field(default=None, alias="queryUrl")
+    pool_size: int = Field(default=10, ge=1, alias="poolSize")
+
+
+class NatsConfig(Section):
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = "PGMETER_EVENTS"
+    # Events of namespace N travel on subject ``<subject_prefix>.N``.
+    subject_prefix: str = Field(default="pgmeter.events", alias="subjectPrefix")
+    consumer: str = "pgmeter-sink"
+    # JetStream replicas for the stream (3 on a production NATS cluster).
+    replicas: int = Field(default=1, ge=1, le=5)
+    # How long the broker keeps acknowledged-but-unsunk data. Counted from storage
+    # time, never from CloudEvent time, so late events are never expired unread.
+    max_age: timedelta = Field(default=timedelta(days=7), alias="maxAge")
+
+
+class ValkeyConfig(Section):
+    url: str | None = None
+    password: str | None = None
+    key_prefix: str = Field(default="pgmeter:", alias="keyPrefix")
+    # A cache that answers slower than this is skipped, not waited for.
+    timeout: float = Field(default=0.05, gt=0)
+
+
+class IngestConfig(Section):
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, alias="maxBodyBytes")
+    # Group commit: how long the api waits to gather events from concurrent requests
+    # into one JetStream message, and the most events one message may carry.
+    linger: timedelta = Field(default=timedelta(milliseconds=2))
+    max_batch_events: int = Field(default=2000, ge=1, alias="maxBatchEvents")
+
+
+class SinkConfig(Section):
+    fetch_batch: int = Field(default=200, ge=1, alias="fetchBatch")
+    max_events_per_tx: int = Field(default=20000, ge=1, alias="maxEventsPerTx")
+    partition_days_ahead: int = Field(default=7, ge=0, alias="partitionDaysAhead")
+    # Raw events older than this are dropped by partition; 0 keeps them forever.
+    retention_days: int = Field(default=0, ge=0, alias="retentionDays")
+
+
+class RefresherConfig(Section):
+    interval: timedelta = timedelta(seconds=2)
+    max_batch: int = Field(default=200_000, ge=1, alias="maxBatch")
+
+
+class LagoMapping(Section):
+    meter: str
+    code: str
+    property: str = "value"
+
+
+class LagoConfig(Section):
+    enabled: bool = False
+    url: str = "http://lago-api-svc.lago.svc:3000"
+    api_key: str | None = Field(default=None, alias="apiKey")
+    interval: timedelta = timedelta(hours=1)
+    grace: timedelta = timedelta(minutes=15)
+    window: Literal["HOUR", "DAY"] = "HOUR"
+    mappings: list[LagoMapping] = Field(default_factory=list)
+    # subject -> external_subscription_id; subjects not listed map to themselves.
+    subjects: dict[str, str] = Field(default_factory=dict)
+
+
+class Settings(BaseSettings):
+    """All of pgmeter's settings. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGMETER_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    address: str = "127.0.0.1:8888"
+    namespace: str = "default"
+    log_level: str = Field(default="info", alias="logLevel",
+                           validation_alias=AliasChoices("logLevel", "log_level"))
+    postgres: PostgresConfig = Field(default_factory=PostgresConfig)
+    nats: NatsConfig = Field(default_factory=NatsConfig)
+    valkey: ValkeyConfig = Field(default_factory=ValkeyConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    sink: SinkConfig = Field(default_factory=SinkConfig)
+    refresher: RefresherConfig = Field(default_factory=RefresherConfig)
+    lago: LagoConfig = Field(default_factory=LagoConfig)
+    # Bearer token -> namespace. Empty means auth is off.
+    auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens",
+                                        validation_alias=AliasChoices("authTokens", "auth_tokens"))
+    meters: list[MeterSpec] = Field(default_factory=list)
+
+    @field_validator("address")
+    @classmethod
+    def _address_has_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8888")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_subject_token(cls, value: str) -> str:
+        # The namespace becomes a NATS subject token and a SQL value.
+        if not value or not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError("must be letters, digits, '-' or '_'")
+        return value
+
+    @property
+    def listen_host(self) -> str:
+        return self.address.rpartition(":")[0] or "0.0.0.0"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file (passed as init kwargs).
+        return env_settings, init_settings
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        problems.append(f"{field}: {error['msg']}")
+    return f"{source}: invalid configuration: " + "; ".join(problems)
+
+
+def load_settings(path: str | Path | None = None, *, required: bool = False) -> Settings:
+    """Load settings from ``path`` (default ``pgmeter.yaml`` if it exists) and the env.
+
+    Raises :class:`ConfigError` with a one-line message naming the file and field.
+    """
+    file = Path(path) if path is not None else Path(DEFAULT_CONFIG_FILE)
+    data: dict[str, Any] = {}
+    if file.exists():
+        data = _read_yaml(file)
+    elif required or path is not None:
+        raise ConfigError(f"{file}: config file not found")
+    source = str(file) if file.exists() else "environment"
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, f"{source} (or PGMETER_* environment)")) from exc
+    except (ValueError, json.JSONDecodeError) as exc:  # malformed JSON in a PGMETER_ variable
+        raise ConfigError(f"{source} (or PGMETER_* environment): {exc}") from exc
+    slugs = [meter.slug for meter in settings.meters]
+    duplicates = sorted({slug for slug in slugs if slugs.count(slug) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: meters: duplicate slug {', '.join(duplicates)}")
+    return settings

@@ -1,0 +1,116 @@
+"""Run pgmeter for a test: in a thread (fast) or as a real subprocess (for kill -9)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+import yaml
+
+from pgmeter.api.app import create_app
+from pgmeter.config import Settings
+
+
+class AppServer:
+    """A real uvicorn server with the given roles, on its own thread and loop."""
+
+    def __init__(self, settings: Settings, roles: frozenset[str] | set[str]) -> None:
+        self.settings = settings
+        self.roles = frozenset(roles)
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.address}"
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def start(self) -> "AppServer":
+        config = uvicorn.Config(
+            create_app(self.settings, self.roles), host=self.settings.listen_host,
+            port=self.settings.listen_port, log_config=None, access_log=False, lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("pgmeter test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None and self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(30)
+            self.server = None
+
+    def __enter__(self) -> "AppServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_config(settings: Settings, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True)))
+    return path
+
+
+class RoleProcess:
+    """``python -m pgmeter --config ... <role>`` as a child process."""
+
+    def __init__(self, settings: Settings, role: str, workdir: Path) -> None:
+        self.settings = settings
+        self.role = role
+        self.config = write_config(settings, workdir / f"{role}.yaml")
+        self.log = workdir / f"{role}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "RoleProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pgmeter", "--config", str(self.config), self.role],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.role} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://{self.settings.address}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.role} not ready: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> int | None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode if self.process else None

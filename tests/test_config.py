@@ -1,0 +1,95 @@
+"""Configuration: the file, environment overrides, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgmeter.config import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pgmeter.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_and_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, """
+address: 0.0.0.0:9000
+namespace: bank
+postgres: {url: "postgresql://file/db"}
+nats: {url: "nats://file:4222"}
+meters:
+  - slug: api_calls
+    eventType: api.call
+    aggregation: COUNT
+    windowSize: MINUTE   # retired OpenMeter key: ignored
+    groupBy: {endpoint: $.endpoint}
+""")
+    monkeypatch.setenv("PGMETER_POSTGRES_URL", "postgresql://env/db")
+    monkeypatch.setenv("PGMETER_VALKEY_URL", "redis://env:6379/0")
+    monkeypatch.setenv("PGMETER_NAMESPACE", "tpp")
+    settings = load_settings(path)
+    assert settings.postgres.url == "postgresql://env/db"
+    assert settings.nats.url == "nats://file:4222"
+    assert settings.valkey.url == "redis://env:6379/0"
+    assert settings.namespace == "tpp"
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 9000)
+    assert settings.meters[0].group_by == {"endpoint": "$.endpoint"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("address: nope\n", "address"),
+        ("nats: {url: nats://x, bogus: 1}\n", "nats.bogus"),
+        ("meters:\n  - {slug: Bad-Slug, eventType: t, aggregation: COUNT}\n", "meters.0.slug"),
+        ("meters:\n  - {slug: c, eventType: t, aggregation: COUNT, valueProperty: $.x}\n",
+         "value property is not allowed"),
+        ("meters:\n  - {slug: s, eventType: t, aggregation: SUM}\n", "valueProperty is required"),
+        ("meters:\n  - {slug: s, eventType: t, aggregation: SUM, valueProperty: '$..x'}\n", "invalid JSONPath"),
+        ("meters:\n  - {slug: s, eventType: t, aggregation: MEDIAN, valueProperty: $.x}\n", "aggregation"),
+        ("meters:\n  - {slug: s, eventType: t, aggregation: COUNT, groupBy: {subject: $.s}}\n", "reserved"),
+        ("meters:\n  - {slug: a, eventType: t, aggregation: COUNT}\n  - {slug: a, eventType: u, aggregation: COUNT}\n",
+         "duplicate slug a"),
+        ("[1, 2]\n", "top level must be a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_invalid_config_names_file_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_cli_reports_bad_config_in_one_line_with_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "meters:\n  - {slug: x, eventType: t, aggregation: SUM}\n")
+    result = subprocess.run([sys.executable, "-m", "pgmeter", "--config", str(path), "migrate"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pgmeter: ") and str(path) in lines[0] and "valueProperty" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_config_file_is_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "pgmeter", "--config", str(tmp_path / "nope.yaml"), "api"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "config file not found" in result.stderr
+
+
+def test_help_lists_every_role() -> None:
+    result = subprocess.run([sys.executable, "-m", "pgmeter", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for role in ("dev", "api", "sink", "refresher", "lago-sync", "migrate"):
+        assert role in result.stdout

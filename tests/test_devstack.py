@@ -1,0 +1,113 @@
+"""``pgmeter dev``: comes up, keeps its data, and leaves nothing running when stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import psycopg
+import pytest
+
+from pgmeter.devstack.process import free_port
+
+
+class Dev:
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
+        env["PGMETER_ADDRESS"] = f"127.0.0.1:{self.port}"
+        self.log = log
+        started = time.monotonic()
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pgmeter", "dev", "--data-dir", str(data_dir)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=data_dir.parent,
+            )
+        self.wait_ready()
+        self.startup_seconds = time.monotonic() - started
+        self.children = psutil.Process(self.process.pid).children(recursive=True)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"pgmeter dev exited early:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"pgmeter dev not ready after 60 s:\n{self.log.read_text()}")
+
+    def url(self, name: str) -> str:
+        match = re.search(rf"^\s+{name}\s+(\S+)", self.log.read_text(), re.MULTILINE)
+        assert match, self.log.read_text()
+        return match.group(1)
+
+    def stop(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(30)
+
+
+def assert_all_gone(processes: list[psutil.Process]) -> None:
+    deadline = time.monotonic() + 10
+    alive = processes
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_dev_starts_stops_cleanly_and_keeps_data(tmp_path: Path, stop_signal: int) -> None:
+    data_dir = tmp_path / ".pgmeter"
+    first = Dev(data_dir, tmp_path / "first.log")
+    print(f"pgmeter dev ready in {first.startup_seconds:.1f} s")
+    names = {p.name() for p in first.children}
+    assert {"postgres", "nats-server", "valkey-server"} <= names, names
+    assert "api" in first.url("api") or first.url("api").startswith("http://")
+    with psycopg.connect(first.url("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (v text)")
+        conn.execute("INSERT INTO kept VALUES ('survives a restart')")
+    assert first.stop(stop_signal) == 0
+    assert_all_gone(first.children)
+
+    second = Dev(data_dir, tmp_path / "second.log")
+    with psycopg.connect(second.url("postgres")) as conn:
+        assert conn.execute("SELECT v FROM kept").fetchall() == [("survives a restart",)]
+    assert second.stop(stop_signal) == 0
+    assert_all_gone(second.children)
+
+
+def test_dev_killed_hard_leaves_no_orphans_and_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / ".pgmeter"
+    first = Dev(data_dir, tmp_path / "first.log")
+    first.process.kill()
+    first.process.wait(10)
+    assert_all_gone(first.children)
+    # No stale lock or pid file blocks the next start.
+    second = Dev(data_dir, tmp_path / "second.log")
+    assert second.stop(signal.SIGINT) == 0
+    assert_all_gone(second.children)
+
+
+def test_second_dev_on_same_directory_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / ".pgmeter"
+    first = Dev(data_dir, tmp_path / "first.log")
+    try:
+        result = subprocess.run([sys.executable, "-m", "pgmeter", "dev", "--data-dir", str(data_dir)],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PGMETER_ADDRESS": f"127.0.0.1:{free_port()}"})
+        assert result.returncode == 1
+        assert "another `pgmeter dev` is using" in result.stderr
+    finally:
+        assert first.stop(signal.SIGINT) == 0
+    assert_all_gone(first.children)
