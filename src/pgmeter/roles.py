@@ -12,9 +12,32 @@ from pgmeter.runtime import Runtime
 
 
 def api_routes() -> list[BaseRoute]:
-    return []
+    from pgmeter.api import events, meters, query
+
+    return [*events.routes, *meters.routes, *query.routes]
 
 
 async def start(runtime: Runtime) -> None:
     """Start the background work of ``runtime.roles``; it stops with the runtime."""
-    return None
+    from pgmeter.ingest import stream
+    from pgmeter.meters import service as meters_service
+
+    # Every role may be the first to start; each makes sure of what it relies on.
+    await stream.ensure_stream(runtime)
+    await meters_service.start(runtime)
+    if "api" in runtime.roles:
+        from pgmeter.ingest import publisher
+
+        await publisher.start(runtime)
+    if "sink" in runtime.roles:
+        from pgmeter.sink import worker
+
+        await worker.start(runtime)
+    if "refresher" in runtime.roles:
+        from pgmeter.rollup import refresher
+
+        await refresher.start(runtime)
+    if "lago-sync" in runtime.roles and runtime.settings.lago.enabled:
+        from pgmeter.lago import sync
+
+        await sync.start(runtime)
