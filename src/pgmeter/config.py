@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pgmeter.meters.model import MeterSpec
@@ -99,6 +99,17 @@ class LagoConfig(Section):
     # subject -> external_subscription_id; subjects not listed map to themselves.
     subjects: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _usable_when_enabled(self) -> "LagoConfig":
+        if self.enabled and not self.mappings:
+            raise ValueError("lago.enabled needs at least one entry in lago.mappings")
+        if self.enabled and not self.api_key:
+            raise ValueError("lago.enabled needs lago.apiKey (set PGMETER_LAGO_API_KEY from a secret)")
+        codes = [(m.meter, m.code) for m in self.mappings]
+        if len(codes) != len(set(codes)):
+            raise ValueError("lago.mappings has the same meter and code twice")
+        return self
+
 
 class Settings(BaseSettings):
     """All of pgmeter's settings. Build it with :func:`load_settings`."""
@@ -138,9 +149,15 @@ class Settings(BaseSettings):
     @field_validator("namespace")
     @classmethod
     def _namespace_is_subject_token(cls, value: str) -> str:
-        # The namespace becomes a NATS subject token and a SQL value.
-        if not value or not all(c.isalnum() or c in "-_" for c in value):
-            raise ValueError("must be letters, digits, '-' or '_'")
+        return _check_namespace(value)
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _token_namespaces(cls, value: dict[str, str]) -> dict[str, str]:
+        for token, namespace in value.items():
+            if len(token) < 16:
+                raise ValueError("tokens must be at least 16 characters")
+            _check_namespace(namespace)
         return value
 
     @property
@@ -162,6 +179,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment wins over the file (passed as init kwargs).
         return env_settings, init_settings
+
+
+def _check_namespace(value: str) -> str:
+    # A namespace becomes a NATS subject token and a SQL value.
+    if not value or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+        raise ValueError(f"namespace {value!r} must be letters, digits, '-' or '_'")
+    return value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

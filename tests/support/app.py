@@ -18,14 +18,39 @@ from pgmeter.api.app import create_app
 from pgmeter.config import Settings
 
 
+class ThreadedServer:
+    """Any ASGI app under a real uvicorn server, on its own thread and event loop."""
+
+    def __init__(self, app: object, host: str, port: int) -> None:
+        self.config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,  # type: ignore[arg-type]
+                                     lifespan="on")
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.server = server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.server is not None and self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(30)
+            self.server = None
+
+
 class AppServer:
     """A real uvicorn server with the given roles, on its own thread and loop."""
 
     def __init__(self, settings: Settings, roles: frozenset[str] | set[str]) -> None:
         self.settings = settings
         self.roles = frozenset(roles)
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
+        self._server: ThreadedServer | None = None
 
     @property
     def base_url(self) -> str:
@@ -35,25 +60,15 @@ class AppServer:
         return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> "AppServer":
-        config = uvicorn.Config(
-            create_app(self.settings, self.roles), host=self.settings.listen_host,
-            port=self.settings.listen_port, log_config=None, access_log=False, lifespan="on",
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("pgmeter test server did not start")
-            time.sleep(0.01)
+        self._server = ThreadedServer(create_app(self.settings, self.roles),
+                                      self.settings.listen_host, self.settings.listen_port)
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self.server is not None and self.thread is not None:
-            self.server.should_exit = True
-            self.thread.join(30)
-            self.server = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def __enter__(self) -> "AppServer":
         return self.start()

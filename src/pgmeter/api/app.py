@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from pgmeter.api import health
+from pgmeter.api.auth import AuthMiddleware
 from pgmeter.api.middleware import RequestContextMiddleware
 from pgmeter.api.problems import EXCEPTION_HANDLERS
 from pgmeter.config import Settings
@@ -43,5 +44,8 @@ def create_app(settings: Settings, roles: frozenset[str]) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=settings.ingest.max_body_bytes)],
+        middleware=[
+            Middleware(RequestContextMiddleware, max_body_bytes=settings.ingest.max_body_bytes),
+            Middleware(AuthMiddleware, tokens=settings.auth_tokens, default_namespace=settings.namespace),
+        ],
     )

@@ -1,0 +1,65 @@
+"""Optional bearer-token auth, each token bound to one namespace.
+
+With no tokens configured (the default, and ``pgmeter dev``), every request works
+in ``settings.namespace``. With tokens, every ``/api/v1`` route but the health
+probe needs ``Authorization: Bearer <token>`` and works only in that token's
+namespace: handlers never take the namespace from the request itself, so a token
+cannot write or read another namespace's events, meters or usage.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pgmeter.api.problems import problem_response
+
+OPEN_PATHS = frozenset({"/api/v1/health"})
+
+
+def namespace_of(request: Request) -> str:
+    """The namespace this request may act in (set by :class:`AuthMiddleware`)."""
+    return request.scope["state"]["namespace"]
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, *, tokens: dict[str, str], default_namespace: str) -> None:
+        self.app = app
+        self.tokens = [(token.encode(), namespace) for token, namespace in tokens.items()]
+        self.default_namespace = default_namespace
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})
+        path: str = scope["path"]
+        if not self.tokens or not path.startswith("/api/") or path in OPEN_PATHS:
+            scope["state"]["namespace"] = self.default_namespace
+            await self.app(scope, receive, send)
+            return
+        namespace = self._namespace_for(scope)
+        if namespace is None:
+            response = problem_response(
+                401, "a valid bearer token is required (Authorization: Bearer <token>)",
+                headers={"WWW-Authenticate": 'Bearer realm="pgmeter"'})
+            await response(scope, receive, send)
+            return
+        scope["state"]["namespace"] = namespace
+        await self.app(scope, receive, send)
+
+    def _namespace_for(self, scope: Scope) -> str | None:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer" or not token:
+                    return None
+                found = None
+                # Compare against every token in constant time; do not stop early.
+                for candidate, namespace in self.tokens:
+                    if hmac.compare_digest(candidate, token.strip()):
+                        found = namespace
+                return found
+        return None
