@@ -1,0 +1,45 @@
+"""values.schema.json: defaults pass, bad values (and plaintext secrets) are rejected."""
+
+from __future__ import annotations
+
+import helm_python
+import pytest
+
+
+def test_defaults_and_real_overlays_pass(chart) -> None:
+    chart.validate_schema({})
+    chart.validate_schema({
+        "api": {"replicas": 4},
+        "postgres": {"cluster": {"instances": 1, "storage": {"size": "5Gi"}}, "pooler": {"enabled": True}},
+        "nats": {"url": "nats://nats.nats:4222", "streamReplicas": 1},
+        "valkey": {"url": "", "passwordSecret": {"name": "pgmeter-valkey", "key": "password"}},
+        "lago": {"enabled": True, "interval": "PT30M", "grace": 600, "window": "DAY", "subjects": {"tpp-1": "sub-1"}},
+        "config": {"sink": {"retentionDays": 400}},
+        "hpa": {"enabled": True, "targetMemoryUtilizationPercentage": 75},
+    })
+
+
+@pytest.mark.parametrize(("values", "why"), [
+    ({"catalystBlueprint": {"backend": {"kind": "clickhouse"}}}, "backend/kind"),
+    ({"catalystBlueprint": {"eventBus": {"kind": "kafka"}}}, "eventBus/kind"),
+    ({"api": {"replicas": "two"}}, "api/replicas"),
+    ({"lago": {"apiKey": "lago_live_123"}}, "apiKey"),
+    ({"config": {"lago": {"apiKey": "lago_live_123"}}}, "/config"),
+    ({"config": {"postgres": {"url": "postgresql://u:p@h/db"}}}, "/config"),
+    ({"valkey": {"url": "redis://:hunter2@valkey:6379/0"}}, "valkey/url"),
+    ({"valkey": {"password": "hunter2"}}, "password"),
+    ({"nats": {"url": "http://nats:4222"}}, "nats/url"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+    ({"meters": [{"slug": "Bad-Slug", "eventType": "x", "aggregation": "COUNT"}]}, "slug"),
+    ({"meters": [{"slug": "x", "eventType": "x", "aggregation": "MEDIAN"}]}, "aggregation"),
+    ({"serviceMonitr": {"enabled": True}}, "serviceMonitr"),
+    ({"lago": {"interval": "hourly"}}, "interval"),
+    # pgmeter's loader parses ISO 8601 durations, not Go-style ones.
+    ({"lago": {"grace": "15m"}}, "grace"),
+])
+def test_bad_values_are_rejected(chart, render, values, why) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=why):
+        chart.validate_schema(values)
+    # ...and the render (helm template / install) refuses them too.
+    with pytest.raises(helm_python.HelmValuesError):
+        render(values)
