@@ -9,6 +9,8 @@ subject prefix, and its own Valkey key prefix.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,15 +27,31 @@ from tests.support import services
 TEMPLATE_DB = "pgmeter_test_template"
 
 
-@pytest.fixture(scope="session")
-def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("services")
-    # The Postgres server may run as another user; it must reach its own directory.
-    for parent in [path, *path.parents]:
-        if str(parent) in ("/", "/tmp"):
-            break
-        parent.chmod(parent.stat().st_mode | 0o055)
+def _server_dir(prefix: str) -> Path:
+    """A directory for server data outside pytest's basetemp.
+
+    Postgres runs as an unprivileged user when the tests run as root, and every new
+    pytest session resets its basetemp root to mode 0700, which would lock that user
+    out of a server another session is still running.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)
     return path
+
+
+@pytest.fixture(scope="session")
+def service_dir() -> Iterator[Path]:
+    path = _server_dir("pgmeter-test-services-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    """Per-test directory for private servers (fault and dev-stack tests)."""
+    path = _server_dir("pgmeter-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -67,9 +67,9 @@ def assert_all_gone(processes: list[psutil.Process]) -> None:
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_dev_starts_stops_cleanly_and_keeps_data(tmp_path: Path, stop_signal: int) -> None:
-    data_dir = tmp_path / ".pgmeter"
-    first = Dev(data_dir, tmp_path / "first.log")
+def test_dev_starts_stops_cleanly_and_keeps_data(server_dir: Path, stop_signal: int) -> None:
+    data_dir = server_dir / ".pgmeter"
+    first = Dev(data_dir, server_dir / "first.log")
     print(f"pgmeter dev ready in {first.startup_seconds:.1f} s")
     names = {p.name() for p in first.children}
     assert {"postgres", "nats-server", "valkey-server"} <= names, names
@@ -80,28 +80,28 @@ def test_dev_starts_stops_cleanly_and_keeps_data(tmp_path: Path, stop_signal: in
     assert first.stop(stop_signal) == 0
     assert_all_gone(first.children)
 
-    second = Dev(data_dir, tmp_path / "second.log")
+    second = Dev(data_dir, server_dir / "second.log")
     with psycopg.connect(second.url("postgres")) as conn:
         assert conn.execute("SELECT v FROM kept").fetchall() == [("survives a restart",)]
     assert second.stop(stop_signal) == 0
     assert_all_gone(second.children)
 
 
-def test_dev_killed_hard_leaves_no_orphans_and_restarts(tmp_path: Path) -> None:
-    data_dir = tmp_path / ".pgmeter"
-    first = Dev(data_dir, tmp_path / "first.log")
+def test_dev_killed_hard_leaves_no_orphans_and_restarts(server_dir: Path) -> None:
+    data_dir = server_dir / ".pgmeter"
+    first = Dev(data_dir, server_dir / "first.log")
     first.process.kill()
     first.process.wait(10)
     assert_all_gone(first.children)
     # No stale lock or pid file blocks the next start.
-    second = Dev(data_dir, tmp_path / "second.log")
+    second = Dev(data_dir, server_dir / "second.log")
     assert second.stop(signal.SIGINT) == 0
     assert_all_gone(second.children)
 
 
-def test_second_dev_on_same_directory_is_refused(tmp_path: Path) -> None:
-    data_dir = tmp_path / ".pgmeter"
-    first = Dev(data_dir, tmp_path / "first.log")
+def test_second_dev_on_same_directory_is_refused(server_dir: Path) -> None:
+    data_dir = server_dir / ".pgmeter"
+    first = Dev(data_dir, server_dir / "first.log")
     try:
         result = subprocess.run([sys.executable, "-m", "pgmeter", "dev", "--data-dir", str(data_dir)],
                                 capture_output=True, text=True, timeout=60,

@@ -56,11 +56,11 @@ def test_request_id_is_echoed_when_safe(settings: Settings) -> None:
         assert generated != "bad id\twith spaces" and len(generated) == 32
 
 
-def test_readiness_follows_nats_valkey_and_postgres(settings: Settings, tmp_path: Path) -> None:
+def test_readiness_follows_nats_valkey_and_postgres(settings: Settings, server_dir: Path) -> None:
     nats_port, valkey_port, pg_port = free_port(), free_port(), free_port()
-    nats, nats_url = services.start_nats(tmp_path / "nats", nats_port, log_path=tmp_path / "nats.log")
-    valkey, valkey_url = services.start_valkey(tmp_path / "valkey", valkey_port, log_path=tmp_path / "valkey.log")
-    pg, pg_url = services.start_postgres(tmp_path / "pg", pg_port, log_path=tmp_path / "pg.log")
+    nats, nats_url = services.start_nats(server_dir / "nats", nats_port, log_path=server_dir / "nats.log")
+    valkey, valkey_url = services.start_valkey(server_dir / "valkey", valkey_port, log_path=server_dir / "valkey.log")
+    pg, pg_url = services.start_postgres(server_dir / "pg", pg_port, log_path=server_dir / "pg.log")
     from pgmeter.db.migrate import migrate
 
     migrate(pg_url)
@@ -74,19 +74,19 @@ def test_readiness_follows_nats_valkey_and_postgres(settings: Settings, tmp_path
             assert down.status_code == 503 and down.json()["checks"]["nats"] != "ok"
             assert down.json()["checks"]["postgres"] == "ok"
             assert client.get("/healthz").status_code == 200  # liveness does not follow dependencies
-            nats, _ = services.start_nats(tmp_path / "nats", nats_port, log_path=tmp_path / "nats.log")
+            nats, _ = services.start_nats(server_dir / "nats", nats_port, log_path=server_dir / "nats.log")
             assert wait_for_status(client, "/readyz", 200).status_code == 200
 
             valkey.stop()
             down = wait_for_status(client, "/readyz", 503)
             assert down.status_code == 503 and down.json()["checks"]["valkey"] != "ok"
-            valkey, _ = services.start_valkey(tmp_path / "valkey", valkey_port, log_path=tmp_path / "valkey.log")
+            valkey, _ = services.start_valkey(server_dir / "valkey", valkey_port, log_path=server_dir / "valkey.log")
             assert wait_for_status(client, "/readyz", 200).status_code == 200
 
             pg.stop()
             down = wait_for_status(client, "/readyz", 503)
             assert down.status_code == 503 and down.json()["checks"]["postgres"] != "ok"
-            pg, _ = services.start_postgres(tmp_path / "pg", pg_port, log_path=tmp_path / "pg.log")
+            pg, _ = services.start_postgres(server_dir / "pg", pg_port, log_path=server_dir / "pg.log")
             assert wait_for_status(client, "/readyz", 200).status_code == 200
     finally:
         for process in (nats, valkey, pg):
