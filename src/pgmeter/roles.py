@@ -12,9 +12,9 @@ from pgmeter.runtime import Runtime
 
 
 def api_routes() -> list[BaseRoute]:
-    from pgmeter.api import events, meters, query
+    from pgmeter.api import docs, events, meters, query
 
-    return [*events.routes, *meters.routes, *query.routes]
+    return [*events.routes, *meters.routes, *query.routes, *docs.routes]
 
 
 async def start(runtime: Runtime) -> None:
