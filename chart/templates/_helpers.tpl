@@ -188,7 +188,8 @@ alphanumeric, so they need no URL escaping.
 {{- end }}
 - name: PGMETER_NATS_URL
   value: {{ $v.nats.url | quote }}
-{{- if $v.valkey.url }}
+{{- /* Migrations never use Valkey, and a hook must not wait on a Secret the release creates later. */}}
+{{- if and $v.valkey.url (ne .role "migrate") }}
 - name: PGMETER_VALKEY_URL
   value: {{ $v.valkey.url | quote }}
 {{- if $v.valkey.passwordSecret.name }}
