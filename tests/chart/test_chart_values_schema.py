@@ -34,6 +34,7 @@ def test_defaults_and_real_overlays_pass(chart) -> None:
     ({"meters": [{"slug": "x", "eventType": "x", "aggregation": "MEDIAN"}]}, "aggregation"),
     ({"serviceMonitr": {"enabled": True}}, "serviceMonitr"),
     ({"lago": {"interval": "hourly"}}, "interval"),
+    ({"lago": {"enabled": True, "mappings": []}}, "mappings"),
     # pgmeter's loader parses ISO 8601 durations, not Go-style ones.
     ({"lago": {"grace": "15m"}}, "grace"),
 ])
