@@ -93,3 +93,18 @@ def test_help_lists_every_role() -> None:
     assert result.returncode == 0
     for role in ("dev", "api", "sink", "refresher", "lago-sync", "migrate"):
         assert role in result.stdout
+
+
+def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    path = write(tmp_path, "lago: {interval: 1h30m, grace: PT15M}\nnats: {maxAge: 768h}\ningest: {linger: 2ms}\n"
+                           "refresher: {interval: 5}\n")
+    settings = load_settings(path)
+    assert settings.lago.interval == timedelta(hours=1, minutes=30)
+    assert settings.lago.grace == timedelta(minutes=15)
+    assert settings.nats.max_age == timedelta(hours=768)
+    assert settings.ingest.linger == timedelta(milliseconds=2)
+    assert settings.refresher.interval == timedelta(seconds=5)
+    with pytest.raises(ConfigError, match="lago.interval"):
+        load_settings(write(tmp_path, "lago: {interval: hourly}\n"))

@@ -11,17 +11,34 @@ from the field).
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pgmeter.meters.model import MeterSpec
 
 DEFAULT_CONFIG_FILE = "pgmeter.yaml"
+
+_GO_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+$")
+_GO_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def _go_duration(value: Any) -> Any:
+    """Accept OpenMeter's Go-style durations ("768h", "15m", "500ms") besides ISO 8601."""
+    if isinstance(value, str) and _GO_DURATION.match(value):
+        return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _GO_PART.findall(value)))
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_go_duration)]
 
 
 class ConfigError(Exception):
@@ -50,7 +67,11 @@ class NatsConfig(Section):
     replicas: int = Field(default=1, ge=1, le=5)
     # How long the broker keeps acknowledged-but-unsunk data. Counted from storage
     # time, never from CloudEvent time, so late events are never expired unread.
-    max_age: timedelta = Field(default=timedelta(days=7), alias="maxAge")
+    max_age: Duration = Field(default=timedelta(days=7), alias="maxAge")
+    # How long a message delivered to a sink may stay unacknowledged before JetStream
+    # hands it to another sink. A sink that is alive but waiting for Postgres keeps
+    # extending it, so this only bounds how long a crashed sink's messages wait.
+    ack_wait: Duration = Field(default=timedelta(seconds=60), alias="ackWait")
 
 
 class ValkeyConfig(Section):
@@ -65,7 +86,7 @@ class IngestConfig(Section):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, alias="maxBodyBytes")
     # Group commit: how long the api waits to gather events from concurrent requests
     # into one JetStream message, and the most events one message may carry.
-    linger: timedelta = Field(default=timedelta(milliseconds=2))
+    linger: Duration = Field(default=timedelta(milliseconds=2))
     max_batch_events: int = Field(default=2000, ge=1, alias="maxBatchEvents")
 
 
@@ -78,7 +99,7 @@ class SinkConfig(Section):
 
 
 class RefresherConfig(Section):
-    interval: timedelta = timedelta(seconds=2)
+    interval: Duration = timedelta(seconds=2)
     max_batch: int = Field(default=200_000, ge=1, alias="maxBatch")
 
 
@@ -92,8 +113,8 @@ class LagoConfig(Section):
     enabled: bool = False
     url: str = "http://lago-api-svc.lago.svc:3000"
     api_key: str | None = Field(default=None, alias="apiKey")
-    interval: timedelta = timedelta(hours=1)
-    grace: timedelta = timedelta(minutes=15)
+    interval: Duration = timedelta(hours=1)
+    grace: Duration = timedelta(minutes=15)
     window: Literal["HOUR", "DAY"] = "HOUR"
     mappings: list[LagoMapping] = Field(default_factory=list)
     # subject -> external_subscription_id; subjects not listed map to themselves.
@@ -103,8 +124,6 @@ class LagoConfig(Section):
     def _usable_when_enabled(self) -> "LagoConfig":
         if self.enabled and not self.mappings:
             raise ValueError("lago.enabled needs at least one entry in lago.mappings")
-        if self.enabled and not self.api_key:
-            raise ValueError("lago.enabled needs lago.apiKey (set PGMETER_LAGO_API_KEY from a secret)")
         codes = [(m.meter, m.code) for m in self.mappings]
         if len(codes) != len(set(codes)):
             raise ValueError("lago.mappings has the same meter and code twice")

@@ -35,8 +35,7 @@ def test_defaults_and_real_overlays_pass(chart) -> None:
     ({"serviceMonitr": {"enabled": True}}, "serviceMonitr"),
     ({"lago": {"interval": "hourly"}}, "interval"),
     ({"lago": {"enabled": True, "mappings": []}}, "mappings"),
-    # pgmeter's loader parses ISO 8601 durations, not Go-style ones.
-    ({"lago": {"grace": "15m"}}, "grace"),
+    ({"lago": {"grace": "15 minutes"}}, "grace"),
 ])
 def test_bad_values_are_rejected(chart, render, values, why) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=why):
