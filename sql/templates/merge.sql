@@ -1,0 +1,63 @@
+-- Merge the events with {lo} < seq <= {hi} into one meter's three levels, in one
+-- statement (the caller commits it together with the meter's new last_seq).
+--
+-- x reads each event once and extracts its values in Postgres (jsonb operators,
+-- paths as bind parameters); e turns them into per-event state; m1 combines the
+-- state per minute key; the coarse levels combine the m1 rows. Every upsert feeds
+-- its keys in primary-key order. Per-aggregation fragments come from
+-- pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
+-- {state_names}; the key fragments {group_values} (", pgmeter_group_value(...) AS g1")
+-- and {group_key} (", g1, ..."); {unique_ctes} is unique_merge.sql or nothing.
+WITH x AS (
+    SELECT subject,
+           date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
+           {group_values}
+           {event_values}
+      FROM events
+     WHERE seq > {lo} AND seq <= {hi}
+       AND namespace = {namespace} AND type = {event_type}
+       {event_from_filter}
+),
+e AS (
+    SELECT subject, bucket {group_key}, 1 AS cnt {event_state} {unique_value}
+      FROM x
+),
+m1 AS (
+    SELECT subject, bucket {group_key}, sum(cnt)::bigint AS cnt {combine}
+      FROM e
+     GROUP BY subject, bucket {group_key}
+),
+up_m1 AS (
+    INSERT INTO {m1} AS r (subject, bucket {group_key}, cnt {state_names})
+    SELECT subject, bucket {group_key}, cnt {state_names}
+      FROM m1
+     ORDER BY subject, bucket {group_key}
+    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+       SET cnt = r.cnt + excluded.cnt {merge}
+),
+up_q15 AS (
+    INSERT INTO {q15} AS r (subject, bucket {group_key}, cnt {state_names}, t_min, t_max)
+    SELECT subject, date_bin('15 minutes', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b {group_key},
+           sum(cnt)::bigint {combine}, min(bucket), max(bucket)
+      FROM m1
+     GROUP BY subject, b {group_key}
+     ORDER BY subject, b {group_key}
+    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+       SET cnt = r.cnt + excluded.cnt,
+           t_min = least(r.t_min, excluded.t_min),
+           t_max = greatest(r.t_max, excluded.t_max) {merge}
+),
+up_d1 AS (
+    INSERT INTO {d1} AS r (subject, bucket {group_key}, cnt {state_names}, t_min, t_max)
+    SELECT subject, date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b {group_key},
+           sum(cnt)::bigint {combine}, min(bucket), max(bucket)
+      FROM m1
+     GROUP BY subject, b {group_key}
+     ORDER BY subject, b {group_key}
+    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+       SET cnt = r.cnt + excluded.cnt,
+           t_min = least(r.t_min, excluded.t_min),
+           t_max = greatest(r.t_max, excluded.t_max) {merge}
+)
+{unique_ctes}
+SELECT coalesce(sum(cnt), 0)::bigint AS events FROM m1

@@ -1,0 +1,185 @@
+"""The meter catalog in Postgres: lookups for every caller, and the writes.
+
+Lookups are what the API, the query cache and the Lago sync share. Writes create,
+update and soft-delete meters together with their rollup objects, in the
+caller's connection and one transaction, so a meter never exists without its
+rollup (or the other way round).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from pgmeter.meters.model import SLUG_PATTERN, Aggregation, MeterSpec
+from pgmeter.meters.ulid import is_ulid, new_ulid
+from pgmeter.rollup import objects
+
+
+class SlugTaken(Exception):
+    """Another active meter of the namespace has this slug."""
+
+
+@dataclass(frozen=True)
+class Meter:
+    id: str
+    namespace: str
+    slug: str
+    name: str
+    description: str | None
+    aggregation: Aggregation
+    event_type: str
+    event_from: datetime | None
+    value_property: str | None
+    group_by: dict[str, str]
+    metadata: dict[str, str] | None
+    annotations: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
+
+    @property
+    def spec(self) -> MeterSpec:
+        return MeterSpec(
+            slug=self.slug, name=self.name, description=self.description, aggregation=self.aggregation,
+            eventType=self.event_type, eventFrom=self.event_from, valueProperty=self.value_property,
+            groupBy=self.group_by, metadata=self.metadata,
+        )
+
+
+_COLUMNS = ("id, namespace, slug, name, description, aggregation, event_type, event_from, value_property, "
+            "group_by::text AS group_by, metadata::text AS metadata, annotations::text AS annotations, "
+            "created_at, updated_at, deleted_at")
+
+# orderBy values of GET /api/v1/meters and the columns they sort by ("key" is the slug).
+ORDER_COLUMNS = {"key": "slug", "name": "name", "aggregation": "aggregation",
+                 "createdAt": "created_at", "updatedAt": "updated_at"}
+
+
+def _json(text: str | None) -> Any:
+    return json.loads(text) if text is not None else None
+
+
+def _meter(row: asyncpg.Record) -> Meter:
+    return Meter(
+        id=row["id"], namespace=row["namespace"], slug=row["slug"], name=row["name"],
+        description=row["description"], aggregation=Aggregation(row["aggregation"]),
+        event_type=row["event_type"], event_from=row["event_from"], value_property=row["value_property"],
+        group_by=_json(row["group_by"]) or {}, metadata=_json(row["metadata"]),
+        annotations=_json(row["annotations"]), created_at=row["created_at"],
+        updated_at=row["updated_at"], deleted_at=row["deleted_at"],
+    )
+
+
+async def get_by_id(conn: asyncpg.Connection, namespace: str, meter_id: str) -> Meter | None:
+    """By ULID, deleted meters included (as OpenMeter)."""
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM meters WHERE namespace = $1 AND id = $2",
+                              namespace, meter_id)
+    return _meter(row) if row else None
+
+
+async def get_by_slug(conn: asyncpg.Connection, namespace: str, slug: str) -> Meter | None:
+    """The active meter with this slug (deleted ones freed it)."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM meters WHERE namespace = $1 AND slug = $2 AND deleted_at IS NULL",
+        namespace, slug)
+    return _meter(row) if row else None
+
+
+async def get(conn: asyncpg.Connection, namespace: str, id_or_slug: str) -> Meter | None:
+    """``{meterIdOrSlug}``: a ULID is looked up as an id first, then as a slug."""
+    if is_ulid(id_or_slug):
+        found = await get_by_id(conn, namespace, id_or_slug)
+        if found is not None:
+            return found
+    if SLUG_PATTERN.match(id_or_slug):
+        return await get_by_slug(conn, namespace, id_or_slug)
+    return None
+
+
+async def list_meters(conn: asyncpg.Connection, namespace: str, *, order_by: str = "key",
+                      descending: bool = False, include_deleted: bool = False) -> list[Meter]:
+    column = ORDER_COLUMNS[order_by]  # KeyError for anything else: callers validate
+    # Text sorts bytewise, the same on every server whatever its default collation.
+    collate = ' COLLATE "C"' if column in ("slug", "name", "aggregation") else ""
+    direction = "DESC" if descending else "ASC"
+    deleted = "" if include_deleted else "AND deleted_at IS NULL"
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM meters WHERE namespace = $1 {deleted} "
+        f"ORDER BY {column}{collate} {direction}, id {direction}", namespace)
+    return [_meter(row) for row in rows]
+
+
+async def active_meters(conn: asyncpg.Connection) -> list[Meter]:
+    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM meters WHERE deleted_at IS NULL ORDER BY id")
+    return [_meter(row) for row in rows]
+
+
+async def create(conn: asyncpg.Connection, namespace: str, spec: MeterSpec) -> Meter:
+    """Insert a meter and build its (empty) rollup; the refresher backfills it.
+
+    Raises :class:`SlugTaken` when an active meter of the namespace has the slug.
+    """
+    meter_id = new_ulid()
+    async with conn.transaction():
+        try:
+            row = await conn.fetchrow(
+                f"""
+                INSERT INTO meters (id, namespace, slug, name, description, aggregation, event_type,
+                                    event_from, value_property, group_by, metadata)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb, $11::text::jsonb)
+                RETURNING {_COLUMNS}
+                """,
+                meter_id, namespace, spec.slug, spec.display_name, spec.description, str(spec.aggregation),
+                spec.event_type, spec.event_from, spec.value_property, json.dumps(spec.group_by),
+                json.dumps(spec.metadata) if spec.metadata is not None else None,
+            )
+        except asyncpg.UniqueViolationError:
+            raise SlugTaken(spec.slug) from None
+        await objects.create(conn, meter_id, namespace, spec.slug, spec)
+    return _meter(row)
+
+
+async def update(conn: asyncpg.Connection, meter: Meter, *, name: str | None, description: str | None,
+                 group_by: dict[str, str], metadata: dict[str, str] | None) -> Meter:
+    """Apply a ``MeterUpdate`` (already merged by the caller's rules).
+
+    A changed group-by changes the rollup's key, so the rollup is rebuilt as a new
+    version and backfilled; everything else is catalog data only.
+    """
+    spec = replace(meter, name=name or meter.slug, description=description, group_by=group_by,
+                   metadata=metadata).spec  # validates the new groupBy against the meter
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"""
+            UPDATE meters
+               SET name = $2, description = $3, group_by = $4::text::jsonb,
+                   metadata = $5::text::jsonb, updated_at = now()
+             WHERE id = $1 AND deleted_at IS NULL
+            RETURNING {_COLUMNS}
+            """,
+            meter.id, spec.display_name, spec.description, json.dumps(spec.group_by),
+            json.dumps(spec.metadata) if spec.metadata is not None else None,
+        )
+        if row is None:
+            raise LookupError(meter.id)
+        if spec.group_by != meter.group_by:
+            await objects.rebuild(conn, meter.id, meter.namespace, meter.slug, spec)
+    return _meter(row)
+
+
+async def delete(conn: asyncpg.Connection, meter: Meter) -> None:
+    """Soft delete: the row stays (lookups by id still find it), the slug is freed
+    and the rollup objects are dropped."""
+    async with conn.transaction():
+        await objects.drop(conn, meter.id)
+        await conn.execute("UPDATE meters SET deleted_at = now(), updated_at = now() "
+                           "WHERE id = $1 AND deleted_at IS NULL", meter.id)
