@@ -1,5 +1,248 @@
-"""Placeholder until its issue lands."""
+"""``/api/v1/meters``: OpenMeter's meter CRUD, subjects and group-by values.
 
-from starlette.routing import BaseRoute
+Shapes and status codes follow OpenMeter (see the API reference, section 2), with
+its recommended fixes: create answers 201 (OpenMeter's code says 200 and breaks
+its own SDK), and group-by keys ``subject`` and ``customer_id`` are rejected.
+"""
 
-routes: list[BaseRoute] = []
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pgmeter.api.problems import Problem, bad_request
+from pgmeter.meters import store
+from pgmeter.meters.model import Aggregation, MeterSpec
+from pgmeter.query.engine import distinct_values
+from pgmeter.query.params import QueryError, parse_time
+from pgmeter.runtime import Runtime
+
+# {meterIdOrSlug}: a slug or a ULID, at most 64 characters (OpenMeter's validator).
+ID_OR_SLUG = re.compile(r"^(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})$")
+GROUP_VALUES_MAX_AGE = timedelta(days=90)
+GROUP_VALUES_MAX_SPAN = timedelta(days=30)
+GROUP_VALUES_DEFAULT_SPAN = timedelta(hours=24)
+
+
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def namespace_of(request: Request) -> str:
+    """The caller's namespace: set by authentication when tokens are configured,
+    else the configured default."""
+    namespace = getattr(request.state, "namespace", None)
+    return namespace or runtime_of(request).settings.namespace
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 as Go prints it: ``Z`` for UTC, fraction without trailing zeros."""
+    text = value.isoformat()
+    if value.microsecond:
+        head, _, rest = text.partition(".")
+        digits, offset = rest[:6].rstrip("0"), rest[6:]
+        text = f"{head}.{digits}{offset}"
+    if text.endswith("+00:00"):
+        text = text[:-6] + "Z"
+    return text
+
+
+def meter_json(meter: store.Meter) -> dict[str, Any]:
+    """OpenMeter's ``Meter``: optional fields are omitted when unset."""
+    body: dict[str, Any] = {"id": meter.id, "slug": meter.slug, "name": meter.name}
+    if meter.description is not None:
+        body["description"] = meter.description
+    body["aggregation"] = str(meter.aggregation)
+    body["eventType"] = meter.event_type
+    if meter.event_from is not None:
+        body["eventFrom"] = format_time(meter.event_from)
+    if meter.value_property and meter.aggregation is not Aggregation.COUNT:
+        body["valueProperty"] = meter.value_property
+    if meter.group_by:
+        body["groupBy"] = meter.group_by
+    body["metadata"] = meter.metadata
+    body["annotations"] = meter.annotations
+    body["createdAt"] = format_time(meter.created_at)
+    body["updatedAt"] = format_time(meter.updated_at)
+    if meter.deleted_at is not None:
+        body["deletedAt"] = format_time(meter.deleted_at)
+    return body
+
+
+def validation_problem(exc: ValidationError) -> Problem:
+    errors = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in error["loc"])
+        errors.append({"code": error["type"], "message": message, **({"field": field} if field else {})})
+    detail = "; ".join(f"{e['field']}: {e['message']}" if "field" in e else e["message"] for e in errors)
+    return Problem(400, detail, extensions={"validationErrors": errors})
+
+
+async def json_body(request: Request, *, empty: Any = None) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        if empty is not None:
+            return empty
+        raise bad_request("request body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+def id_or_slug(request: Request) -> str:
+    value = request.path_params["meterIdOrSlug"]
+    if len(value) > 64 or not ID_OR_SLUG.match(value):
+        raise bad_request(f"meterIdOrSlug must be a meter slug or ULID: {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
+    """The meter named in the path, or a 404 problem. ``active``: deleted is 404 too."""
+    key = id_or_slug(request)
+    async with runtime_of(request).pool.acquire() as conn:
+        meter = await store.get(conn, namespace_of(request), key)
+    if meter is None or (active and meter.deleted):
+        raise Problem(404, f"meter not found: {key}")
+    return meter
+
+
+def _single(request: Request, name: str) -> str | None:
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise bad_request(f"{name} may be given once", parameter=name)
+    return values[0] if values else None
+
+
+def _time_param(request: Request, name: str) -> datetime | None:
+    text = _single(request, name)
+    if text is None:
+        return None
+    try:
+        return parse_time(name, text)
+    except QueryError as exc:
+        raise bad_request(str(exc), parameter=name) from None
+
+
+async def list_meters(request: Request) -> Response:
+    order = _single(request, "order") or "ASC"
+    if order not in ("ASC", "DESC"):
+        raise bad_request("order must be ASC or DESC", parameter="order")
+    order_by = _single(request, "orderBy") or "key"
+    if order_by not in store.ORDER_COLUMNS:
+        raise bad_request(f"orderBy must be one of {', '.join(store.ORDER_COLUMNS)}", parameter="orderBy")
+    include = (_single(request, "includeDeleted") or "false").lower()
+    if include not in ("true", "false"):
+        raise bad_request("includeDeleted must be true or false", parameter="includeDeleted")
+    # page and pageSize are accepted and ignored: OpenMeter answers one unpaginated array.
+    async with runtime_of(request).pool.acquire() as conn:
+        meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
+                                         descending=order == "DESC", include_deleted=include == "true")
+    return JSONResponse([meter_json(meter) for meter in meters])
+
+
+async def create_meter(request: Request) -> Response:
+    body = await json_body(request)
+    try:
+        spec = MeterSpec.model_validate(body)
+    except ValidationError as exc:
+        raise validation_problem(exc) from None
+    async with runtime_of(request).pool.acquire() as conn:
+        try:
+            meter = await store.create(conn, namespace_of(request), spec)
+        except store.SlugTaken:
+            raise Problem(409, f"meter with the same slug already exists: {spec.slug}") from None
+    return JSONResponse(meter_json(meter), status_code=201,
+                        headers={"Location": f"/api/v1/meters/{meter.id}"})
+
+
+async def get_meter(request: Request) -> Response:
+    return JSONResponse(meter_json(await find_meter(request)))
+
+
+class MeterUpdate(BaseModel):
+    """OpenMeter's ``MeterUpdate``; other fields (slug, aggregation...) are immutable
+    and ignored, as unknown JSON keys are."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = Field(default=None, max_length=256)
+    description: str | None = Field(default=None, max_length=1024)
+    group_by: dict[str, str] | None = Field(default=None, alias="groupBy")
+    metadata: dict[str, str] | None = None
+
+
+async def update_meter(request: Request) -> Response:
+    meter = await find_meter(request, active=True)
+    try:
+        update = MeterUpdate.model_validate(await json_body(request))
+        async with runtime_of(request).pool.acquire() as conn:
+            # OpenMeter's PUT: groupBy and metadata are replaced (absent clears them),
+            # an absent name resets to the slug, an absent description is kept.
+            updated = await store.update(
+                conn, meter, name=update.name, group_by=update.group_by or {}, metadata=update.metadata,
+                description=update.description if update.description is not None else meter.description)
+    except ValidationError as exc:
+        raise validation_problem(exc) from None
+    except LookupError:
+        raise Problem(404, f"meter not found: {meter.id}") from None
+    return JSONResponse(meter_json(updated))
+
+
+async def delete_meter(request: Request) -> Response:
+    meter = await find_meter(request, active=True)
+    async with runtime_of(request).pool.acquire() as conn:
+        await store.delete(conn, meter)
+    return Response(status_code=204)
+
+
+async def list_subjects(request: Request) -> Response:
+    meter = await find_meter(request)
+    start, end = _time_param(request, "from"), _time_param(request, "to")
+    if start is not None and end is not None and start >= end:
+        raise bad_request("from must be before to", parameter="from")
+    subjects = await distinct_values(runtime_of(request).pool, meter, None, start, end)
+    return JSONResponse(subjects)
+
+
+async def list_group_by_values(request: Request) -> Response:
+    meter = await find_meter(request)
+    key = request.path_params["groupByKey"]
+    if key not in meter.group_by:
+        raise bad_request(f"invalid group by key: {key} is not a group-by key of meter {meter.slug}",
+                          parameter="groupByKey")
+    start, end = _time_param(request, "from"), _time_param(request, "to")
+    now = datetime.now(UTC)
+    if start is None and end is None:
+        start = now - GROUP_VALUES_DEFAULT_SPAN
+    if start is not None and start < now - GROUP_VALUES_MAX_AGE:
+        raise bad_request("from must be no more than 90 days ago", parameter="from")
+    if start is not None and end is not None:
+        if start >= end:
+            raise bad_request("from must be before to", parameter="from")
+        if end - start > GROUP_VALUES_MAX_SPAN:
+            raise bad_request("from and to must be at most 30 days apart", parameter="to")
+    values = await distinct_values(runtime_of(request).pool, meter, key, start, end)
+    return JSONResponse(values)
+
+
+routes = [
+    Route("/api/v1/meters", list_meters, methods=["GET"]),
+    Route("/api/v1/meters", create_meter, methods=["POST"]),
+    Route("/api/v1/meters/{meterIdOrSlug}", get_meter, methods=["GET"]),
+    Route("/api/v1/meters/{meterIdOrSlug}", update_meter, methods=["PUT"]),
+    Route("/api/v1/meters/{meterIdOrSlug}", delete_meter, methods=["DELETE"]),
+    Route("/api/v1/meters/{meterIdOrSlug}/subjects", list_subjects, methods=["GET"]),
+    Route("/api/v1/meters/{meterIdOrSlug}/group-by/{groupByKey}/values", list_group_by_values, methods=["GET"]),
+]

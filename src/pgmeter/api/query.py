@@ -1,5 +1,211 @@
-"""Placeholder until its issue lands."""
+"""``GET`` and ``POST /api/v1/meters/{meterIdOrSlug}/query``: OpenMeter's meter query.
 
-from starlette.routing import BaseRoute
+Parsing only: both forms become one :class:`QueryParams` and go to
+:func:`pgmeter.query.engine.run_query`. Deliberate differences from OpenMeter,
+all from the API reference's recommendations: a bare ``filterGroupBy=`` key (what
+the Python SDK sends for a dict) is a 400 instead of silently unfiltered data,
+and a POST without a body means ``{}``.
+"""
 
-routes: list[BaseRoute] = []
+from __future__ import annotations
+
+import csv
+import io
+import re
+from decimal import Decimal
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of
+from pgmeter.api.problems import Problem, bad_request
+from pgmeter.meters.store import Meter
+from pgmeter.query.engine import run_query
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, WindowSize, parse_time
+
+MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
+_DEEP_OBJECT = re.compile(r"^filterGroupBy\[([^\[\]]+)\]$")
+_SCALARS = ("from", "to", "windowSize", "windowTimeZone", "clientId")
+
+
+def _window_size(value: Any) -> WindowSize | None:
+    if value is None:
+        return None
+    try:
+        return WindowSize(value)
+    except ValueError:
+        raise bad_request(f"invalid windowSize {value!r}: use MINUTE, HOUR, DAY or MONTH",
+                          parameter="windowSize") from None
+
+
+def _client_id(value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 36):
+        raise bad_request("clientId must be a string of 1 to 36 characters", parameter="clientId")
+
+
+def _no_customers(ids: list[Any]) -> None:
+    # pgmeter has no customer entity, so any customer id is unknown (OpenMeter: 404).
+    if ids:
+        raise Problem(404, f"customer with id {ids[0]} not found", extensions={"parameter": "filterCustomerId"})
+
+
+def _time(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_time(name, value)
+    except QueryError as exc:
+        raise bad_request(str(exc), parameter=name) from None
+
+
+def _strings(name: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise bad_request(f"{name} must be a list of strings", parameter=name)
+    if len(value) > MAX_LIST:
+        raise bad_request(f"{name} takes at most {MAX_LIST} items", parameter=name)
+    return value
+
+
+def params_from_query(request: Request) -> QueryParams:
+    scalars: dict[str, str] = {}
+    subjects: list[str] = []
+    group_by: list[str] = []
+    filters: dict[str, list[str]] = {}
+    customers: list[str] = []
+    for name, value in request.query_params.multi_items():
+        if name == "subject":
+            subjects.append(value)
+        elif name == "groupBy":
+            group_by.append(value)
+        elif name.startswith("filterGroupBy"):
+            match = _DEEP_OBJECT.match(name)
+            if not match:
+                raise bad_request(f"{name} is not supported; filter with the deepObject form "
+                                  "filterGroupBy[key]=value", parameter="filterGroupBy")
+            filters.setdefault(match[1], []).append(value)
+        elif name == "filterCustomerId":
+            customers.append(value)
+        elif name == "advancedMeterGroupByFilters":
+            raise bad_request("advancedMeterGroupByFilters is not supported; use filterGroupBy",
+                              parameter="advancedMeterGroupByFilters")
+        elif name in _SCALARS:
+            if name in scalars:
+                raise bad_request(f"{name} may be given once", parameter=name)
+            scalars[name] = value
+    for name, items in (("subject", subjects), ("groupBy", group_by), ("filterCustomerId", customers)):
+        if len(items) > MAX_LIST:
+            raise bad_request(f"{name} takes at most {MAX_LIST} items", parameter=name)
+    _client_id(scalars.get("clientId"))
+    _no_customers(customers)
+    return QueryParams(
+        from_=_time("from", scalars.get("from")), to=_time("to", scalars.get("to")),
+        window_size=_window_size(scalars.get("windowSize")),
+        window_time_zone=scalars.get("windowTimeZone", "UTC"),
+        subjects=tuple(subjects), group_by=tuple(group_by),
+        filter_group_by={key: tuple(values) for key, values in filters.items()},
+    )
+
+
+def params_from_body(body: dict[str, Any]) -> QueryParams:
+    filters: dict[str, tuple[str, ...]] = {}
+    raw_filters = body.get("filterGroupBy")
+    if raw_filters is not None:
+        if not isinstance(raw_filters, dict):
+            raise bad_request("filterGroupBy must be an object of {key: [values]}", parameter="filterGroupBy")
+        for key, values in raw_filters.items():
+            values = [values] if isinstance(values, str) else values
+            filters[key] = tuple(_strings(f"filterGroupBy[{key}]", values))
+    if body.get("advancedMeterGroupByFilters"):
+        raise bad_request("advancedMeterGroupByFilters is not supported; use filterGroupBy",
+                          parameter="advancedMeterGroupByFilters")
+    zone = body.get("windowTimeZone")
+    if zone is not None and not isinstance(zone, str):
+        raise bad_request("windowTimeZone must be a string", parameter="windowTimeZone")
+    _client_id(body.get("clientId"))
+    _no_customers(_strings("filterCustomerId", body.get("filterCustomerId")))
+    return QueryParams(
+        from_=_time("from", body.get("from")), to=_time("to", body.get("to")),
+        window_size=_window_size(body.get("windowSize")), window_time_zone=zone or "UTC",
+        subjects=tuple(_strings("subject", body.get("subject"))),
+        group_by=tuple(_strings("groupBy", body.get("groupBy"))),
+        filter_group_by=filters,
+    )
+
+
+def wants_csv(request: Request) -> bool:
+    """Exactly the media type text/csv (parameters allowed); a list is not parsed."""
+    accept = request.headers.get("accept", "")
+    return "," not in accept and accept.split(";")[0].strip().lower() == "text/csv"
+
+
+def json_number(value: Decimal) -> int | float:
+    """OpenMeter's values are float64; integers print without a decimal point."""
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def result_json(params: QueryParams, result: QueryResult) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if params.from_ is not None:
+        body["from"] = format_time(params.from_)
+    if params.to is not None:
+        body["to"] = format_time(params.to)
+    if params.window_size is not None:
+        body["windowSize"] = str(params.window_size)
+    body["data"] = [{
+        "value": json_number(row.value),
+        "windowStart": format_time(row.window_start),
+        "windowEnd": format_time(row.window_end),
+        "subject": row.subject,
+        "groupBy": row.group_by,
+    } for row in result.rows]
+    return body
+
+
+def result_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Response:
+    """OpenMeter's CSV: window bounds at whole seconds, values printed like Go's %f."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    keys = list(params.meter_keys)
+    writer.writerow(["window_start", "window_end", *(["subject"] if params.groups_by_subject else []),
+                     *keys, "value"])
+    for row in result.rows:
+        writer.writerow([
+            format_time(row.window_start.replace(microsecond=0)),
+            format_time(row.window_end.replace(microsecond=0)),
+            *([row.subject] if params.groups_by_subject else []),
+            *(row.group_by[key] for key in keys),
+            f"{float(row.value):f}",
+        ])
+    return Response(out.getvalue(), media_type="text/csv",
+                    headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
+
+
+async def _answer(request: Request, meter: Meter, params: QueryParams) -> Response:
+    try:
+        result = await run_query(runtime_of(request).pool, meter, params)
+    except QueryError as exc:
+        raise bad_request(str(exc), parameter=exc.parameter) from None
+    if wants_csv(request):
+        return result_csv(meter, params, result)
+    return JSONResponse(result_json(params, result))
+
+
+async def query_get(request: Request) -> Response:
+    meter = await find_meter(request)
+    return await _answer(request, meter, params_from_query(request))
+
+
+async def query_post(request: Request) -> Response:
+    meter = await find_meter(request)
+    body = await json_body(request, empty={})
+    return await _answer(request, meter, params_from_body(body))
+
+
+routes = [
+    Route("/api/v1/meters/{meterIdOrSlug}/query", query_get, methods=["GET"]),
+    Route("/api/v1/meters/{meterIdOrSlug}/query", query_post, methods=["POST"]),
+]

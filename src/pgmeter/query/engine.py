@@ -1,0 +1,391 @@
+"""Meter queries: rollups plus the events not merged yet, in one snapshot.
+
+:func:`run_query` is the entry point every reader shares (the API, the cache, the
+Lago sync). One REPEATABLE READ transaction reads the meter's watermark
+(``meter_rollups.last_seq``), the rollup rows the plan picks (:mod:`.plan`), the
+merged raw events of the partial minutes at the edges, and the tail: every event
+of the meter with ``seq > last_seq`` in the range. The watermark commits together
+with the rollup rows it covers, so rollup and tail neither overlap nor leave a
+gap, late events included, and an event counts as soon as the sink commits it.
+
+All rows, rolled up or raw, carry the same mergeable state
+(:mod:`pgmeter.rollup.states`) and are combined by one GROUP BY per window and
+group. Values from the request are bind parameters; only fixed fragments and
+quoted identifiers are written into the SQL text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta, tzinfo
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from prometheus_client import Histogram
+from psycopg import sql
+
+from pgmeter.meters.store import Meter
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, WindowSize, validate, zone
+from pgmeter.query.plan import Plan, carve, usable_levels
+from pgmeter.rollup import objects
+from pgmeter.rollup.objects import Rollup
+
+QUERY_LATENCY = Histogram(
+    "openmeter_query_latency_seconds", "Meter query latency (rollups + tail), by meter",
+    ["meter"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MINUTE = timedelta(minutes=1)
+ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"  # the rollup grid's origin (merge.sql)
+# Window end from window start: absolute for MINUTE/HOUR (an hour is an hour even
+# across a DST change), local calendar arithmetic for DAY/MONTH (23 or 25 hours).
+_WINDOW_END = {
+    WindowSize.MINUTE: "ws + interval '1 minute'",
+    WindowSize.HOUR: "ws + interval '1 hour'",
+    WindowSize.DAY: "((ws AT TIME ZONE {tz}) + interval '1 day') AT TIME ZONE {tz}",
+    WindowSize.MONTH: "((ws AT TIME ZONE {tz}) + interval '1 month') AT TIME ZONE {tz}",
+}
+_UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu",
+              "GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "GMT+0", "GMT-0",
+              "Etc/Greenwich", "Greenwich"}
+
+Db = asyncpg.Pool | asyncpg.Connection
+
+
+@asynccontextmanager
+async def _snapshot(db: Db) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in one REPEATABLE READ snapshot (or the caller's transaction)."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                yield conn
+    elif db.is_in_transaction():
+        yield db  # the caller chose the snapshot
+    else:
+        async with db.transaction(isolation="repeatable_read", readonly=True):
+            yield db
+
+
+async def _rollup_of(conn: asyncpg.Connection, meter: Meter) -> tuple[Rollup, bool]:
+    """The meter's rollup, or its definition with nothing merged (deleted meters)."""
+    rollup = await objects.load(conn, meter.id)
+    if rollup is not None:
+        return rollup, True
+    return objects.definition(meter.id, meter.namespace, meter.slug, meter.spec), False
+
+
+def _floor_second(t: datetime | None) -> datetime | None:
+    return None if t is None else t.replace(microsecond=0)
+
+
+def _effective_from(meter: Meter, params: QueryParams) -> datetime | None:
+    """``from`` clamped by the meter's eventFrom, as the caller's instant when it wins."""
+    if meter.event_from is None:
+        return params.from_
+    if params.from_ is None or params.from_ < meter.event_from:
+        return meter.event_from
+    return params.from_
+
+
+async def run_query(db: Db, meter: Meter, params: QueryParams) -> QueryResult:
+    """Answer an OpenMeter meter query exactly; raises :class:`QueryError` on bad params."""
+    validate(params, meter.group_by)
+    started = time.perf_counter()
+    try:
+        for attempt in range(3):
+            try:
+                async with _snapshot(db) as conn:
+                    return await _run(conn, meter, params)
+            except asyncpg.UndefinedTableError:
+                # The meter's rollup was rebuilt (groupBy changed) between reading its
+                # version and reading its tables; the next snapshot sees the new one.
+                if attempt == 2:
+                    raise
+            except asyncpg.InvalidParameterValueError as exc:
+                # A zone Python knows but this server's tz database does not.
+                if "time zone" in str(exc):
+                    raise QueryError("windowTimeZone", f"invalid time zone: {params.window_time_zone!r}") from None
+                raise
+        raise AssertionError("unreachable")
+    finally:
+        QUERY_LATENCY.labels(meter.slug).observe(time.perf_counter() - started)
+
+
+async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams) -> QueryResult:
+    rollup, tables = await _rollup_of(conn, meter)
+    for key in (*params.meter_keys, *params.filter_group_by):
+        if key not in rollup.group_keys:  # the meter changed since the caller read it
+            raise QueryError("groupBy", f"invalid group by: {key}")
+    window = params.window_size
+    lo = _floor_second(_effective_from(meter, params))
+    hi = _floor_second(params.to)
+    records: list[asyncpg.Record] = []
+    if lo is None or hi is None or lo < hi:
+        if window is not None and (lo is None or hi is None):
+            # Window boundaries are checked against the zone's offsets over the data's
+            # actual span, not all of time.
+            span = await _extent(conn, rollup, tables, lo, hi)
+            if span is not None:
+                lo, hi = lo or span[0], hi or span[1]
+        if lo is None or hi is None or lo < hi:
+            usable = usable_levels(window, params.window_time_zone, lo, hi) if tables else set()
+            plan = carve(lo, hi, usable) if tables else Plan()
+            statement = _Statement(rollup, params)
+            text = statement.aggregate(plan, lo, hi)
+            records = await conn.fetch(text, *statement.args)
+    return QueryResult(rows=_rows(meter, rollup, params, records), watermark=rollup.last_seq)
+
+
+async def _extent(conn: asyncpg.Connection, rollup: Rollup, tables: bool, lo: datetime | None,
+                  hi: datetime | None) -> tuple[datetime, datetime] | None:
+    """First and last minute (end exclusive) with events of the meter, or None."""
+    args: list[Any] = [rollup.namespace, rollup.event_type, rollup.last_seq]
+    bounds = ""
+    if lo is not None:
+        args.append(lo)
+        bounds += f" AND time >= ${len(args)}::timestamptz"
+    if hi is not None:
+        args.append(hi)
+        bounds += f" AND time < ${len(args)}::timestamptz"
+    tail = (f"SELECT min(time) AS lo, max(time) AS hi FROM events "
+            f"WHERE namespace = $1 AND type = $2 AND seq > $3{bounds}")
+    if tables:
+        m1 = objects.table_name(rollup.meter_id, rollup.version, "m1").as_string()
+        text = (f"SELECT least(r.lo, t.lo) AS lo, greatest(r.hi, t.hi) AS hi FROM "
+                f"(SELECT min(bucket) AS lo, max(bucket) AS hi FROM {m1}) r, ({tail}) t")
+    else:
+        text = tail
+    row = await conn.fetchrow(text, *args)
+    if row["lo"] is None:
+        return None
+    first = row["lo"].replace(second=0, microsecond=0)
+    last = row["hi"].replace(second=0, microsecond=0) + MINUTE
+    return first, last
+
+
+class _Statement:
+    """Builds one query's SQL; values go to ``args`` as bind parameters."""
+
+    def __init__(self, rollup: Rollup, params: QueryParams) -> None:
+        self.rollup = rollup
+        self.params = params
+        self.state = rollup.state
+        self.args: list[Any] = []
+        self.window = params.window_size
+        self.tz = self.param(params.window_time_zone, "text") if self.window else ""
+        self.subject = params.groups_by_subject
+        self.key_columns = [rollup.column_of(key) for key in params.meter_keys]
+        self.subject_filter = self.param(list(params.subjects), "text[]") if params.subjects else None
+        self.group_filters = {rollup.column_of(key): self.param(list(values), "text[]")
+                              for key, values in params.filter_group_by.items()}
+
+    def param(self, value: Any, cast: str) -> str:
+        self.args.append(value)
+        return f"${len(self.args)}::{cast}"
+
+    # -- pieces ------------------------------------------------------------------
+
+    def window_start(self, expr: str) -> str:
+        if self.window is None:
+            return "TIMESTAMPTZ 'epoch'"  # one window; a constant keeps joins simple
+        return f"date_trunc('{self.window.value.lower()}', {expr}, {self.tz})"
+
+    def group_list(self, prefix: str = "") -> str:
+        """``ws, subject, g2`` with the optional prefix on every column."""
+        columns = ["ws"] + (["subject"] if self.subject else []) + self.key_columns
+        return ", ".join(prefix + column for column in columns)
+
+    def filters(self, prefix: str) -> list[str]:
+        conditions = []
+        if self.subject_filter:
+            conditions.append(f"{prefix}subject = ANY({self.subject_filter})")
+        for column, placeholder in self.group_filters.items():
+            conditions.append(f"{prefix}{column} = ANY({placeholder})")
+        return conditions
+
+    def time_range(self, column: str, lo: datetime | None, hi: datetime | None) -> list[str]:
+        conditions = []
+        if lo is not None:
+            conditions.append(f"{column} >= {self.param(lo, 'timestamptz')}")
+        if hi is not None:
+            conditions.append(f"{column} < {self.param(hi, 'timestamptz')}")
+        return conditions
+
+    def selected(self, prefix: str) -> str:
+        """``, r.subject, r.g2 AS g2`` for the grouped columns."""
+        parts = ([f"{prefix}subject"] if self.subject else []) + [f"{prefix}{c}" for c in self.key_columns]
+        return "".join(f", {part}" for part in parts)
+
+    @staticmethod
+    def where(conditions: list[str]) -> str:
+        return (" WHERE " + " AND ".join(conditions)) if conditions else ""
+
+    def raw_cte(self, plan: Plan, lo: datetime | None, hi: datetime | None) -> str:
+        """The raw events the answer needs: merged ones at the edges, all unmerged ones.
+
+        Computes every group column that is grouped or filtered, and the values the
+        aggregation reads, each once per event.
+        """
+        rollup = self.rollup
+        needed = sorted({*self.key_columns, *self.group_filters}, key=lambda c: int(c[1:]))
+        groups = "".join(
+            f", pgmeter_group_value(data #> {self.param(rollup.group_paths[int(c[1:]) - 1], 'text[]')}) AS {c}"
+            for c in needed)
+        value_path = (sql.SQL(self.param(rollup.value_path, "text[]"))
+                      if rollup.value_path is not None else None)
+        values = objects.event_values(self.state, rollup.unique, value_path).as_string()
+        head = (f"SELECT subject, time, date_bin('1 minute', time, {ORIGIN}) AS minute{groups}{values} "
+                f"FROM events")
+        common = [f"namespace = {self.param(rollup.namespace, 'text')}",
+                  f"type = {self.param(rollup.event_type, 'text')}"]
+        if self.subject_filter:
+            common.append(f"subject = ANY({self.subject_filter})")
+        last_seq = self.param(rollup.last_seq, "bigint")
+        branches = []
+        for edge_lo, edge_hi in plan.raw:
+            branches.append(head + self.where(common + [f"seq <= {last_seq}"]
+                                              + self.time_range("time", edge_lo, edge_hi)))
+        branches.append(head + self.where(common + [f"seq > {last_seq}"] + self.time_range("time", lo, hi)))
+        return "\nUNION ALL\n".join(branches)
+
+    def rollup_branches(self, plan: Plan, sets: bool) -> list[str]:
+        branches = []
+        for level, intervals in plan.levels.items():
+            table = self.rollup.table(("u" + level) if sets else level).as_string()
+            if sets:
+                columns = ", r.value"
+            else:
+                bounds = "r.bucket, r.bucket" if level == "m1" else "r.t_min, r.t_max"
+                columns = f", r.cnt{objects.state_names(self.state, 'r.')}, {bounds}"
+            for a, b in intervals:
+                conditions = self.time_range("r.bucket", a, b) + self.filters("r.")
+                branches.append(f"SELECT {self.window_start('r.bucket')} AS ws{self.selected('r.')}"
+                                f"{columns} FROM {table} r{self.where(conditions)}")
+        return branches
+
+    # -- statements --------------------------------------------------------------
+
+    def aggregate(self, plan: Plan, lo: datetime | None, hi: datetime | None) -> str:
+        raw = self.raw_cte(plan, lo, hi)
+        raw_filter = self.where(self.filters(""))
+        raw_rows = (f"SELECT {self.window_start('time')} AS ws{self.selected('')}, 1 AS cnt"
+                    f"{objects.event_state(self.state)}, minute, minute FROM raw{raw_filter}")
+        rows = "\nUNION ALL\n".join(self.rollup_branches(plan, sets=False) + [raw_rows])
+        group = self.group_list()
+        window_end = ""
+        if self.window is not None:
+            window_end = ", " + _WINDOW_END[self.window].format(tz=self.tz) + " AS we"
+        if not self.rollup.unique:
+            having = "" if self.state.reports_empty else " WHERE value IS NOT NULL"
+            return (f"WITH raw AS ({raw})\n"
+                    f"SELECT *{window_end} FROM (\n"
+                    f"  SELECT {group}, {self.state.final} AS value, min(t_min) AS t_min, max(t_max) AS t_max\n"
+                    f"  FROM ({rows}) p (ws{self._alias_tail()}, cnt{objects.state_names(self.state)}, t_min, t_max)\n"
+                    f"  GROUP BY {group}) a{having}")
+        set_rows = self.rollup_branches(plan, sets=True)
+        raw_values = self.where(self.filters("") + ["u IS NOT NULL"])
+        set_rows.append(f"SELECT {self.window_start('time')} AS ws{self.selected('')}, u FROM raw{raw_values}")
+        sets = "\nUNION ALL\n".join(set_rows)
+        join = " AND ".join(f"s.{c} = k.{c}" for c in group.split(", "))
+        return (f"WITH raw AS MATERIALIZED ({raw}),\n"
+                f"keys AS (SELECT {group}, min(t_min) AS t_min, max(t_max) AS t_max\n"
+                f"  FROM ({rows}) p (ws{self._alias_tail()}, cnt, t_min, t_max) GROUP BY {group}),\n"
+                f"sets AS (SELECT {group}, count(DISTINCT value) AS n\n"
+                f"  FROM ({sets}) s (ws{self._alias_tail()}, value) GROUP BY {group})\n"
+                f"SELECT *{window_end} FROM (\n"
+                f"  SELECT {self.group_list('k.')}, coalesce(s.n, 0)::numeric AS value, k.t_min, k.t_max\n"
+                f"  FROM keys k LEFT JOIN sets s ON {join}) a")
+
+    def _alias_tail(self) -> str:
+        return "".join(f", {c}" for c in (["subject"] if self.subject else []) + self.key_columns)
+
+
+def _out_zone(params: QueryParams) -> tzinfo:
+    return UTC if params.window_time_zone in _UTC_NAMES else zone(params.window_time_zone)
+
+
+def _rows(meter: Meter, rollup: Rollup, params: QueryParams, records: list[asyncpg.Record]) -> list[QueryRow]:
+    columns = {key: rollup.column_of(key) for key in params.meter_keys}
+    out_zone = _out_zone(params)
+    start = _effective_from(meter, params)
+    rows = []
+    for record in records:
+        if params.window_size is None:
+            window_start = start if start is not None else record["t_min"]
+            window_end = params.to if params.to is not None else record["t_max"] + MINUTE
+        else:
+            window_start = record["ws"].astimezone(out_zone)
+            window_end = record["we"].astimezone(out_zone)
+        rows.append(QueryRow(
+            value=Decimal(record["value"]),
+            window_start=window_start, window_end=window_end,
+            subject=record["subject"] if params.groups_by_subject else None,
+            group_by={key: record[column] for key, column in columns.items()},
+        ))
+    rows.sort(key=lambda row: (row.window_start, row.subject or "", tuple(row.group_by.values())))
+    if not rows and params.window_size is None and not params.groups_by_subject and not params.meter_keys \
+            and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):
+        # OpenMeter's aggregate without GROUP BY returns one row even over no events.
+        rows.append(QueryRow(value=Decimal(0), window_start=start if start is not None else EPOCH,
+                             window_end=params.to if params.to is not None else EPOCH + MINUTE,
+                             subject=None, group_by={}))
+    return rows
+
+
+async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime | None,
+                          to: datetime | None) -> list[str]:
+    """The distinct subjects (``key`` None) or values of group-by ``key`` among the
+    meter's events in ``[from_, to)``, sorted.
+
+    OpenMeter ignores eventFrom here, while rollups only hold events from eventFrom
+    on, so the part of the range before it is read from raw events.
+    """
+    lo, hi = _floor_second(from_), _floor_second(to)
+    if lo is not None and hi is not None and lo >= hi:
+        return []
+    async with _snapshot(db) as conn:
+        rollup, tables = await _rollup_of(conn, meter)
+        args: list[Any] = []
+
+        def param(value: Any, cast: str) -> str:
+            args.append(value)
+            return f"${len(args)}::{cast}"
+
+        def bounds(column: str, a: datetime | None, b: datetime | None) -> list[str]:
+            out = []
+            if a is not None:
+                out.append(f"{column} >= {param(a, 'timestamptz')}")
+            if b is not None:
+                out.append(f"{column} < {param(b, 'timestamptz')}")
+            return out
+
+        column = "subject" if key is None else rollup.column_of(key)
+        raw_value = ("subject" if key is None else
+                     f"pgmeter_group_value(data #> {param(rollup.group_paths[rollup.group_keys.index(key)], 'text[]')})")
+        common = [f"namespace = {param(rollup.namespace, 'text')}", f"type = {param(rollup.event_type, 'text')}"]
+        merged_lo = lo
+        branches = []
+        if rollup.event_from is not None and (lo is None or lo < rollup.event_from):
+            before = rollup.event_from if hi is None else min(hi, rollup.event_from)
+            branches.append(f"SELECT {raw_value} FROM events WHERE "
+                            + " AND ".join(common + bounds("time", lo, before)))
+            merged_lo = rollup.event_from
+        if merged_lo is None or hi is None or merged_lo < hi:
+            last_seq = param(rollup.last_seq, "bigint")
+            plan = carve(merged_lo, hi, {"m1", "q15", "d1"}) if tables else Plan()
+            for level, intervals in plan.levels.items():
+                table = rollup.table(level).as_string()
+                for a, b in intervals:
+                    conditions = bounds("bucket", a, b)
+                    where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+                    branches.append(f"SELECT {column} FROM {table}{where}")
+            for a, b in plan.raw:
+                branches.append(f"SELECT {raw_value} FROM events WHERE "
+                                + " AND ".join(common + [f"seq <= {last_seq}"] + bounds("time", a, b)))
+            branches.append(f"SELECT {raw_value} FROM events WHERE "
+                            + " AND ".join(common + [f"seq > {last_seq}"] + bounds("time", merged_lo, hi)))
+        records = await conn.fetch("SELECT DISTINCT v FROM (" + "\nUNION ALL\n".join(branches) + ") x (v)", *args)
+    return sorted(record["v"] for record in records)

@@ -1,0 +1,100 @@
+"""Which rollup level answers which part of a query's time range.
+
+Levels are m1 (minutes), q15 (15 minutes) and d1 (UTC days), on an epoch-aligned
+UTC grid. A level may answer ``[a, b)`` when a and b lie on its grid and so does
+every window boundary inside: then each of its buckets falls wholly inside one
+window and inside the range. The range is carved from the outside in: the partial
+minutes at non-minute-aligned edges are read from raw events, the next partial
+quarter hours from m1, the partial days from q15, the whole days from d1:
+
+    [from ... raw ... | m1 ... | q15 ... | d1 ......... d1 | q15 ... | m1 ... | raw ... to)
+
+Window boundaries are local whole minutes (MINUTE) or hours (HOUR/DAY/MONTH)
+in the query's zone, so whether they sit on a level's grid depends only on the
+zone's UTC offsets during the range (:mod:`pgmeter.query.zones`), checked per
+query: m1 needs offsets in whole minutes, q15 in multiples of 15 minutes (every
+zone since ~1980), d1 needs UTC+0 throughout and DAY or MONTH windows. Queries
+without windows have no inner boundaries, so every level serves them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pgmeter.query.params import WindowSize
+from pgmeter.query.zones import offset_table
+
+# Finest first: each level is only tried inside the range the finer one covers.
+LEVELS: tuple[tuple[str, int], ...] = (("m1", 60), ("q15", 15 * 60), ("d1", 24 * 3600))
+
+
+@dataclass
+class Plan:
+    # Rollup level -> the [lo, hi) intervals it answers (None: unbounded).
+    levels: dict[str, list[tuple[datetime | None, datetime | None]]] = field(default_factory=dict)
+    # Intervals answered from merged raw events (the partial minutes at the edges).
+    raw: list[tuple[datetime | None, datetime | None]] = field(default_factory=list)
+
+
+def _floor(t: datetime | None, step: int) -> datetime | None:
+    if t is None:
+        return None
+    seconds = int(t.timestamp() // 1)
+    return datetime.fromtimestamp(seconds - seconds % step, UTC)
+
+
+def _ceil(t: datetime | None, step: int) -> datetime | None:
+    if t is None:
+        return None
+    floored = _floor(t, step)
+    assert floored is not None
+    return floored if floored == t else datetime.fromtimestamp(floored.timestamp() + step, UTC)
+
+
+def _nonempty(lo: datetime | None, hi: datetime | None) -> bool:
+    return lo is None or hi is None or lo < hi
+
+
+def usable_levels(window: WindowSize | None, zone: str, lo: datetime | None, hi: datetime | None) -> set[str]:
+    """The levels whose grid holds every window boundary of ``[lo, hi)`` in ``zone``."""
+    if window is None:
+        return {name for name, _ in LEVELS}
+    table = offset_table(zone)
+    if table is None:
+        return set()
+    offsets = table.offsets_between(lo, hi)
+    usable = set()
+    if all(offset % 60 == 0 for offset in offsets):
+        usable.add("m1")
+        if window is not WindowSize.MINUTE and all(offset % 900 == 0 for offset in offsets):
+            usable.add("q15")
+            if window in (WindowSize.DAY, WindowSize.MONTH) and offsets == {0}:
+                usable.add("d1")
+    return usable
+
+
+def carve(lo: datetime | None, hi: datetime | None, usable: set[str]) -> Plan:
+    """Split ``[lo, hi)`` between raw events and the usable levels, coarsest inside."""
+    plan = Plan()
+    current: str | None = None  # None: raw events
+    pieces: list[tuple[str | None, datetime | None, datetime | None]] = []
+    for name, step in LEVELS:
+        if name not in usable:
+            break
+        inner_lo, inner_hi = _ceil(lo, step), _floor(hi, step)
+        if not _nonempty(inner_lo, inner_hi):
+            break
+        if lo is not None and inner_lo is not None and lo < inner_lo:
+            pieces.append((current, lo, inner_lo))
+        if hi is not None and inner_hi is not None and inner_hi < hi:
+            pieces.append((current, inner_hi, hi))
+        lo, hi, current = inner_lo, inner_hi, name
+    if _nonempty(lo, hi):
+        pieces.append((current, lo, hi))
+    for level, a, b in pieces:
+        if level is None:
+            plan.raw.append((a, b))
+        else:
+            plan.levels.setdefault(level, []).append((a, b))
+    return plan
