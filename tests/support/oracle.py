@@ -1,0 +1,259 @@
+"""An independent, in-memory answer to meter queries, written from the spec.
+
+Pure Python (``zoneinfo`` for windows, ``Decimal`` for values), sharing no code
+with pgmeter: its own JSONPath reader, its own value rules and its own window
+arithmetic, straight from the OpenMeter API reference (sections 2.3 and 3). The
+oracle tests compare pgmeter's answers with these, query by query.
+
+Value rules, as pgmeter documents them (OpenMeter's, plus its recommended fixes):
+- numbers: a JSON number or a string that is a decimal float literal ("1e3"),
+  finite and within float64's range; everything else is skipped
+- group-by values: a string, number or bool as text, else ""
+- UNIQUE_COUNT values: a string, number or bool as text; null, missing, objects
+  and arrays are excluded
+- LATEST: the valid value with the greatest (time at whole seconds, seq)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+FLOAT64_MAX = Decimal("1.7976931348623157e308")
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?$")
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']*)'\]")
+MINUTE = timedelta(minutes=1)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def read_path(data: Any, path: str) -> tuple[bool, Any]:
+    """(found, value) at a JSONPath of the form $.a.b, $.a[0], $['a']."""
+    assert path.startswith("$")
+    rest, value = path[1:], data
+    while rest:
+        match = _STEP.match(rest)
+        assert match, f"oracle cannot read {path}"
+        rest = rest[match.end():]
+        name, index, quoted = match.groups()
+        if index is not None:
+            if not isinstance(value, list) or int(index) >= len(value):
+                return False, None
+            value = value[int(index)]
+        else:
+            key = name if name is not None else quoted
+            if not isinstance(value, dict) or key not in value:
+                return False, None
+            value = value[key]
+    return True, value
+
+
+def _decimal(value: Any) -> Decimal:
+    # Generated data uses floats with short reprs; JSON carries exactly that text.
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+def number(data: Any, path: str) -> Decimal | None:
+    found, value = read_path(data, path)
+    if not found or value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        result = _decimal(value)
+    elif isinstance(value, str) and len(value) <= 1000 and _FLOAT_LITERAL.match(value):
+        result = Decimal(value)
+    else:
+        return None
+    return result if abs(result) <= FLOAT64_MAX else None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return format(_decimal(value), "f")
+    return None
+
+
+def group_value(data: Any, path: str) -> str:
+    found, value = read_path(data, path)
+    return (_text(value) if found else None) or ""
+
+
+def unique_value(data: Any, path: str) -> str | None:
+    found, value = read_path(data, path)
+    return _text(value) if found else None
+
+
+# -- windows ----------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def window_start(t: datetime, size: str, zone: ZoneInfo) -> datetime:
+    local = t.astimezone(zone)
+    if size == "MINUTE":
+        start = local.replace(second=0, microsecond=0)
+    elif size == "HOUR":
+        start = local.replace(minute=0, second=0, microsecond=0)
+    elif size == "DAY":
+        start = datetime(local.year, local.month, local.day, tzinfo=zone)
+    elif size == "MONTH":
+        start = datetime(local.year, local.month, 1, tzinfo=zone)
+    else:
+        raise ValueError(size)
+    return start.astimezone(UTC)
+
+
+def window_end(start: datetime, size: str, zone: ZoneInfo) -> datetime:
+    if size == "MINUTE":
+        return start + MINUTE
+    if size == "HOUR":
+        return start + timedelta(hours=1)
+    local = start.astimezone(zone)
+    if size == "DAY":
+        day = local.date() + timedelta(days=1)
+    else:
+        day = date(local.year + local.month // 12, local.month % 12 + 1, 1)
+    return datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
+
+
+# -- queries ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MeterDef:
+    slug: str
+    aggregation: str
+    event_type: str
+    value_property: str | None = None
+    group_by: dict[str, str] = field(default_factory=dict)
+    event_from: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An event as stored: what the oracle reads."""
+
+    seq: int
+    type: str
+    subject: str
+    time: datetime
+    data: Any
+    # Memo of values read from data, by (rule, path): thousands of queries read them.
+    memo: dict[tuple[str, str], Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def group(self, path: str) -> str:
+        key = ("g", path)
+        if key not in self.memo:
+            self.memo[key] = group_value(self.data, path)
+        return self.memo[key]  # type: ignore[no-any-return]
+
+    def number(self, path: str) -> Decimal | None:
+        key = ("n", path)
+        if key not in self.memo:
+            self.memo[key] = number(self.data, path)
+        return self.memo[key]  # type: ignore[no-any-return]
+
+    def unique(self, path: str) -> str | None:
+        key = ("u", path)
+        if key not in self.memo:
+            self.memo[key] = unique_value(self.data, path)
+        return self.memo[key]  # type: ignore[no-any-return]
+
+
+@dataclass
+class Query:
+    from_: datetime | None = None
+    to: datetime | None = None
+    window_size: str | None = None
+    zone: str = "UTC"
+    subjects: tuple[str, ...] = ()
+    group_by: tuple[str, ...] = ()
+    filter_group_by: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Row:
+    value: Decimal
+    window_start: datetime
+    window_end: datetime
+    subject: str | None
+    group_by: tuple[tuple[str, str], ...]
+
+
+def _second(t: datetime) -> datetime:
+    return t.astimezone(UTC).replace(microsecond=0)
+
+
+def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]:
+    zone = ZoneInfo(query.zone)
+    lower = query.from_
+    if meter.event_from is not None and (lower is None or lower < meter.event_from):
+        lower = meter.event_from
+    lo = _second(lower) if lower is not None else None
+    hi = _second(query.to) if query.to is not None else None
+    by_subject = bool(query.subjects) or "subject" in query.group_by
+    keys = [k for k in dict.fromkeys(query.group_by) if k != "subject"]
+
+    groups: dict[tuple[Any, ...], list[Stored]] = defaultdict(list)
+    for event in events:
+        t = _second(event.time)
+        if event.type != meter.event_type or (lo is not None and t < lo) or (hi is not None and t >= hi):
+            continue
+        if query.subjects and event.subject not in query.subjects:
+            continue
+        if any(event.group(meter.group_by[k]) not in values for k, values in query.filter_group_by.items()):
+            continue
+        start = window_start(event.time, query.window_size, zone) if query.window_size else None
+        key = (start, event.subject if by_subject else None,
+               tuple(event.group(meter.group_by[k]) for k in keys))
+        groups[key].append(event)
+
+    rows = []
+    for (start, subject, values), members in groups.items():
+        value = _aggregate(meter, members)
+        if value is None:
+            continue
+        if query.window_size:
+            ws, we = start, window_end(start, query.window_size, zone)
+        else:
+            minutes = [_second(e.time).replace(second=0) for e in members]
+            ws = lower if lower is not None else min(minutes)
+            we = query.to if query.to is not None else max(minutes) + MINUTE
+        rows.append(Row(value, ws, we, subject, tuple(zip(keys, values))))
+    rows.sort(key=lambda r: (r.window_start, r.subject or "", tuple(v for _, v in r.group_by)))
+    if not rows and not query.window_size and not by_subject and not keys \
+            and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):
+        rows.append(Row(Decimal(0), lower if lower is not None else EPOCH,
+                        query.to if query.to is not None else EPOCH + MINUTE, None, ()))
+    return rows
+
+
+def _aggregate(meter: MeterDef, events: list[Stored]) -> Decimal | None:
+    if meter.aggregation == "COUNT":
+        return Decimal(len(events))
+    assert meter.value_property is not None
+    if meter.aggregation == "UNIQUE_COUNT":
+        distinct = {e.unique(meter.value_property) for e in events} - {None}
+        return Decimal(len(distinct))
+    valued = [(e, e.number(meter.value_property)) for e in events]
+    valued = [(e, v) for e, v in valued if v is not None]
+    if not valued:
+        return None
+    numbers = [v for _, v in valued]
+    if meter.aggregation == "SUM":
+        return sum(numbers, Decimal(0))
+    if meter.aggregation == "AVG":
+        return sum(numbers, Decimal(0)) / len(numbers)
+    if meter.aggregation == "MIN":
+        return min(numbers)
+    if meter.aggregation == "MAX":
+        return max(numbers)
+    if meter.aggregation == "LATEST":
+        return max(valued, key=lambda ev: (_second(ev[0].time), ev[0].seq))[1]
+    raise ValueError(meter.aggregation)

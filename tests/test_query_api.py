@@ -1,0 +1,161 @@
+"""The query endpoints' contract: shapes, edge cases, errors and CSV.
+
+Numbers in bulk are the oracle suite's job (tests/test_oracle.py); these pin the
+exact response format and every 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from pgmeter.config import Settings
+from tests.support import events_sql, meter_env
+from tests.support.app import AppServer
+from tests.support.events_sql import Event
+
+DAY = datetime(2024, 1, 10, tzinfo=UTC)
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[httpx.Client]:
+    with AppServer(settings, {"api"}) as server, server.client() as client:
+        for body in (
+            {"slug": "calls", "aggregation": "COUNT", "eventType": "call", "groupBy": {"model": "$.model"}},
+            {"slug": "tokens", "aggregation": "SUM", "eventType": "call", "valueProperty": "$.tokens",
+             "groupBy": {"model": "$.model"}},
+            {"slug": "users", "aggregation": "UNIQUE_COUNT", "eventType": "call", "valueProperty": "$.user"},
+            {"slug": "late_start", "aggregation": "COUNT", "eventType": "call",
+             "eventFrom": "2024-01-10T12:00:00Z"},
+        ):
+            assert client.post("/api/v1/meters", json=body).status_code == 201
+        events_sql.insert_committed(settings.postgres.url, [
+            Event("a", DAY + timedelta(hours=1, seconds=5), {"tokens": 10, "model": "x", "user": "u1"}, type="call"),
+            Event("a", DAY + timedelta(hours=13), {"tokens": "2.5", "model": "y", "user": "u2"}, type="call"),
+            Event("b", DAY + timedelta(days=1, hours=2), {"tokens": 1, "model": "x", "user": "u1"}, type="call"),
+        ])
+        meter_env.refresh(settings.postgres.url)
+        yield client
+
+
+def query(api: httpx.Client, slug: str, **params: Any) -> httpx.Response:
+    return api.get(f"/api/v1/meters/{slug}/query", params=params)
+
+
+def test_totals_echo_only_what_was_sent(api: httpx.Client) -> None:
+    body = query(api, "tokens").json()
+    assert body == {"data": [{"value": 13.5, "windowStart": "2024-01-10T01:00:00Z",
+                              "windowEnd": "2024-01-11T02:01:00Z", "subject": None, "groupBy": {}}]}
+    sent = query(api, "tokens", **{"from": "2024-01-10T00:00:00.000+01:00", "to": "2024-01-12T00:00:00Z",
+                                   "windowSize": "DAY"}).json()
+    assert sent["from"] == "2024-01-10T00:00:00+01:00" and sent["to"] == "2024-01-12T00:00:00Z"
+    assert sent["windowSize"] == "DAY"
+    assert [(r["value"], r["windowStart"], r["windowEnd"]) for r in sent["data"]] == [
+        (12.5, "2024-01-10T00:00:00Z", "2024-01-11T00:00:00Z"), (1, "2024-01-11T00:00:00Z", "2024-01-12T00:00:00Z")]
+    total = query(api, "tokens", **{"from": "2024-01-10T00:00:00Z", "to": "2024-01-11T00:00:00Z"}).json()["data"]
+    assert total == [{"value": 12.5, "windowStart": "2024-01-10T00:00:00Z", "windowEnd": "2024-01-11T00:00:00Z",
+                      "subject": None, "groupBy": {}}]
+
+
+def test_subject_and_group_by_are_always_present(api: httpx.Client) -> None:
+    rows = query(api, "tokens", groupBy=["subject", "model"]).json()["data"]
+    assert [(r["subject"], r["groupBy"], r["value"]) for r in rows] == [
+        ("a", {"model": "x"}, 10), ("a", {"model": "y"}, 2.5), ("b", {"model": "x"}, 1)]
+    filtered = query(api, "tokens", subject=["b", "nobody"]).json()["data"]
+    assert [(r["subject"], r["groupBy"]) for r in filtered] == [("b", {})]  # a subject filter groups by subject
+    by_model = api.get("/api/v1/meters/tokens/query", params=[("filterGroupBy[model]", "x")]).json()["data"]
+    assert [r["value"] for r in by_model] == [11]
+
+
+def test_empty_results_follow_openmeter(api: httpx.Client) -> None:
+    bounds = {"from": "2023-01-01T00:00:00Z", "to": "2023-01-02T00:00:00Z"}
+    zero = {"value": 0, "windowStart": "2023-01-01T00:00:00Z", "windowEnd": "2023-01-02T00:00:00Z",
+            "subject": None, "groupBy": {}}
+    assert query(api, "calls", **bounds).json()["data"] == [zero]
+    assert query(api, "users", **bounds).json()["data"] == [zero]
+    assert query(api, "tokens", **bounds).json()["data"] == []
+    assert query(api, "calls", groupBy="subject", **bounds).json()["data"] == []
+    assert query(api, "calls", windowSize="HOUR", **bounds).json()["data"] == []
+    # Without bounds the zero row spans the epoch's first minute, as OpenMeter's SQL does.
+    assert query(api, "late_start", to="2024-01-10T12:00:00Z").json()["data"] == [
+        {**zero, "windowStart": "2024-01-10T12:00:00Z", "windowEnd": "2024-01-10T12:00:00Z"}]
+
+
+def test_event_from_clamps_from(api: httpx.Client) -> None:
+    rows = query(api, "late_start", **{"from": "2024-01-01T00:00:00Z"}).json()["data"]
+    assert rows == [{"value": 2, "windowStart": "2024-01-10T12:00:00Z", "windowEnd": "2024-01-11T02:01:00Z",
+                     "subject": None, "groupBy": {}}]
+
+
+def test_windows_carry_the_zone_offset_and_dst_days_are_23_hours(api: httpx.Client) -> None:
+    rows = query(api, "calls", windowSize="DAY", windowTimeZone="America/Los_Angeles").json()["data"]
+    assert [(r["windowStart"], r["windowEnd"]) for r in rows] == [
+        ("2024-01-09T00:00:00-08:00", "2024-01-10T00:00:00-08:00"),
+        ("2024-01-10T00:00:00-08:00", "2024-01-11T00:00:00-08:00")]
+
+
+@pytest.mark.parametrize("params, parameter, text", [
+    ({"from": "2024-01-10T00:00:00Z", "to": "2024-01-10T00:00:00Z"}, "from", "must differ"),
+    ({"from": "2024-01-11T00:00:00Z", "to": "2024-01-10T00:00:00Z"}, "from", "before"),
+    ({"from": "yesterday"}, "from", "RFC 3339"),
+    ({"to": "2024-01-10T00:00:00"}, "to", "RFC 3339"),
+    ({"windowSize": "WEEK"}, "windowSize", "WEEK"),
+    ({"windowTimeZone": "Mars/Olympus"}, "windowTimeZone", "invalid time zone"),
+    ({"windowTimeZone": "../../etc/passwd"}, "windowTimeZone", "invalid time zone"),
+    ({"groupBy": "region"}, "groupBy", "invalid group by: region"),
+    ({"groupBy": "customer_id"}, "groupBy", "customer_id"),
+    ({"filterGroupBy": "{'model': 'x'}"}, "filterGroupBy", "deepObject"),
+    ({"filterGroupBy[region]": "eu"}, "filterGroupBy[region]", "region"),
+    ({"advancedMeterGroupByFilters": '{"model": {"$eq": "x"}}'}, "advancedMeterGroupByFilters", "not supported"),
+    ({"clientId": "x" * 37}, "clientId", "clientId"),
+])
+def test_bad_parameters_are_400_naming_the_parameter(api: httpx.Client, params: dict[str, str],
+                                                     parameter: str, text: str) -> None:
+    response = query(api, "calls", **params)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["extensions"]["parameter"] == parameter
+    assert text in response.json()["detail"]
+
+
+def test_repeated_scalars_and_unknown_customers(api: httpx.Client) -> None:
+    twice = api.get("/api/v1/meters/calls/query", params=[("from", "2024-01-01T00:00:00Z")] * 2)
+    assert twice.status_code == 400
+    assert query(api, "calls", filterCustomerId="01ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 404
+
+
+def test_post_takes_lists_and_an_empty_body(api: httpx.Client) -> None:
+    post = api.post("/api/v1/meters/tokens/query", json={"filterGroupBy": {"model": ["x", "y"]}, "groupBy": ["model"]})
+    assert [(r["groupBy"], r["value"]) for r in post.json()["data"]] == [({"model": "x"}, 11), ({"model": "y"}, 2.5)]
+    assert api.post("/api/v1/meters/tokens/query").json()["data"][0]["value"] == 13.5
+    assert api.post("/api/v1/meters/tokens/query", json={"subject": "a"}).status_code == 400
+    assert api.post("/api/v1/meters/tokens/query", json={"from": "2024-01-11T00:00:00Z",
+                                                         "to": "2024-01-10T00:00:00Z"}).status_code == 400
+    assert api.post("/api/v1/meters/tokens/query", content=b"[1]").status_code == 400
+
+
+def test_csv(api: httpx.Client) -> None:
+    response = api.get("/api/v1/meters/tokens/query", headers={"Accept": "text/csv"},
+                       params=[("windowSize", "DAY"), ("groupBy", "model"), ("groupBy", "subject")])
+    assert response.headers["content-type"].startswith("text/csv")
+    assert response.headers["content-disposition"] == "attachment; filename=tokens.csv"
+    assert response.text == (
+        "window_start,window_end,subject,model,value\n"
+        "2024-01-10T00:00:00Z,2024-01-11T00:00:00Z,a,x,10.000000\n"
+        "2024-01-10T00:00:00Z,2024-01-11T00:00:00Z,a,y,2.500000\n"
+        "2024-01-11T00:00:00Z,2024-01-12T00:00:00Z,b,x,1.000000\n")
+    post = api.post("/api/v1/meters/calls/query", headers={"Accept": "text/csv"})
+    assert post.text == "window_start,window_end,value\n2024-01-10T01:00:00Z,2024-01-11T02:01:00Z,3.000000\n"
+    listed = api.post("/api/v1/meters/calls/query", headers={"Accept": "text/csv, application/json"})
+    assert listed.headers["content-type"] == "application/json"
+
+
+def test_read_your_writes_and_latency_metric(api: httpx.Client, settings: Settings) -> None:
+    events_sql.insert_committed(settings.postgres.url, [Event("c", DAY, {"tokens": 100}, type="call")])
+    assert query(api, "tokens", subject="c").json()["data"][0]["value"] == 100  # not merged yet
+    metrics = api.get("/metrics").text
+    assert 'openmeter_query_latency_seconds_count{meter="tokens"}' in metrics
