@@ -1,7 +1,398 @@
-"""Placeholder until its issue lands."""
+"""``pgmeter sink``: JetStream -> Postgres, exactly once.
 
+Two loops share a bounded in-memory queue, so reading and parsing the next
+messages overlaps with the current Postgres transaction:
+
+- the *fetcher* pulls from the durable consumer, decodes each message into rows
+  and dead letters (:mod:`pgmeter.ingest.wire`) and queues it;
+- the *writer* takes everything queued, up to ``sink.maxEventsPerTx`` events, makes
+  sure the partitions exist, writes it in one transaction (:mod:`.store`) and then
+  acks each message explicitly. Never AckAll: with several sinks on one durable
+  consumer it would ack messages another sink has not committed.
+
+Failures: Postgres unavailable -> the same batch is retried with capped backoff,
+its messages kept alive with in-progress acks (no naks, no redelivery storm);
+a batch Postgres rejects for its content -> written message by message, then
+event by event, and whatever still fails is dead-lettered, so nothing blocks the
+stream; NATS restarting -> nats-py reconnects, the fetcher rebinds and, if the
+broker lost the stream or consumer, recreates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import asyncpg
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from pgmeter.config import Settings
+from pgmeter.ingest import metrics, stream, wire
+from pgmeter.ingest.cloudevents import EventTuple
 from pgmeter.runtime import Runtime
+from pgmeter.sink import partitions, store
+from pgmeter.sink.store import DeadLetter, Outcome
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT = 2.0
+# How long the writer lets a transaction gather messages before committing it: a
+# few milliseconds of latency that save a transaction (and a WAL flush) per message
+# when events trickle in. A batch that is already old enough, or full, goes at once.
+GATHER_SECONDS = 0.02
+MAINTENANCE_INTERVAL = 600.0
+GAUGE_INTERVAL = 5.0
+MAX_BACKOFF = 5.0
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class Pending:
+    """One fetched message, decoded, waiting to be written and acked."""
+
+    msg: Msg
+    seq: int
+    subject: str
+    stored_at: float  # when JetStream stored (and so acked) it, epoch seconds
+    keys: list[str] = field(default_factory=list)
+    records: list[store.EventRecord] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)  # position of each record's event in the message
+    dead: list[DeadLetter] = field(default_factory=list)
+    days: set[int] = field(default_factory=set)
+    received: float = field(default_factory=time.monotonic)
+
+    @property
+    def weight(self) -> int:
+        return max(1, len(self.records) + len(self.dead))
+
+
+# The last microsecond Python (and so the api) can represent: 9999-12-31T23:59:59.999999Z.
+MAX_MICROS = 253_402_300_799_999_999
+
+
+def parse(msg: Msg, settings: Settings, horizon_day: int | None) -> Pending:
+    """Decode a message into records to store and dead letters, never raising."""
+    meta = msg.metadata
+    seq = meta.sequence.stream
+    subject = msg.subject
+    pending = Pending(msg, seq, subject, meta.timestamp.timestamp())
+    dead = pending.dead
+    namespace = stream.namespace_of_subject(settings.nats, subject)
+    if namespace is None:
+        dead.append(DeadLetter(seq, -1, subject, f"subject {subject!r} does not name a namespace", msg.data))
+        return pending
+    try:
+        ingested_at, events = wire.decode_envelope(msg.data)
+    except wire.BadMessage as exc:
+        dead.append(DeadLetter(seq, -1, subject, str(exc), msg.data))
+        return pending
+    keys, records, indexes, days = pending.keys, pending.records, pending.indexes, pending.days
+    md5 = hashlib.md5
+    quick_check = wire.quick_check
+    day_micros = partitions.DAY_MICROS
+    oldest = -1 if horizon_day is None else horizon_day * day_micros
+    for index, event in enumerate(events):
+        reason = quick_check(event)
+        if reason is None:
+            event_id, source, event_type, event_subject, micros, data = event
+            if micros <= 0:
+                # OpenMeter's sink drops these silently; we keep them visible.
+                reason = "event time is at or before 1970-01-01T00:00:00Z"
+            elif micros < oldest:
+                reason = "event time is older than the raw-event retention (sink.retentionDays)"
+            elif micros > MAX_MICROS:
+                reason = "event time is after 9999-12-31"
+            else:
+                try:
+                    key = md5(f"{namespace}\x00{source}\x00{event_id}".encode()).hexdigest()
+                except UnicodeEncodeError:
+                    reason = "id or source contains an unpaired UTF-16 surrogate"
+                else:
+                    keys.append(key)
+                    records.append((namespace, event_id, source, event_type, event_subject, micros, data,
+                                    ingested_at, seq))
+                    indexes.append(index)
+                    days.add(micros // day_micros)
+                    continue
+        dead.append(DeadLetter(seq, index, subject, reason, wire.item_payload(event)))
+    return pending
+
+
+class Sink:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.max_events = self.settings.sink.max_events_per_tx
+        self.queue: deque[Pending] = deque()
+        self.buffered = 0
+        self._has_data = asyncio.Event()
+        self._has_space = asyncio.Event()
+        self._has_space.set()
+        self.conn: asyncpg.Connection | None = None
+        self.partitions = partitions.PartitionMap()
+        self._events_per_message = 100.0  # running average, sizes the next fetch
+        self._last_keepalive = 0.0
+
+    # -- fetching -------------------------------------------------------------------
+
+    def _fetch_size(self) -> int:
+        room = max(1, self.max_events - self.buffered)
+        return max(1, min(self.settings.sink.fetch_batch, int(room / max(1.0, self._events_per_message)) + 1))
+
+    async def fetch_loop(self) -> None:
+        js, nats_cfg = self.runtime.js, self.settings.nats
+        subscription = None
+        delay = 0.1
+        while True:
+            await self._has_space.wait()
+            try:
+                if subscription is None:
+                    subscription = await js.pull_subscribe_bind(durable=nats_cfg.consumer, stream=nats_cfg.stream)
+                messages = await subscription.fetch(self._fetch_size(), timeout=FETCH_TIMEOUT)
+                delay = 0.1
+            except nats.errors.TimeoutError:
+                continue  # nothing to do (or the broker is reconnecting)
+            except asyncio.CancelledError:
+                raise
+            except (nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
+                # The consumer (or the stream) is gone: a broker that lost its store.
+                log.warning("sink consumer unavailable; recreating", extra={"error": repr(exc)})
+                await self._drop_subscription(subscription)
+                subscription = None
+                try:
+                    await stream.ensure_stream(self.runtime)
+                except Exception as again:
+                    log.warning("could not recreate the stream", extra={"error": repr(again)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            except Exception as exc:
+                log.warning("sink fetch failed; retrying", extra={"error": repr(exc)})
+                if isinstance(exc, nats.errors.ConnectionClosedError):
+                    subscription = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            horizon = partitions.retention_horizon_day(self.settings.sink.retention_days)
+            for message in messages:
+                pending = parse(message, self.settings, horizon)
+                self.queue.append(pending)
+                self.buffered += pending.weight
+                self._events_per_message = 0.9 * self._events_per_message + 0.1 * pending.weight
+            if messages:
+                self._has_data.set()
+            if self.buffered >= self.max_events:
+                self._has_space.clear()
+
+    @staticmethod
+    async def _drop_subscription(subscription: object) -> None:
+        if subscription is not None:
+            try:
+                await subscription.unsubscribe()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+        return None
+
+    async def _take(self) -> list[Pending]:
+        while not self.queue:
+            self._has_data.clear()
+            await self._has_data.wait()
+        wait = self.queue[0].received + GATHER_SECONDS - time.monotonic()
+        if wait > 0 and self.buffered < self.max_events:
+            await asyncio.sleep(wait)
+        batch: list[Pending] = []
+        events = 0
+        while self.queue and (not batch or events + self.queue[0].weight <= self.max_events):
+            pending = self.queue.popleft()
+            batch.append(pending)
+            events += pending.weight
+        self.buffered -= events
+        if self.buffered < self.max_events:
+            self._has_space.set()
+        return batch
+
+    # -- writing --------------------------------------------------------------------
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            self.conn = await asyncpg.connect(
+                self.settings.postgres.url, timeout=CONNECT_TIMEOUT,
+                server_settings={"application_name": "pgmeter-sink"})
+            await store.prepare(self.conn)
+            await self.partitions.refresh(self.conn)
+        return self.conn
+
+    async def _drop_connection(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:
+                conn.terminate()
+
+    async def write_loop(self) -> None:
+        while True:
+            batch = await self._take()
+            outcome = await self._commit(batch)
+            committed = time.time()
+            for pending in batch:
+                metrics.ACK_TO_COMMIT.observe(max(0.0, committed - pending.stored_at))
+                try:
+                    await pending.msg.ack()
+                except Exception as exc:  # the broker will redeliver; dedup makes that harmless
+                    log.debug("ack failed", extra={"error": repr(exc)})
+            for namespace, count in outcome.stored.items():
+                metrics.EVENTS_PROCESSED.labels(namespace).inc(count)
+            for namespace, count in outcome.duplicates.items():
+                metrics.EVENTS_DUPLICATE.labels(namespace).inc(count)
+            if outcome.dead_letters:
+                metrics.DEAD_LETTERS.inc(outcome.dead_letters)
+                log.warning("dead-lettered events", extra={"count": outcome.dead_letters})
+            metrics.SINK_BATCH_EVENTS.observe(sum(len(p.records) for p in batch))
+
+    async def _commit(self, batch: list[Pending]) -> Outcome:
+        """Write ``batch`` until it is committed; only cancellation stops the retries."""
+        delay = 0.2
+        if len(batch) == 1:
+            keys, records, dead, days = batch[0].keys, batch[0].records, batch[0].dead, batch[0].days
+        else:
+            keys = [key for pending in batch for key in pending.keys]
+            records = [record for pending in batch for record in pending.records]
+            dead = [letter for pending in batch for letter in pending.dead]
+            days = set().union(*(pending.days for pending in batch))
+        while True:
+            try:
+                conn = await self._connection()
+                await self.partitions.ensure(conn, days)
+                try:
+                    return await store.write(conn, keys, records, dead)
+                except Exception as exc:
+                    if store.is_missing_partition(exc):
+                        await self.partitions.refresh(conn)  # dropped or never made; retry at once
+                        continue
+                    if not store.is_poison(exc):
+                        raise
+                    log.warning("Postgres rejected a batch; isolating the bad events", extra={"error": str(exc)})
+                return await self._isolate(conn, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sink write failed; will retry", extra={"error": f"{type(exc).__name__}: {exc}",
+                                                                     "retry_in": delay})
+                await self._drop_connection()
+                await self._keep_alive(batch)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _keep_alive(self, batch: list[Pending]) -> None:
+        """Tell JetStream the held messages are still being worked on (so it does not redeliver)."""
+        now = time.monotonic()
+        if now - self._last_keepalive < self.settings.nats.ack_wait.total_seconds() / 3:
+            return
+        self._last_keepalive = now
+        for pending in [*batch, *self.queue]:
+            try:
+                await pending.msg.in_progress()
+            except Exception:
+                return  # NATS is down too; redelivery after it returns is deduplicated
+
+    async def _isolate(self, conn: asyncpg.Connection, batch: list[Pending]) -> Outcome:
+        """Write message by message, then event by event; dead-letter what Postgres refuses."""
+        total = Outcome()
+        for pending in batch:
+            try:
+                total.add(await store.write(conn, pending.keys, pending.records, pending.dead))
+                continue
+            except Exception as exc:
+                if not store.is_poison(exc):
+                    raise
+            keys: list[str] = []
+            records: list[store.EventRecord] = []
+            dead = list(pending.dead)
+            for key, record, index in zip(pending.keys, pending.records, pending.indexes):
+                event = _event_of(record)
+                reason = wire.strict_check(event)
+                if reason is None:
+                    keys.append(key)
+                    records.append(record)
+                else:
+                    dead.append(DeadLetter(pending.seq, index, pending.subject, reason, wire.item_payload(list(event))))
+            try:
+                total.add(await store.write(conn, keys, records, dead))
+                continue
+            except Exception as exc:
+                if not store.is_poison(exc):
+                    raise
+            index_of = {id(record): index for record, index in zip(pending.records, pending.indexes)}
+            for key, record in zip(keys, records):
+                try:
+                    total.add(await store.write(conn, [key], [record], []))
+                except Exception as exc:
+                    if not store.is_poison(exc):
+                        raise
+                    dead.append(DeadLetter(pending.seq, index_of[id(record)], pending.subject,
+                                           f"PostgreSQL rejected the event: {exc}",
+                                           wire.item_payload(list(_event_of(record)))))
+            total.add(await store.write(conn, [], [], dead))
+        return total
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    async def maintenance_loop(self) -> None:
+        sink = self.settings.sink
+        while True:
+            try:
+                async with self.runtime.pool.acquire() as conn:
+                    dropped = await partitions.maintain(
+                        conn, days_ahead=sink.partition_days_ahead, retention_days=sink.retention_days,
+                        partitions=self.partitions)
+                if dropped:
+                    log.info("retention dropped partitions", extra={"partitions": dropped})
+                await asyncio.sleep(MAINTENANCE_INTERVAL)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("partition maintenance failed; will retry", extra={"error": repr(exc)})
+                await asyncio.sleep(10)
+
+    async def gauge_loop(self) -> None:
+        nats_cfg = self.settings.nats
+        while True:
+            try:
+                info = await self.runtime.js.consumer_info(nats_cfg.stream, nats_cfg.consumer)
+                metrics.SINK_PENDING.set(info.num_pending or 0)
+                metrics.SINK_ACK_PENDING.set(info.num_ack_pending or 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass  # the gauge keeps its last value while the broker is away
+            await asyncio.sleep(GAUGE_INTERVAL)
+
+    async def close(self) -> None:
+        await self._drop_connection()
+
+
+def _event_of(record: store.EventRecord) -> EventTuple:
+    return (record[1], record[2], record[3], record[4], record[5], record[6])
+
+
+async def _run_writer(sink: Sink) -> None:
+    try:
+        await sink.write_loop()
+    finally:
+        await sink.close()
 
 
 async def start(runtime: Runtime) -> None:
-    return None
+    sink = Sink(runtime)
+    runtime.extras["sink"] = sink
+    runtime.spawn("sink-writer", _run_writer(sink))
+    runtime.spawn("sink-fetcher", sink.fetch_loop())
+    runtime.spawn("sink-maintenance", sink.maintenance_loop())
+    runtime.spawn("sink-gauge", sink.gauge_loop())
