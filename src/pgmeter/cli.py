@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         if role == "lago-sync":
             sub.add_argument("--once", action="store_true", help="run one sync and exit")
             sub.add_argument("--dry-run", action="store_true", help="print what would be sent and exit")
+            sub.add_argument("--status", action="store_true", help="show the outbox: pending, sent, failed")
     commands.add_parser("migrate", help="apply pending SQL migrations and exit")
     return parser
 
@@ -64,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(settings.log_level)
         if args.command == "migrate":
             return run_migrate(settings)
-        if args.command == "lago-sync" and (args.once or args.dry_run):
-            from pgmeter.lago.cli import run_once
+        if args.command == "lago-sync" and (args.once or args.dry_run or args.status):
+            from pgmeter.lago import cli as lago_cli
 
-            return run_once(settings, dry_run=args.dry_run)
+            if args.status:
+                return lago_cli.show_status(settings)
+            return lago_cli.run_once(settings, dry_run=args.dry_run)
         return serve(settings, frozenset({args.command}))
     except ConfigError as exc:
         return fail(str(exc), 2)

@@ -1,0 +1,129 @@
+"""The Lago outbox and sync state in Postgres (tables from sql/*_lago.sql)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+
+from pgmeter.lago.plan import Item, Sent
+from pgmeter.meters.store import Meter
+
+
+async def lock_state(conn: asyncpg.Connection, meter_id: str, code: str) -> tuple[datetime, int] | None:
+    row = await conn.fetchrow(
+        "SELECT closed_to, seen_seq FROM lago_sync_state WHERE meter_id = $1 AND code = $2 FOR UPDATE",
+        meter_id, code)
+    return (row["closed_to"], row["seen_seq"]) if row else None
+
+
+async def save_state(conn: asyncpg.Connection, meter_id: str, code: str, closed_to: datetime, seen_seq: int) -> None:
+    await conn.execute(
+        """
+        INSERT INTO lago_sync_state (meter_id, code, closed_to, seen_seq) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (meter_id, code) DO UPDATE
+           SET closed_to = excluded.closed_to, seen_seq = excluded.seen_seq, updated_at = now()
+        """,
+        meter_id, code, closed_to, seen_seq)
+
+
+async def first_event_time(conn: asyncpg.Connection, meter: Meter) -> datetime | None:
+    return await conn.fetchval(
+        "SELECT min(time) FROM events WHERE namespace = $1 AND type = $2 AND time >= coalesce($3::timestamptz, '-infinity')",
+        meter.namespace, meter.event_type, meter.event_from)
+
+
+async def touched_windows(conn: asyncpg.Connection, meter: Meter, after_seq: int, upto_seq: int,
+                          before: datetime, window: str) -> list[tuple[str, datetime]]:
+    """(subject, window start) of events that arrived in (after_seq, upto_seq] for
+    windows that had already closed (start before ``before``)."""
+    if upto_seq <= after_seq:
+        return []
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT subject, date_trunc($6, time, 'UTC') AS window_start
+          FROM events
+         WHERE seq > $1 AND seq <= $2 AND namespace = $3 AND type = $4 AND time < $5
+           AND time >= coalesce($7::timestamptz, '-infinity')
+        """,
+        after_seq, upto_seq, meter.namespace, meter.event_type, before, window.lower(), meter.event_from)
+    return [(row["subject"], row["window_start"]) for row in rows]
+
+
+async def histories(conn: asyncpg.Connection, meter_id: str, code: str,
+                    keys: list[tuple[str, datetime]]) -> dict[tuple[str, datetime], list[Sent]]:
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT o.subject, o.window_start, o.revision, o.value, o.window_value
+          FROM lago_outbox o
+          JOIN unnest($3::text[], $4::timestamptz[]) AS k(subject, window_start)
+            ON o.subject = k.subject AND o.window_start = k.window_start
+         WHERE o.meter_id = $1 AND o.code = $2
+        """,
+        meter_id, code, [k[0] for k in keys], [k[1] for k in keys])
+    found: dict[tuple[str, datetime], list[Sent]] = defaultdict(list)
+    for row in rows:
+        found[(row["subject"], row["window_start"])].append(
+            Sent(row["revision"], row["value"], row["window_value"]))
+    return found
+
+
+async def add(conn: asyncpg.Connection, items: list[Item]) -> None:
+    if not items:
+        return
+    await conn.executemany(
+        """
+        INSERT INTO lago_outbox (transaction_id, meter_id, code, subject, external_subscription_id,
+                                 window_start, window_end, revision, value, window_value, timestamp, property)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+        ON CONFLICT (transaction_id) DO NOTHING
+        """,
+        [(i.transaction_id, i.meter_id, i.code, i.subject, i.external_subscription_id, i.window_start,
+          i.window_end, i.revision, i.value, i.window_value, i.timestamp, i.property) for i in items])
+
+
+async def pending(conn: asyncpg.Connection) -> list[Item]:
+    rows = await conn.fetch(
+        """
+        SELECT transaction_id, meter_id, code, subject, external_subscription_id, window_start, window_end,
+               revision, value, window_value, timestamp, property
+          FROM lago_outbox WHERE status = 'pending' ORDER BY created_at, transaction_id
+        """)
+    return [Item(**dict(row)) for row in rows]
+
+
+async def mark_sent(conn: asyncpg.Connection, transaction_ids: list[str]) -> None:
+    if transaction_ids:
+        await conn.execute(
+            "UPDATE lago_outbox SET status = 'sent', sent_at = now(), attempts = attempts + 1 "
+            "WHERE transaction_id = ANY($1::text[])", transaction_ids)
+
+
+async def mark_attempt(conn: asyncpg.Connection, transaction_ids: list[str], error: str) -> None:
+    await conn.execute(
+        "UPDATE lago_outbox SET attempts = attempts + 1, last_error = $2 WHERE transaction_id = ANY($1::text[])",
+        transaction_ids, error)
+
+
+async def mark_failed(conn: asyncpg.Connection, errors: dict[str, str]) -> None:
+    if errors:
+        await conn.executemany(
+            "UPDATE lago_outbox SET status = 'failed', attempts = attempts + 1, last_error = $2 "
+            "WHERE transaction_id = $1", list(errors.items()))
+
+
+async def status_counts(conn: asyncpg.Connection) -> dict[str, int]:
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM lago_outbox GROUP BY status")
+    return {row["status"]: row["n"] for row in rows}
+
+
+async def failed_items(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT transaction_id, code, subject, window_start, value, attempts, last_error "
+        "FROM lago_outbox WHERE status = 'failed' ORDER BY created_at DESC LIMIT $1", limit)
+
+
