@@ -80,6 +80,19 @@ class ValkeyConfig(Section):
     key_prefix: str = Field(default="pgmeter:", alias="keyPrefix")
     # A cache that answers slower than this is skipped, not waited for.
     timeout: float = Field(default=0.05, gt=0)
+    # Windows that ended longer ago than this are "settled" and served from the cache.
+    # The sink and the api must agree on it: set it once for all roles.
+    settle_after: Duration = Field(default=timedelta(hours=1), alias="settleAfter")
+    ttl: Duration = Field(default=timedelta(hours=24))
+
+    @property
+    def late_margin(self) -> timedelta:
+        """Events older than this when the sink commits them bump the cache epoch.
+
+        Half the settle horizon: the other half covers sink transactions that began
+        before a query read the epoch and commit after it (see pgmeter.query.cache).
+        """
+        return self.settle_after / 2
 
 
 class IngestConfig(Section):

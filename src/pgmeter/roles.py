@@ -27,7 +27,9 @@ async def start(runtime: Runtime) -> None:
     await meters_service.start(runtime)
     if "api" in runtime.roles:
         from pgmeter.ingest import publisher
+        from pgmeter.query.cache import QueryCache
 
+        runtime.extras["query_cache"] = QueryCache(runtime.valkey, runtime.settings)
         await publisher.start(runtime)
     if "sink" in runtime.roles:
         from pgmeter.sink import worker

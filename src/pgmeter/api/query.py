@@ -22,7 +22,6 @@ from starlette.routing import Route
 from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
-from pgmeter.query.engine import run_query
 from pgmeter.query.params import QueryError, QueryParams, QueryResult, WindowSize, parse_time
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
@@ -186,7 +185,8 @@ def result_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Respon
 
 async def _answer(request: Request, meter: Meter, params: QueryParams) -> Response:
     try:
-        result = await run_query(runtime_of(request).pool, meter, params)
+        runtime = runtime_of(request)
+        result = await runtime.extras["query_cache"].query(runtime.pool, meter, params)
     except QueryError as exc:
         raise bad_request(str(exc), parameter=exc.parameter) from None
     if wants_csv(request):

@@ -135,6 +135,8 @@ async def _drop_detached(conn: asyncpg.Connection, name: str) -> None:
         # The dedup rows of the events that go: each stored event is its key's winner.
         await conn.execute(f"DELETE FROM event_dedup WHERE key IN (SELECT {DEDUP_KEY_SQL} FROM {name})")
         await conn.execute(f"DROP TABLE {name}")
+        # Answers over the dropped days may change (raw edges): no cached one survives.
+        await conn.execute("UPDATE cache_epochs SET epoch = epoch + 1")
     log.info("dropped partition past retention", extra={"partition": name})
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -114,9 +115,10 @@ async def _claim(conn: asyncpg.Connection, keys: list[str], records: list[Any]) 
     return [position for position, key in enumerate(keys) if key in fresh]
 
 
-async def write(conn: asyncpg.Connection, keys: list[str], records: list[Any], dead: list[DeadLetter]) -> Outcome:
+async def write(conn: asyncpg.Connection, keys: list[str], records: list[Any], dead: list[DeadLetter], *,
+                late_margin: timedelta = timedelta(minutes=30)) -> Outcome:
     """Store the events (``keys[i]`` is the key of ``records[i]``, in stream order) and ``dead``,
-    in one transaction."""
+    in one transaction. Events older than ``late_margin`` bump their cache epoch in it."""
     outcome = Outcome()
     if len(set(keys)) != len(keys):
         # Repeats within the batch: the first by stream order wins.
@@ -138,6 +140,7 @@ async def write(conn: asyncpg.Connection, keys: list[str], records: list[Any], d
                 fresh = [records[position] for position in positions]
             if fresh:
                 await conn.copy_records_to_table("events", records=fresh, columns=EVENT_COLUMNS)
+                await _bump_cache_epochs(conn, fresh, late_margin)
         if dead:
             await conn.executemany(
                 "INSERT INTO dead_letters (stream_seq, item, subject, reason, payload) VALUES ($1, $2, $3, $4, $5) "
@@ -149,6 +152,30 @@ async def write(conn: asyncpg.Connection, keys: list[str], records: list[Any], d
         outcome.duplicates.update(record[0] for record in records if id(record) not in fresh_ids)
     outcome.dead_letters = len(dead)
     return outcome
+
+
+async def _bump_cache_epochs(conn: asyncpg.Connection, fresh: list[Any], late_margin: timedelta) -> None:
+    """Invalidate cached answers that a late event changes (see pgmeter.query.cache).
+
+    Per (namespace, type), the oldest new event is compared with the database clock
+    at this moment, inside the transaction that commits the events; rows are locked
+    in key order so concurrent sinks cannot deadlock.
+    """
+    oldest: dict[tuple[str, str], int] = {}
+    for record in fresh:
+        key = (record[0], record[3])
+        if key not in oldest or record[5] < oldest[key]:
+            oldest[key] = record[5]
+    await conn.execute(
+        """
+        INSERT INTO cache_epochs (namespace, event_type, epoch)
+        SELECT namespace, event_type, 1
+          FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS o(namespace, event_type, oldest)
+         WHERE oldest < clock_timestamp() - $4::interval
+         ORDER BY namespace, event_type
+        ON CONFLICT (namespace, event_type) DO UPDATE SET epoch = cache_epochs.epoch + 1
+        """,
+        [k[0] for k in oldest], [k[1] for k in oldest], list(oldest.values()), late_margin)
 
 
 def is_poison(exc: BaseException) -> bool:

@@ -138,6 +138,8 @@ class Sink:
         self.partitions = partitions.PartitionMap()
         self._events_per_message = 100.0  # running average, sizes the next fetch
         self._last_keepalive = 0.0
+        # Events older than this at commit bump the query cache's epoch (query/cache.py).
+        self.late_margin = self.settings.valkey.late_margin
 
     # -- fetching -------------------------------------------------------------------
 
@@ -271,7 +273,7 @@ class Sink:
                 conn = await self._connection()
                 await self.partitions.ensure(conn, days)
                 try:
-                    return await store.write(conn, keys, records, dead)
+                    return await self._write(conn, keys, records, dead)
                 except Exception as exc:
                     if store.is_missing_partition(exc):
                         await self.partitions.refresh(conn)  # dropped or never made; retry at once
@@ -290,6 +292,10 @@ class Sink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
 
+    async def _write(self, conn: asyncpg.Connection, keys: list[str], records: list[store.EventRecord],
+                     dead: list[DeadLetter]) -> Outcome:
+        return await store.write(conn, keys, records, dead, late_margin=self.late_margin)
+
     async def _keep_alive(self, batch: list[Pending]) -> None:
         """Tell JetStream the held messages are still being worked on (so it does not redeliver)."""
         now = time.monotonic()
@@ -307,7 +313,7 @@ class Sink:
         total = Outcome()
         for pending in batch:
             try:
-                total.add(await store.write(conn, pending.keys, pending.records, pending.dead))
+                total.add(await self._write(conn, pending.keys, pending.records, pending.dead))
                 continue
             except Exception as exc:
                 if not store.is_poison(exc):
@@ -324,7 +330,7 @@ class Sink:
                 else:
                     dead.append(DeadLetter(pending.seq, index, pending.subject, reason, wire.item_payload(list(event))))
             try:
-                total.add(await store.write(conn, keys, records, dead))
+                total.add(await self._write(conn, keys, records, dead))
                 continue
             except Exception as exc:
                 if not store.is_poison(exc):
@@ -332,14 +338,14 @@ class Sink:
             index_of = {id(record): index for record, index in zip(pending.records, pending.indexes)}
             for key, record in zip(keys, records):
                 try:
-                    total.add(await store.write(conn, [key], [record], []))
+                    total.add(await self._write(conn, [key], [record], []))
                 except Exception as exc:
                     if not store.is_poison(exc):
                         raise
                     dead.append(DeadLetter(pending.seq, index_of[id(record)], pending.subject,
                                            f"PostgreSQL rejected the event: {exc}",
                                            wire.item_payload(list(_event_of(record)))))
-            total.add(await store.write(conn, [], [], dead))
+            total.add(await self._write(conn, [], [], dead))
         return total
 
     # -- housekeeping ---------------------------------------------------------------

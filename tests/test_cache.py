@@ -1,0 +1,152 @@
+"""Valkey query cache: never staler than Postgres, and never in the way.
+
+Every answer is compared with an in-memory count of the events sent, and with the
+same query answered without the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import valkey as valkey_sync
+from prometheus_client import REGISTRY
+
+from pgmeter.config import Settings
+from pgmeter.devstack import services
+from pgmeter.devstack.process import free_port
+from tests.support.app import AppServer
+from tests.support.ingest import make_event, post_events, wait_until_stored
+
+METER = {"slug": "calls", "eventType": "api.call", "aggregation": "COUNT", "groupBy": {"endpoint": "$.endpoint"}}
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Scenario:
+    def __init__(self, app: AppServer, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+        self.events: list[dict[str, Any]] = []
+        self.client = app.client()
+        assert self.client.post("/api/v1/meters", json=METER).status_code == 201
+
+    def send(self, times: list[datetime], subject: str = "tpp-1") -> None:
+        batch = [make_event(type="api.call", subject=subject, time=t, data={"endpoint": "/a"}) for t in times]
+        assert post_events(self.client, batch).status_code == 204
+        self.events += batch
+        wait_until_stored(self.settings.postgres.url, len(self.events))
+
+    def query(self, **params: str) -> list[dict[str, Any]]:
+        response = self.client.get("/api/v1/meters/calls/query", params={"windowSize": "DAY", **params})
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+    def expected_days(self, start: datetime) -> dict[str, int]:
+        days: Tally[str] = Tally()
+        for event in self.events:
+            at = datetime.fromisoformat(event["time"])
+            if at >= start:
+                days[at.strftime("%Y-%m-%dT00:00:00Z")] += 1
+        return dict(days)
+
+
+def as_days(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return {row["windowStart"]: row["value"] for row in rows}
+
+
+@pytest.fixture
+def scenario(settings: Settings) -> Iterator[Scenario]:
+    with AppServer(settings, {"api", "sink", "refresher"}) as app:
+        scene = Scenario(app, settings)
+        yield scene
+        scene.client.close()
+
+
+def midnight(days_ago: int) -> datetime:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days_ago)
+
+
+def test_settled_windows_are_cached_and_late_events_invalidate(scenario: Scenario) -> None:
+    start = midnight(6)
+    scenario.send([start + timedelta(days=d, hours=h) for d in range(5) for h in (1, 5, 9)])
+    hits = metric("pgmeter_cache_hits_total")
+    first = scenario.query(**{"from": start.isoformat()})
+    assert as_days(first) == scenario.expected_days(start)
+    second = scenario.query(**{"from": start.isoformat()})
+    assert second == first
+    assert metric("pgmeter_cache_hits_total") == hits + 1  # the settled days came from Valkey
+
+    # A late event into a cached day: the next answer includes it.
+    scenario.send([start + timedelta(days=1, hours=2)])
+    third = scenario.query(**{"from": start.isoformat()})
+    assert as_days(third) == scenario.expected_days(start)
+    assert as_days(third) != as_days(first)
+
+
+def test_the_live_window_is_always_fresh(scenario: Scenario) -> None:
+    start = midnight(2)
+    now = datetime.now(UTC).replace(microsecond=0)
+    scenario.send([start + timedelta(hours=3), now - timedelta(seconds=30)])
+    assert as_days(scenario.query(**{"from": start.isoformat()})) == scenario.expected_days(start)
+    scenario.send([now - timedelta(seconds=10), now - timedelta(seconds=5)])
+    assert as_days(scenario.query(**{"from": start.isoformat()})) == scenario.expected_days(start)
+
+
+def test_totals_over_settled_time_are_cached_and_invalidated(scenario: Scenario) -> None:
+    start, end = midnight(5), midnight(3)
+    scenario.send([start + timedelta(hours=h) for h in range(0, 40, 4)])
+    params = {"from": start.isoformat(), "to": end.isoformat(), "windowSize": ""}
+    expected = sum(scenario.expected_days(start).get(d, 0) for d in scenario.expected_days(start)
+                   if d < end.strftime("%Y-%m-%dT00:00:00Z"))
+
+    def total() -> int:
+        response = scenario.client.get("/api/v1/meters/calls/query",
+                                       params={k: v for k, v in params.items() if v})
+        assert response.status_code == 200
+        return response.json()["data"][0]["value"]
+
+    hits = metric("pgmeter_cache_hits_total")
+    assert total() == expected and total() == expected
+    assert metric("pgmeter_cache_hits_total") == hits + 1
+    scenario.send([start + timedelta(hours=1, minutes=1)])
+    assert total() == expected + 1
+
+
+def test_valkey_down_or_slow_never_fails_a_query(settings: Settings, server_dir: Path) -> None:
+    port = free_port()
+    valkey, url = services.start_valkey(server_dir / "valkey", port, log_path=server_dir / "valkey.log")
+    settings.valkey.url = url
+    try:
+        with AppServer(settings, {"api", "sink"}) as app:
+            scene = Scenario(app, settings)
+            start = midnight(4)
+            scene.send([start + timedelta(hours=h) for h in range(0, 48, 6)])
+            expected = scene.expected_days(start)
+            assert as_days(scene.query(**{"from": start.isoformat()})) == expected
+
+            errors = metric("pgmeter_cache_bypass_total", reason="error")
+            valkey.stop()
+            assert as_days(scene.query(**{"from": start.isoformat()})) == expected
+            assert metric("pgmeter_cache_bypass_total", reason="error") > errors
+
+            valkey, _ = services.start_valkey(server_dir / "valkey", port, log_path=server_dir / "valkey.log")
+            time.sleep(1.1)  # past the back-off after a failure
+            # Valkey that hangs (all clients paused) is waited for only briefly.
+            pauser = valkey_sync.Valkey(host="127.0.0.1", port=port)
+            timeouts = metric("pgmeter_cache_bypass_total", reason="timeout")
+            pauser.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+            started = time.monotonic()
+            assert as_days(scene.query(**{"from": start.isoformat()})) == expected
+            assert time.monotonic() - started < 2.5
+            assert metric("pgmeter_cache_bypass_total", reason="timeout") > timeouts
+            pauser.close()
+            scene.client.close()
+    finally:
+        valkey.stop()
