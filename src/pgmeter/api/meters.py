@@ -136,16 +136,24 @@ def _time_param(request: Request, name: str) -> datetime | None:
 
 
 async def list_meters(request: Request) -> Response:
-    order = _single(request, "order") or "ASC"
+    # An empty value is a wrong value, not the default.
+    order = _single(request, "order")
+    order = "ASC" if order is None else order
     if order not in ("ASC", "DESC"):
         raise bad_request("order must be ASC or DESC", parameter="order")
-    order_by = _single(request, "orderBy") or "key"
+    order_by = _single(request, "orderBy")
+    order_by = "key" if order_by is None else order_by
     if order_by not in store.ORDER_COLUMNS:
         raise bad_request(f"orderBy must be one of {', '.join(store.ORDER_COLUMNS)}", parameter="orderBy")
-    include = (_single(request, "includeDeleted") or "false").lower()
+    include = _single(request, "includeDeleted")
+    include = "false" if include is None else include.lower()
     if include not in ("true", "false"):
         raise bad_request("includeDeleted must be true or false", parameter="includeDeleted")
-    # page and pageSize are accepted and ignored: OpenMeter answers one unpaginated array.
+    # page and pageSize are checked, then ignored: OpenMeter answers one unpaginated array.
+    for name in ("page", "pageSize"):
+        value = _single(request, name)
+        if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
+            raise bad_request(f"{name} must be a positive integer", parameter=name)
     async with runtime_of(request).pool.acquire() as conn:
         meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
                                          descending=order == "DESC", include_deleted=include == "true")

@@ -88,6 +88,13 @@ class RequestContextMiddleware:
         limit = self.max_body_bytes
         rid_header = (b"x-request-id", rid.encode())
 
+        if b"%00" in scope.get("query_string", b"") or "\x00" in scope["path"]:
+            # Postgres text cannot hold NUL, and no parameter of ours can contain one.
+            response = problem_response(400, "query parameters and paths must not contain NUL characters (%00)")
+            await response(scope, receive, send)
+            request_id.reset(token)
+            return
+
         if declared is not None and declared > limit:
             response = problem_response(413, f"request body is {declared} bytes; the limit is {limit}")
             await response(scope, receive, send)
