@@ -126,9 +126,17 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = _cached_route_template(scope)
             _observe(scope["method"], route, status, elapsed)
+            # Method, route template and status only: never the query string, headers
+            # (tokens) or body (event payloads). Successes are debug: at ingest rates
+            # a line per request would drown everything else.
+            fields = {"method": scope["method"], "route": route, "status": status,
+                      "duration_ms": round(elapsed * 1000, 2)}
             if status >= 500:
-                log.error("request failed", extra={"method": scope["method"], "route": route,
-                                                    "status": status})
+                log.error("request failed", extra=fields)
+            elif status >= 400:
+                log.info("request refused", extra=fields)
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("request served", extra=fields)
             request_id.reset(token)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -11,6 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pgmeter.logs import request_id
+
+log = logging.getLogger("pgmeter.http")
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -64,7 +67,9 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    # The detail of a 500 is blanked, as OpenMeter does; the log has the traceback.
+    # The detail of a 500 is blanked, as OpenMeter does; the log has the traceback
+    # (and the request id, which the answer's ``instance`` carries too).
+    log.error("unhandled error", exc_info=exc)
     return problem_response(500)
 
 
