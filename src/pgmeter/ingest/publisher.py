@@ -74,6 +74,7 @@ class _Buffer:
     events: int = 0
     size: int = 0
     timer: asyncio.Handle | None = None
+    paced: bool = False  # sealed by time (not by being full): later buffers wait for its ack
 
 
 class Publisher:
@@ -84,7 +85,7 @@ class Publisher:
         self.linger = settings.ingest.linger.total_seconds()
         self.max_events = settings.ingest.max_batch_events
         self._buffers: dict[str, _Buffer] = {}
-        self._in_flight: dict[str, int] = {}  # namespace -> messages awaiting their ack
+        self._in_flight: dict[str, int] = {}  # namespace -> time-sealed messages awaiting their ack
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._closed = False
@@ -115,7 +116,7 @@ class Publisher:
         for fragment, count in chunks:
             if buffer is not None and (buffer.events + count > self.max_events
                                        or buffer.size + len(fragment) + 1 > budget):
-                self._seal(namespace)
+                self._seal(namespace, full=True)
                 buffer = None
             if buffer is None:
                 buffer = self._open(namespace)
@@ -126,7 +127,7 @@ class Publisher:
                 buffer.requests.append(request)
                 request.unsealed += 1
             if buffer.events >= self.max_events:
-                self._seal(namespace)
+                self._seal(namespace, full=True)
                 buffer = None
         await request.future
 
@@ -143,14 +144,18 @@ class Publisher:
         if self._buffers.get(namespace) is buffer:
             self._seal(namespace)
 
-    def _seal(self, namespace: str) -> None:
+    def _seal(self, namespace: str, *, full: bool = False) -> None:
         buffer = self._buffers.pop(namespace)
         if buffer.timer is not None:
             buffer.timer.cancel()
         for request in buffer.requests:
             request.unsealed -= 1
             request.in_flight += 1
-        self._in_flight[namespace] = self._in_flight.get(namespace, 0) + 1
+        # Only messages sealed by time pace the next batch; a full one says nothing
+        # about whether the broker is busy (and a large request's messages all go at once).
+        buffer.paced = not full
+        if buffer.paced:
+            self._in_flight[namespace] = self._in_flight.get(namespace, 0) + 1
         task = asyncio.ensure_future(self._send(namespace, buffer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -182,9 +187,10 @@ class Publisher:
                     request.fail(error)
                 else:
                     request.settle()
-            self._in_flight[namespace] -= 1
+            if buffer.paced:
+                self._in_flight[namespace] -= 1
             waiting = self._buffers.get(namespace)
-            if waiting is not None and not self._in_flight[namespace] and not self._closed:
+            if waiting is not None and not self._in_flight.get(namespace) and not self._closed:
                 # The broker is free again: what gathered meanwhile leaves now.
                 self._seal(namespace)
 

@@ -26,6 +26,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import nats.errors
@@ -50,6 +51,9 @@ MAINTENANCE_INTERVAL = 600.0
 GAUGE_INTERVAL = 5.0
 MAX_BACKOFF = 5.0
 CONNECT_TIMEOUT = 5.0
+# No statement of the sink should take this long; one that does is treated like a
+# lost connection (dropped, retried), so a black-holed Postgres cannot hang the sink.
+COMMAND_TIMEOUT = 120.0
 
 
 @dataclass
@@ -137,6 +141,7 @@ class Sink:
         self.conn: asyncpg.Connection | None = None
         self.partitions = partitions.PartitionMap()
         self._events_per_message = 100.0  # running average, sizes the next fetch
+        self._subscription: Any = None
         self._last_keepalive = 0.0
         # Events older than this at commit bump the query cache's epoch (query/cache.py).
         self.late_margin = self.settings.valkey.late_margin
@@ -148,15 +153,25 @@ class Sink:
         return max(1, min(self.settings.sink.fetch_batch, int(room / max(1.0, self._events_per_message)) + 1))
 
     async def fetch_loop(self) -> None:
+        try:
+            await self._fetch_forever()
+        finally:
+            # Unsubscribe before the runtime drains the connection: a pull subscription
+            # with undelivered messages would otherwise hold the drain until it times out.
+            # Those messages are unacked, so JetStream redelivers them later.
+            await self._drop_subscription(self._subscription)
+            self._subscription = None
+
+    async def _fetch_forever(self) -> None:
         js, nats_cfg = self.runtime.js, self.settings.nats
-        subscription = None
         delay = 0.1
         while True:
             await self._has_space.wait()
             try:
-                if subscription is None:
-                    subscription = await js.pull_subscribe_bind(durable=nats_cfg.consumer, stream=nats_cfg.stream)
-                messages = await subscription.fetch(self._fetch_size(), timeout=FETCH_TIMEOUT)
+                if self._subscription is None:
+                    self._subscription = await js.pull_subscribe_bind(durable=nats_cfg.consumer,
+                                                                      stream=nats_cfg.stream)
+                messages = await self._subscription.fetch(self._fetch_size(), timeout=FETCH_TIMEOUT)
                 delay = 0.1
             except nats.errors.TimeoutError:
                 continue  # nothing to do (or the broker is reconnecting)
@@ -165,8 +180,8 @@ class Sink:
             except (nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
                 # The consumer (or the stream) is gone: a broker that lost its store.
                 log.warning("sink consumer unavailable; recreating", extra={"error": repr(exc)})
-                await self._drop_subscription(subscription)
-                subscription = None
+                await self._drop_subscription(self._subscription)
+                self._subscription = None
                 try:
                     await stream.ensure_stream(self.runtime)
                 except Exception as again:
@@ -177,7 +192,7 @@ class Sink:
             except Exception as exc:
                 log.warning("sink fetch failed; retrying", extra={"error": repr(exc)})
                 if isinstance(exc, nats.errors.ConnectionClosedError):
-                    subscription = None
+                    self._subscription = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
@@ -224,7 +239,7 @@ class Sink:
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
             self.conn = await asyncpg.connect(
-                self.settings.postgres.url, timeout=CONNECT_TIMEOUT,
+                self.settings.postgres.url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
                 server_settings={"application_name": "pgmeter-sink"})
             await store.prepare(self.conn)
             await self.partitions.refresh(self.conn)
