@@ -108,3 +108,14 @@ def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path) -> None:
     assert settings.refresher.interval == timedelta(seconds=5)
     with pytest.raises(ConfigError, match="lago.interval"):
         load_settings(write(tmp_path, "lago: {interval: hourly}\n"))
+
+
+def test_only_an_api_only_process_uses_the_pooler_url() -> None:
+    from pgmeter.config import Settings
+    from pgmeter.runtime import _dsn_for
+
+    settings = Settings(postgres={"url": "postgresql://direct/db", "queryUrl": "postgresql://pooler/db"})
+    assert _dsn_for(settings, frozenset({"api"})) == "postgresql://pooler/db"
+    for roles in ({"sink"}, {"refresher"}, {"lago-sync"}, {"api", "sink", "refresher", "lago-sync"}):
+        assert _dsn_for(settings, frozenset(roles)) == "postgresql://direct/db"
+    assert _dsn_for(Settings(postgres={"url": "postgresql://direct/db"}), frozenset({"api"})) == "postgresql://direct/db"

@@ -79,9 +79,18 @@ def connect_valkey(settings: Settings) -> Any | None:
     )
 
 
+def _dsn_for(settings: Settings, roles: frozenset[str]) -> str:
+    """A process that only serves the API may go through a transaction-mode pooler:
+    it needs no session state (no LISTEN, COPY or session advisory locks). Every
+    other role needs the direct connection."""
+    if roles == {"api"} and settings.postgres.query_url:
+        return settings.postgres.query_url
+    return settings.postgres.url
+
+
 @asynccontextmanager
 async def open_runtime(settings: Settings, roles: frozenset[str]) -> AsyncIterator[Runtime]:
-    pool = await create_pool(settings.postgres.url, size=settings.postgres.pool_size)
+    pool = await create_pool(_dsn_for(settings, roles), size=settings.postgres.pool_size)
     nc = await connect_nats(settings.nats.url)
     runtime = Runtime(settings=settings, roles=roles, pool=pool, nats=nc, js=nc.jetstream(),
                       valkey=connect_valkey(settings))
