@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from pgmeter.ingest import jsonfast
+
 # OpenMeter's three content types; the media type is compared without parameters.
 CLOUDEVENT = "application/cloudevents+json"
 CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
@@ -38,8 +40,6 @@ _RFC3339 = re.compile(
 # An escaped NUL in JSON text that is not itself an escaped backslash followed by "u0000".
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
-# One encoder, built once: json.dumps with options builds a new encoder on every call.
-_DATA_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 # One validated event as it travels to the sink:
 # (id, source, type, subject, time in microseconds since the Unix epoch, data as JSON text or None)
@@ -64,6 +64,8 @@ class BodyError(ValueError):
 
 def media_type(content_type: str | None) -> str:
     """``application/json; charset=utf-8`` -> ``application/json``."""
+    if content_type in CONTENT_TYPES:
+        return content_type  # type: ignore[return-value]
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
@@ -72,17 +74,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads with options constructs a new decoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_body(body: bytes) -> Any:
-    """Parse strict JSON; raise :class:`BodyError` with a readable reason."""
-    if not body.strip():
-        raise BodyError("invalid event: the request body is empty")
+    """Parse strict JSON (UTF-8, as RFC 8259 requires); raise :class:`BodyError` with a readable reason."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BodyError("invalid event: the request body is not valid UTF-8") from None
+    try:
+        return _DECODER.decode(text)
     except RecursionError:
         raise BodyError("invalid event: the request body is nested too deeply") from None
     except ValueError as exc:
+        if not text.strip():
+            raise BodyError("invalid event: the request body is empty") from None
         raise BodyError(f"invalid event: malformed JSON: {exc}") from None
 
 
@@ -171,7 +179,7 @@ def _json_type(value: Any) -> str:
 def data_text(data: dict[str, Any]) -> str:
     """The JSON text stored for ``data``; raises ``ValueError`` for what jsonb cannot hold."""
     # ensure_ascii=False keeps the text short; lone surrogates then fail in encode().
-    text = _DATA_ENCODER.encode(data)
+    text = jsonfast.dumps(data)
     text.encode("utf-8")
     if "\\u0000" in text and _ESCAPED_NUL.search(text):
         raise ValueError("must not contain NUL characters (\\u0000); PostgreSQL cannot store them")
@@ -217,7 +225,7 @@ def _fast(event: dict[str, Any], now: int) -> EventTuple | None:
     if type(data) is not dict:
         return None
     try:
-        text = _DATA_ENCODER.encode(data)
+        text = jsonfast.dumps(data)
     except ValueError:
         return None
     if "\\u0000" in text and _ESCAPED_NUL.search(text):

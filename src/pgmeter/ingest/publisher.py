@@ -90,10 +90,13 @@ class Publisher:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._closed = False
         self._resync_task: asyncio.Task[None] | None = None
+        self.budget = self._budget()
 
-    @property
-    def budget(self) -> int:
-        """The most event bytes one message may carry (server max payload less the envelope)."""
+    def _budget(self) -> int:
+        """The most event bytes one message may carry (server max payload less the envelope).
+
+        Read again after every publish: a reconnect may land on a server with another limit.
+        """
         return max(1024, self.nc.max_payload - ENVELOPE_BYTES)
 
     def encode(self, events: list[EventTuple]) -> list[tuple[bytes, int]]:
@@ -168,6 +171,7 @@ class Publisher:
                 await self.js.publish(stream.subject_for(self.settings.nats, namespace), payload,
                                       timeout=PUBLISH_TIMEOUT)
             metrics.PUBLISH_MESSAGES.inc()
+            self.budget = self._budget()
         except NoStreamResponseError:
             # Nobody listens on the subject: the stream is gone (a broker without its store).
             error = PublishUnavailable("the event stream is missing; it is being recreated")

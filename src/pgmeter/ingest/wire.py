@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgmeter.ingest import jsonfast
 from pgmeter.ingest.cloudevents import EventTuple, data_text
 
 VERSION = 1
@@ -37,13 +38,10 @@ class EventTooLarge(ValueError):
         self.index = index
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def _encode(events: list[EventTuple]) -> bytes:
     # The array's brackets are dropped: fragments are joined with "," into one message.
     # Raises UnicodeEncodeError for unpaired surrogates (see cloudevents.find_unencodable).
-    return _ENCODER.encode(events).encode("utf-8")[1:-1]
+    return jsonfast.dumps(events).encode("utf-8")[1:-1]
 
 
 def encode_chunks(events: list[EventTuple], budget: int, max_events: int) -> list[tuple[bytes, int]]:

@@ -47,6 +47,7 @@ FETCH_TIMEOUT = 2.0
 # few milliseconds of latency that save a transaction (and a WAL flush) per message
 # when events trickle in. A batch that is already old enough, or full, goes at once.
 GATHER_SECONDS = 0.02
+FETCH_PAUSE = GATHER_SECONDS / 2
 MAINTENANCE_INTERVAL = 600.0
 GAUGE_INTERVAL = 5.0
 MAX_BACKOFF = 5.0
@@ -171,7 +172,8 @@ class Sink:
                 if self._subscription is None:
                     self._subscription = await js.pull_subscribe_bind(durable=nats_cfg.consumer,
                                                                       stream=nats_cfg.stream)
-                messages = await self._subscription.fetch(self._fetch_size(), timeout=FETCH_TIMEOUT)
+                wanted = self._fetch_size()
+                messages = await self._subscription.fetch(wanted, timeout=FETCH_TIMEOUT)
                 delay = 0.1
             except nats.errors.TimeoutError:
                 continue  # nothing to do (or the broker is reconnecting)
@@ -206,6 +208,10 @@ class Sink:
                 self._has_data.set()
             if self.buffered >= self.max_events:
                 self._has_space.clear()
+            elif len(messages) < wanted:
+                # The stream is drained: let more gather before asking again. The writer
+                # waits this long for company anyway, and each pull is broker work.
+                await asyncio.sleep(FETCH_PAUSE)
 
     @staticmethod
     async def _drop_subscription(subscription: object) -> None:
