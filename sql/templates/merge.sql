@@ -7,9 +7,10 @@
 -- its keys in primary-key order. Per-aggregation fragments come from
 -- pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
 -- {state_names}; the key fragments {group_values} (", pgmeter_group_value(...) AS g1")
--- and {group_key} (", g1, ..."); {unique_ctes} is unique_merge.sql or nothing.
+-- and {group_key} (", g1, ..."); {subject_ctes} is subject_merge.sql (meters with
+-- group-by keys) or nothing, {unique_ctes} is unique_merge.sql or nothing.
 WITH x AS (
-    SELECT subject,
+    SELECT subject COLLATE "C" AS subject,
            date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
            {group_values}
            {event_values}
@@ -59,5 +60,6 @@ up_d1 AS (
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}
 )
+{subject_ctes}
 {unique_ctes}
 SELECT coalesce(sum(cnt), 0)::bigint AS events FROM m1

@@ -6,28 +6,28 @@
 -- Placeholders: {um1} {uq15} {ud1} {group_columns} {group_key}, as in rollup_tables.sql.
 
 CREATE TABLE {um1} (
-    subject text        NOT NULL,
-    bucket  timestamptz NOT NULL,
+    subject text COLLATE "C" NOT NULL,
+    bucket  timestamptz      NOT NULL,
     {group_columns}
-    value   text        NOT NULL,
+    value   text COLLATE "C" NOT NULL,
     PRIMARY KEY (subject, bucket {group_key}, value)
 );
 CREATE INDEX ON {um1} (bucket);
 
 CREATE TABLE {uq15} (
-    subject text        NOT NULL,
-    bucket  timestamptz NOT NULL,
+    subject text COLLATE "C" NOT NULL,
+    bucket  timestamptz      NOT NULL,
     {group_columns}
-    value   text        NOT NULL,
+    value   text COLLATE "C" NOT NULL,
     PRIMARY KEY (subject, bucket {group_key}, value)
 );
 CREATE INDEX ON {uq15} (bucket);
 
 CREATE TABLE {ud1} (
-    subject text        NOT NULL,
-    bucket  timestamptz NOT NULL,
+    subject text COLLATE "C" NOT NULL,
+    bucket  timestamptz      NOT NULL,
     {group_columns}
-    value   text        NOT NULL,
+    value   text COLLATE "C" NOT NULL,
     PRIMARY KEY (subject, bucket {group_key}, value)
 );
 CREATE INDEX ON {ud1} (bucket);

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
-from pgmeter.query.params import QueryError, QueryParams, QueryResult, WindowSize, parse_time
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, WindowSize, parse_time, validate
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
 _DEEP_OBJECT = re.compile(r"^filterGroupBy\[([^\[\]]+)\]$")
@@ -185,6 +185,8 @@ def result_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Respon
 
 async def _answer(request: Request, meter: Meter, params: QueryParams) -> Response:
     try:
+        # Checked before the cache sees the parameters (it reads the zone, for one).
+        validate(params, meter.group_by)
         runtime = runtime_of(request)
         result = await runtime.extras["query_cache"].query(runtime.pool, meter, params)
     except QueryError as exc:

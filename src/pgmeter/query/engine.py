@@ -57,16 +57,27 @@ Db = asyncpg.Pool | asyncpg.Connection
 
 @asynccontextmanager
 async def _snapshot(db: Db) -> AsyncIterator[asyncpg.Connection]:
-    """A connection in one REPEATABLE READ snapshot (or the caller's transaction)."""
+    """A connection in one REPEATABLE READ snapshot (or the caller's transaction).
+
+    JIT is off for meter queries: a big estimate (a long backfill tail, a wide m1
+    range) would otherwise buy a few hundred milliseconds of compilation for a
+    statement that runs in tens.
+    """
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await _no_jit(conn)
                 yield conn
     elif db.is_in_transaction():
         yield db  # the caller chose the snapshot
     else:
         async with db.transaction(isolation="repeatable_read", readonly=True):
+            await _no_jit(db)
             yield db
+
+
+async def _no_jit(conn: asyncpg.Connection) -> None:
+    await conn.execute("SET LOCAL jit = off")
 
 
 async def _rollup_of(conn: asyncpg.Connection, meter: Meter) -> tuple[Rollup, bool]:
@@ -181,6 +192,11 @@ class _Statement:
         self.subject_filter = self.param(list(params.subjects), "text[]") if params.subjects else None
         self.group_filters = {rollup.column_of(key): self.param(list(values), "text[]")
                               for key, values in params.filter_group_by.items()}
+        # Windowless answers report each group's first and last minute.
+        self.extent = self.window is None
+        # A query that neither groups nor filters by a meter key reads the
+        # subject-only coarse levels: one row per subject and bucket.
+        self.by_subject_only = rollup.subject_levels and not self.key_columns and not self.group_filters
 
     def param(self, value: Any, cast: str) -> str:
         self.args.append(value)
@@ -188,9 +204,11 @@ class _Statement:
 
     # -- pieces ------------------------------------------------------------------
 
-    def window_start(self, expr: str) -> str:
+    def window_start(self, expr: str, level: str | None = None) -> str:
         if self.window is None:
             return "TIMESTAMPTZ 'epoch'"  # one window; a constant keeps joins simple
+        if level == "d1" and self.window is WindowSize.DAY:
+            return expr  # the plan uses d1 only at UTC+0, where its buckets are the days
         return f"date_trunc('{self.window.value.lower()}', {expr}, {self.tz})"
 
     def group_list(self, prefix: str = "") -> str:
@@ -237,8 +255,8 @@ class _Statement:
         value_path = (sql.SQL(self.param(rollup.value_path, "text[]"))
                       if rollup.value_path is not None else None)
         values = objects.event_values(self.state, rollup.unique, value_path).as_string()
-        head = (f"SELECT subject, time, date_bin('1 minute', time, {ORIGIN}) AS minute{groups}{values} "
-                f"FROM events")
+        minute = f", date_bin('1 minute', time, {ORIGIN}) AS minute" if self.extent else ""
+        head = f"SELECT subject, time{minute}{groups}{values} FROM events"
         common = [f"namespace = {self.param(rollup.namespace, 'text')}",
                   f"type = {self.param(rollup.event_type, 'text')}"]
         if self.subject_filter:
@@ -254,16 +272,19 @@ class _Statement:
     def rollup_branches(self, plan: Plan, sets: bool) -> list[str]:
         branches = []
         for level, intervals in plan.levels.items():
-            table = self.rollup.table(("u" + level) if sets else level).as_string()
             if sets:
+                table = self.rollup.table("u" + level)
                 columns = ", r.value"
             else:
-                bounds = "r.bucket, r.bucket" if level == "m1" else "r.t_min, r.t_max"
-                columns = f", r.cnt{objects.state_names(self.state, 'r.')}, {bounds}"
+                subject_only = self.by_subject_only and level != "m1"
+                table = self.rollup.table(level + "s" if subject_only else level)
+                columns = f", r.cnt{objects.state_names(self.state, 'r.')}"
+                if self.extent:
+                    columns += ", r.bucket, r.bucket" if level == "m1" else ", r.t_min, r.t_max"
             for a, b in intervals:
                 conditions = self.time_range("r.bucket", a, b) + self.filters("r.")
-                branches.append(f"SELECT {self.window_start('r.bucket')} AS ws{self.selected('r.')}"
-                                f"{columns} FROM {table} r{self.where(conditions)}")
+                branches.append(f"SELECT {self.window_start('r.bucket', level)} AS ws{self.selected('r.')}"
+                                f"{columns} FROM {table.as_string()} r{self.where(conditions)}")
         return branches
 
     # -- statements --------------------------------------------------------------
@@ -271,33 +292,43 @@ class _Statement:
     def aggregate(self, plan: Plan, lo: datetime | None, hi: datetime | None) -> str:
         raw = self.raw_cte(plan, lo, hi)
         raw_filter = self.where(self.filters(""))
+        extent_columns = ", t_min, t_max" if self.extent else ""
+        extent = ", min(t_min) AS t_min, max(t_max) AS t_max" if self.extent else ""
         raw_rows = (f"SELECT {self.window_start('time')} AS ws{self.selected('')}, 1 AS cnt"
-                    f"{objects.event_state(self.state)}, minute, minute FROM raw{raw_filter}")
+                    f"{objects.event_state(self.state)}{', minute, minute' if self.extent else ''} "
+                    f"FROM raw{raw_filter}")
         rows = "\nUNION ALL\n".join(self.rollup_branches(plan, sets=False) + [raw_rows])
         group = self.group_list()
         window_end = ""
         if self.window is not None:
             window_end = ", " + _WINDOW_END[self.window].format(tz=self.tz) + " AS we"
+        # Bytewise order (COLLATE "C"): the same on every server, and what Python's
+        # string order is, so callers can merge or compare results without resorting.
+        order = ", ".join(c if c == "ws" else f'{c} COLLATE "C"' for c in group.split(", "))
         if not self.rollup.unique:
             having = "" if self.state.reports_empty else " WHERE value IS NOT NULL"
             return (f"WITH raw AS ({raw})\n"
                     f"SELECT *{window_end} FROM (\n"
-                    f"  SELECT {group}, {self.state.final} AS value, min(t_min) AS t_min, max(t_max) AS t_max\n"
-                    f"  FROM ({rows}) p (ws{self._alias_tail()}, cnt{objects.state_names(self.state)}, t_min, t_max)\n"
-                    f"  GROUP BY {group}) a{having}")
+                    f"  SELECT {group}, {self.state.final} AS value{extent}\n"
+                    f"  FROM ({rows}) p (ws{self._alias_tail()}, cnt{objects.state_names(self.state)}"
+                    f"{extent_columns})\n"
+                    f"  GROUP BY {group}) a{having}\n"
+                    f"ORDER BY {order}")
         set_rows = self.rollup_branches(plan, sets=True)
         raw_values = self.where(self.filters("") + ["u IS NOT NULL"])
         set_rows.append(f"SELECT {self.window_start('time')} AS ws{self.selected('')}, u FROM raw{raw_values}")
         sets = "\nUNION ALL\n".join(set_rows)
         join = " AND ".join(f"s.{c} = k.{c}" for c in group.split(", "))
         return (f"WITH raw AS MATERIALIZED ({raw}),\n"
-                f"keys AS (SELECT {group}, min(t_min) AS t_min, max(t_max) AS t_max\n"
-                f"  FROM ({rows}) p (ws{self._alias_tail()}, cnt, t_min, t_max) GROUP BY {group}),\n"
+                f"keys AS (SELECT {group}{extent}\n"
+                f"  FROM ({rows}) p (ws{self._alias_tail()}, cnt{extent_columns}) GROUP BY {group}),\n"
                 f"sets AS (SELECT {group}, count(DISTINCT value) AS n\n"
                 f"  FROM ({sets}) s (ws{self._alias_tail()}, value) GROUP BY {group})\n"
                 f"SELECT *{window_end} FROM (\n"
-                f"  SELECT {self.group_list('k.')}, coalesce(s.n, 0)::numeric AS value, k.t_min, k.t_max\n"
-                f"  FROM keys k LEFT JOIN sets s ON {join}) a")
+                f"  SELECT {self.group_list('k.')}, coalesce(s.n, 0)::numeric AS value"
+                f"{', k.t_min, k.t_max' if self.extent else ''}\n"
+                f"  FROM keys k LEFT JOIN sets s ON {join}) a\n"
+                f"ORDER BY {order}")
 
     def _alias_tail(self) -> str:
         return "".join(f", {c}" for c in (["subject"] if self.subject else []) + self.key_columns)
@@ -308,25 +339,28 @@ def _out_zone(params: QueryParams) -> tzinfo:
 
 
 def _rows(meter: Meter, rollup: Rollup, params: QueryParams, records: list[asyncpg.Record]) -> list[QueryRow]:
-    columns = {key: rollup.column_of(key) for key in params.meter_keys}
+    """Records (already in window, subject, group order) to rows. This runs once per
+    result row, thousands of times for big answers, so it stays lean."""
+    columns = [(key, rollup.column_of(key)) for key in params.meter_keys]
     out_zone = _out_zone(params)
     start = _effective_from(meter, params)
+    subject = params.groups_by_subject
+    windowed = params.window_size is not None
     rows = []
     for record in records:
-        if params.window_size is None:
+        if windowed:
+            window_start, window_end = record["ws"], record["we"]
+            if out_zone is not UTC:
+                window_start, window_end = window_start.astimezone(out_zone), window_end.astimezone(out_zone)
+        else:
             window_start = start if start is not None else record["t_min"]
             window_end = params.to if params.to is not None else record["t_max"] + MINUTE
-        else:
-            window_start = record["ws"].astimezone(out_zone)
-            window_end = record["we"].astimezone(out_zone)
-        rows.append(QueryRow(
-            value=Decimal(record["value"]),
-            window_start=window_start, window_end=window_end,
-            subject=record["subject"] if params.groups_by_subject else None,
-            group_by={key: record[column] for key, column in columns.items()},
-        ))
-    rows.sort(key=lambda row: (row.window_start, row.subject or "", tuple(row.group_by.values())))
-    if not rows and params.window_size is None and not params.groups_by_subject and not params.meter_keys \
+        rows.append(QueryRow(record["value"], window_start, window_end, record["subject"] if subject else None,
+                             {key: record[column] for key, column in columns}))
+    if not windowed and start is None:
+        # Each group's window starts at its first event: order by that first.
+        rows.sort(key=lambda row: (row.window_start, row.subject or "", tuple(row.group_by.values())))
+    if not rows and not windowed and not subject and not params.meter_keys \
             and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):
         # OpenMeter's aggregate without GROUP BY returns one row even over no events.
         rows.append(QueryRow(value=Decimal(0), window_start=start if start is not None else EPOCH,

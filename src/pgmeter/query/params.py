@@ -60,7 +60,7 @@ class QueryParams:
         return tuple(seen)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class QueryRow:
     value: Decimal
     window_start: datetime

@@ -1,9 +1,10 @@
 """Merge one seq range of events into one meter's rollup (sql/templates/merge.sql).
 
 The statement reads the events with ``lo < seq <= hi`` of the meter's type once,
-extracts values with jsonb operators (paths are bind parameters) and upserts the
-three levels (and the UNIQUE_COUNT sets). The caller runs it in the transaction
-that also moves the meter's ``last_seq`` to ``hi``.
+extracts values with jsonb operators (paths are bind parameters) and upserts
+every level (and the subject-only levels and UNIQUE_COUNT sets where they
+exist). The caller runs it in the transaction that also moves the meter's
+``last_seq`` to ``hi``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def _render(rollup: Rollup) -> str:
         unique_ctes = templates.render(
             "unique_merge", um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1"),
             group_key=group_key)
+    subject_ctes = ""
+    if rollup.subject_levels:
+        subject_ctes = templates.render(
+            "subject_merge", q15s=rollup.table("q15s"), d1s=rollup.table("d1s"),
+            combine=objects.combine(state), state_names=objects.state_names(state), merge=objects.merge_set(state))
     return templates.render(
         "merge",
         lo="$1", hi="$2", namespace="$3", event_type="$4",
@@ -63,6 +69,7 @@ def _render(rollup: Rollup) -> str:
         state_names=objects.state_names(state),
         merge=objects.merge_set(state),
         m1=rollup.table("m1"), q15=rollup.table("q15"), d1=rollup.table("d1"),
+        subject_ctes=subject_ctes,
         unique_ctes=unique_ctes,
     )
 

@@ -1,8 +1,9 @@
 """A meter's rollup objects: names, creation, rebuild and removal.
 
 Each active meter has one ``meter_rollups`` row and, per version, three rollup
-levels (``rollup.m1_<id>_v<n>``, ``q15_…``, ``d1_…``), three set tables for
-UNIQUE_COUNT (``um1_…`` …) and a view ``meters.<slug>``. The version bumps when
+levels (``rollup.m1_<id>_v<n>``, ``q15_…``, ``d1_…``), subject-only copies of the
+coarse levels when it has group-by keys (``q15s_…``, ``d1s_…``), three set tables
+for UNIQUE_COUNT (``um1_…`` …) and a view ``meters.<slug>``. The version bumps when
 the definition changes (a PUT that changes groupBy): the new tables start empty
 at ``last_seq = 0`` and are backfilled by the refresher, while queries stay exact
 because they add every event not merged yet.
@@ -69,12 +70,17 @@ class Rollup:
     def unique(self) -> bool:
         return self.aggregation is Aggregation.UNIQUE_COUNT
 
+    @property
+    def subject_levels(self) -> bool:
+        """Whether q15s/d1s exist (without group-by keys, q15/d1 are keyed by subject alone)."""
+        return bool(self.group_keys)
+
     def column_of(self, key: str) -> str:
         """The rollup column (``g1``…) that holds group-by key ``key``."""
         return f"g{self.group_keys.index(key) + 1}"
 
     def table(self, level: str) -> sql.Identifier:
-        """``rollup.<level>_<id>_v<version>`` for level m1, q15, d1, um1, uq15 or ud1."""
+        """``rollup.<level>_<id>_v<version>`` for level m1, q15, d1, q15s, d1s, um1, uq15 or ud1."""
         return table_name(self.meter_id, self.version, level)
 
 
@@ -86,7 +92,7 @@ ROLLUP_COLUMNS = ("meter_id, version, namespace, event_type, aggregation, event_
 def table_name(meter_id: str, version: int, level: str) -> sql.Identifier:
     if not is_ulid(meter_id):  # names are built from ids we generated; check anyway
         raise ValueError(f"not a meter id: {meter_id!r}")
-    if level not in ("m1", "q15", "d1", "um1", "uq15", "ud1"):
+    if level not in ("m1", "q15", "d1", "q15s", "d1s", "um1", "uq15", "ud1"):
         raise ValueError(f"unknown rollup level {level!r}")
     return sql.Identifier(SCHEMA, f"{level}_{meter_id.lower()}_v{int(version)}")
 
@@ -121,9 +127,9 @@ def path_param(path: list[str] | None, placeholder: str | None) -> sql.Composabl
 
 
 def group_values(paths: list[sql.Composable], source: str = "data") -> sql.Composable:
-    """``, pgmeter_group_value(data #> p1) AS g1, ...``"""
+    """``, pgmeter_group_value(data #> p1) COLLATE "C" AS g1, ...``"""
     return templates.join([
-        sql.SQL("pgmeter_group_value({} #> {}) AS {}").format(
+        sql.SQL('pgmeter_group_value({} #> {}) COLLATE "C" AS {}').format(
             sql.Identifier(source), path, sql.Identifier(f"g{i + 1}"))
         for i, path in enumerate(paths)
     ])
@@ -144,7 +150,7 @@ def event_values(rollup_state: State, unique: bool, value_path: sql.Composable |
         parts += [sql.SQL("date_trunc('second', time) AS t"), sql.SQL("seq")]
     if unique:
         assert value_path is not None
-        parts.append(sql.SQL("pgmeter_unique_value(data #> {}) AS u").format(value_path))
+        parts.append(sql.SQL('pgmeter_unique_value(data #> {}) COLLATE "C" AS u').format(value_path))
     return templates.join(parts)
 
 
@@ -178,11 +184,14 @@ def event_from_filter(event_from: datetime | None, placeholder: str | None) -> s
 def _ddl(rollup: Rollup) -> list[str]:
     state = rollup.state
     n = len(rollup.group_keys)
-    group_columns = "".join(f"g{i + 1} text NOT NULL, " for i in range(n))
+    group_columns = "".join(f'g{i + 1} text COLLATE "C" NOT NULL, ' for i in range(n))
     state_columns = "".join(f", {name} {kind}" for name, kind in state.columns)
     statements = [templates.render(
         "rollup_tables", m1=rollup.table("m1"), q15=rollup.table("q15"), d1=rollup.table("d1"),
         group_columns=group_columns, group_key=group_key(n), state_columns=state_columns)]
+    if rollup.subject_levels:
+        statements.append(templates.render(
+            "subject_levels", q15s=rollup.table("q15s"), d1s=rollup.table("d1s"), state_columns=state_columns))
     if rollup.unique:
         statements.append(templates.render(
             "unique_sets", um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1"),
@@ -272,6 +281,7 @@ async def _drop_objects(conn: asyncpg.Connection, rollup: Rollup) -> None:
     await conn.execute(templates.render(
         "drop", view=sql.Identifier(VIEW_SCHEMA, rollup.view_name),
         m1=rollup.table("m1"), q15=rollup.table("q15"), d1=rollup.table("d1"),
+        q15s=rollup.table("q15s"), d1s=rollup.table("d1s"),
         um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1")))
 
 

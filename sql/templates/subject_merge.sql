@@ -1,0 +1,27 @@
+-- The subject-only levels' part of merge.sql (meters with group-by keys): the
+-- batch's m1 rows combined per (subject, bucket). Placeholders: {q15s} {d1s}
+-- {combine} {state_names} {merge}.
+, up_q15s AS (
+    INSERT INTO {q15s} AS r (subject, bucket, cnt {state_names}, t_min, t_max)
+    SELECT subject, date_bin('15 minutes', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b,
+           sum(cnt)::bigint {combine}, min(bucket), max(bucket)
+      FROM m1
+     GROUP BY subject, b
+     ORDER BY subject, b
+    ON CONFLICT (subject, bucket) DO UPDATE
+       SET cnt = r.cnt + excluded.cnt,
+           t_min = least(r.t_min, excluded.t_min),
+           t_max = greatest(r.t_max, excluded.t_max) {merge}
+),
+up_d1s AS (
+    INSERT INTO {d1s} AS r (subject, bucket, cnt {state_names}, t_min, t_max)
+    SELECT subject, date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b,
+           sum(cnt)::bigint {combine}, min(bucket), max(bucket)
+      FROM m1
+     GROUP BY subject, b
+     ORDER BY subject, b
+    ON CONFLICT (subject, bucket) DO UPDATE
+       SET cnt = r.cnt + excluded.cnt,
+           t_min = least(r.t_min, excluded.t_min),
+           t_max = greatest(r.t_max, excluded.t_max) {merge}
+)
