@@ -189,6 +189,22 @@ def test_view_presents_the_meter_to_sql_readers(api: httpx.Client, settings: Set
     assert rows == [(at.replace(second=0), at.replace(second=0) + timedelta(minutes=1), "tpp", "/a", 16)]
 
 
+def test_unique_count_view_counts_distinct_values_across_rollup_and_tail(api: httpx.Client,
+                                                                          settings: Settings) -> None:
+    create(api, slug="users", aggregation="UNIQUE_COUNT", eventType="call", valueProperty="$.user")
+    url = settings.postgres.url
+    at = datetime(2024, 5, 1, 12, 0, 30, tzinfo=UTC)
+    events_sql.insert_committed(url, [Event("tpp", at, {"user": "u1"}, type="call"),
+                                      Event("tpp", at, {"user": 1}, type="call"),
+                                      Event("idle", at, {"user": None}, type="call")])
+    meter_env.refresh(url)
+    events_sql.insert_committed(url, [Event("tpp", at, {"user": "1"}, type="call"),  # same as 1
+                                      Event("tpp", at, {"user": "u2"}, type="call")])
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT subject, value FROM meters.users ORDER BY subject").fetchall()
+    assert rows == [("idle", 0), ("tpp", 3)]
+
+
 def test_subjects_and_group_by_values(api: httpx.Client, settings: Settings) -> None:
     create(api, slug="calls", aggregation="COUNT", eventType="call", groupBy={"endpoint": "$.endpoint"},
            eventFrom="2024-05-02T00:00:00Z")

@@ -87,17 +87,17 @@ def test_an_in_flight_writer_holds_the_watermark_back(url: str) -> None:
 
     async def run() -> None:
         pool = await create_pool(url, size=4)
-        refresher = Refresher(pool, max_batch=1000, lock_timeout_ms=200)
+        refresher = Refresher(pool, max_batch=1000, lock_timeout_ms=100, writer_wait_s=0.3)
         slow = psycopg.connect(url)
         try:
-            events_sql.insert(slow, [event(rng)])          # seq 1, not committed
+            events_sql.insert(slow, [event(rng)], bump_cache=False)  # seq 1, not committed
             events_sql.insert_committed(url, [event(rng)])  # seq 2, committed
             # seq 2 is visible but seq 1 may still commit: nothing may be merged yet.
             await refresher.run_cycle()
             assert refresher.watermark == 0
             assert head_and_watermarks(url)[1] == [0] * len(METERS)
             # With the writer committing while the refresher waits, both are merged.
-            waiting = asyncio.ensure_future(Refresher(pool, max_batch=1000, lock_timeout_ms=5000).run_cycle())
+            waiting = asyncio.ensure_future(Refresher(pool, max_batch=1000).run_cycle())
             await asyncio.sleep(0.3)
             assert not waiting.done()
             slow.commit()
@@ -109,6 +109,41 @@ def test_an_in_flight_writer_holds_the_watermark_back(url: str) -> None:
 
     asyncio.run(run())
     assert set(rollup_totals(url).values()) == {(2, 2, 2)}
+
+
+def test_vacuum_on_a_partition_neither_stalls_nor_is_cancelled_by_the_refresher(url: str) -> None:
+    """VACUUM/ANALYZE hold SHARE UPDATE EXCLUSIVE, which the SHARE request waits for.
+    The refresher must still advance (waiting for the writers only) and leave the
+    vacuum alone."""
+    rng = random.Random(4)
+
+    async def run() -> None:
+        pool = await create_pool(url, size=4)
+        vacuum = psycopg.connect(url)
+        writer = psycopg.connect(url)
+        try:
+            vacuum.execute(f"LOCK TABLE {events_sql.partition_name(T0.date())} IN SHARE UPDATE EXCLUSIVE MODE")
+            events_sql.insert_committed(url, [event(rng)])
+            report = await Refresher(pool, max_batch=1000).run_cycle()
+            assert report.watermark == 1 and report.events == len(METERS)
+            # With a writer in flight as well, the refresher waits for the writer only.
+            events_sql.insert(writer, [event(rng)], bump_cache=False)
+            waiting = asyncio.ensure_future(Refresher(pool, max_batch=1000).run_cycle())
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            events_sql.insert_committed(url, [event(rng)])  # other writers are not blocked
+            writer.commit()
+            report = await asyncio.wait_for(waiting, 10)
+            assert report.watermark == 2 and report.events == len(METERS)  # seq 3 came after W was read
+            report = await Refresher(pool, max_batch=1000).run_cycle()
+            assert report.watermark == 3 and report.events == len(METERS)
+            assert vacuum.execute("SELECT 1").fetchone() == (1,)  # still there, not cancelled
+        finally:
+            writer.close()
+            vacuum.close()
+            await pool.close()
+
+    asyncio.run(run())
 
 
 def test_batches_are_bounded_and_progress_is_logged(url: str, caplog: pytest.LogCaptureFixture,
@@ -151,7 +186,7 @@ def test_concurrent_ingest_and_two_refreshers_merge_exactly_once(url: str, setti
                 batch = [event(rng) for _ in range(rng.randrange(1, 30))]
                 aborted = rng.random() < 0.1
                 with conn.transaction():
-                    events_sql.insert(conn, batch)
+                    events_sql.insert(conn, batch, bump_cache=False)
                     time.sleep(rng.choice([0, 0, 0.01, 0.05]))  # commit out of seq order
                     if aborted:
                         raise psycopg.Rollback()  # leaves a gap in seq
@@ -168,7 +203,8 @@ def test_concurrent_ingest_and_two_refreshers_merge_exactly_once(url: str, setti
         pool = await create_pool(url, size=8)
         reports: list[int] = []
         try:
-            loops = [asyncio.ensure_future(refresh_loop(Refresher(pool, max_batch=37, lock_timeout_ms=100), reports))
+            loops = [asyncio.ensure_future(refresh_loop(Refresher(pool, max_batch=37, lock_timeout_ms=20,
+                                                                  writer_wait_s=0.2), reports))
                      for _ in range(2)]
             threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(4)]
             for thread in threads:
