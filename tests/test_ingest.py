@@ -365,3 +365,19 @@ def test_stored_count_helper_sees_namespace(module_settings: Settings, client: h
     assert post_events(client, make_event()).status_code == 204
     assert wait_until_stored(module_settings.postgres.url, 1, namespace="default") >= 1
     assert stored_count(module_settings.postgres.url, namespace="elsewhere") == 0
+
+
+def test_a_request_larger_than_one_broker_message_is_split_and_fully_stored(pg_server: Any, nats_server: Any) -> None:
+    """The server's max payload is 1 MiB; a 3 MiB request travels as several messages."""
+    with isolated_settings(pg_server, nats_server.url, ingest={"maxBodyBytes": 8 * 1024 * 1024}) as settings, \
+            AppServer(settings, {"api", "sink"}) as app, app.client() as http:
+        events = [make_event(source="big", data={"blob": "x" * 3000, "n": n}) for n in range(1000)]
+        assert len(json.dumps(events)) > 3 * 1024 * 1024
+        assert post_events(http, events).status_code == 204
+        wait_until_stored(settings.postgres.url, 1000)
+        text = http.get("/metrics").text
+        messages = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("pgmeter_ingest_messages_total"))
+        assert messages >= 3
+        with psycopg.connect(settings.postgres.url) as conn:
+            assert conn.execute("SELECT count(DISTINCT batch_seq), count(*) FROM events").fetchone()[0] >= 3  # type: ignore[index]

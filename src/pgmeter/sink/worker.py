@@ -3,8 +3,8 @@
 Two loops share a bounded in-memory queue, so reading and parsing the next
 messages overlaps with the current Postgres transaction:
 
-- the *fetcher* pulls from the durable consumer, decodes each message into rows
-  and dead letters (:mod:`pgmeter.ingest.wire`) and queues it;
+- the *fetcher* pulls from the durable consumer, decodes each message into event
+  records and dead letters (:mod:`pgmeter.ingest.wire`) and queues it;
 - the *writer* takes everything queued, up to ``sink.maxEventsPerTx`` events, makes
   sure the partitions exist, writes it in one transaction (:mod:`.store`) and then
   acks each message explicitly. Never AckAll: with several sinks on one durable
@@ -55,6 +55,8 @@ CONNECT_TIMEOUT = 5.0
 # No statement of the sink should take this long; one that does is treated like a
 # lost connection (dropped, retried), so a black-holed Postgres cannot hang the sink.
 COMMAND_TIMEOUT = 120.0
+# The last microsecond Python (and so the api) can represent: 9999-12-31T23:59:59.999999Z.
+MAX_MICROS = 253_402_300_799_999_999
 
 
 @dataclass
@@ -75,10 +77,6 @@ class Pending:
     @property
     def weight(self) -> int:
         return max(1, len(self.records) + len(self.dead))
-
-
-# The last microsecond Python (and so the api) can represent: 9999-12-31T23:59:59.999999Z.
-MAX_MICROS = 253_402_300_799_999_999
 
 
 def parse(msg: Msg, settings: Settings, horizon_day: int | None) -> Pending:
@@ -289,6 +287,7 @@ class Sink:
             records = [record for pending in batch for record in pending.records]
             dead = [letter for pending in batch for letter in pending.dead]
             days = set().union(*(pending.days for pending in batch))
+        refreshed = False
         while True:
             try:
                 conn = await self._connection()
@@ -296,8 +295,11 @@ class Sink:
                 try:
                     return await self._write(conn, keys, records, dead)
                 except Exception as exc:
-                    if store.is_missing_partition(exc):
-                        await self.partitions.refresh(conn)  # dropped or never made; retry at once
+                    if store.is_missing_partition(exc) and not refreshed:
+                        # The cached map was wrong (a partition dropped behind our back):
+                        # re-read it and retry at once; a second miss backs off like any error.
+                        await self.partitions.refresh(conn)
+                        refreshed = True
                         continue
                     if not store.is_poison(exc):
                         raise
