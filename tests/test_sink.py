@@ -332,3 +332,58 @@ def test_sink_metrics(client: httpx.Client, module_settings: Settings) -> None:
     wait_for(lambda: metric('pgmeter_events_duplicate_total{namespace="default"}') - duplicates >= 1)
     text = client.get("/metrics").text
     assert "pgmeter_sink_pending_messages" in text and "pgmeter_dead_letters_total" in text
+
+
+class _FakeMsg:
+    def __init__(self) -> None:
+        self.acked = asyncio.Event()
+
+    async def ack(self) -> None:
+        self.acked.set()
+
+    async def in_progress(self) -> None:
+        pass
+
+
+def test_two_writers_keep_the_first_copy_by_stream_order(module_settings: Settings) -> None:
+    """Batches that share a key are written in stream order even with two writers."""
+    from types import SimpleNamespace
+
+    from pgmeter.sink import worker
+
+    settings = module_settings.model_copy(update={"sink": module_settings.sink.model_copy(
+        update={"max_events_per_tx": 2})})
+    micros = parse_time("2024-04-01T00:00:00Z")
+
+    def pending(seq: int, *events: tuple[str, str]) -> worker.Pending:
+        item = worker.Pending(_FakeMsg(), seq, "s", 0.0)  # type: ignore[arg-type]
+        for event_id, data in events:
+            item.keys.append(store.dedup_key("default", "order", event_id))
+            item.records.append(("default", event_id, "order", "t", "s", micros, data, micros, seq))
+            item.indexes.append(len(item.indexes))
+            item.days.add(partitions.day_of(micros))
+        return item
+
+    batches = [pending(1, ("a", '{"copy":1}'), ("b", '{"copy":1}')),
+               pending(2, ("a", '{"copy":2}'), ("c", '{"copy":2}')),
+               pending(3, ("b", '{"copy":3}'), ("d", '{"copy":3}'))]
+
+    async def run() -> None:
+        sink = worker.Sink(SimpleNamespace(settings=settings, js=None, pool=None))  # type: ignore[arg-type]
+        assert len(sink.slots) == 2
+        writers = [asyncio.ensure_future(worker._run_writer(sink, slot)) for slot in sink.slots]
+        for item in batches:
+            sink.queue.append(item)
+            sink.buffered += item.weight
+        sink._has_data.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(item.msg.acked.wait() for item in batches)), 30)
+            assert all(slot.conn is not None for slot in sink.slots), "both writers took a batch"
+        finally:
+            for task in writers:
+                task.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
+
+    asyncio.run(run())
+    found = dict(rows(module_settings, "SELECT id, data->>'copy' FROM events WHERE source = 'order'"))
+    assert found == {"a": "1", "b": "1", "c": "2", "d": "3"}

@@ -27,7 +27,6 @@ JSON = "application/json"
 CONTENT_TYPES = frozenset({CLOUDEVENT, CLOUDEVENTS_BATCH, JSON})
 
 SPEC_VERSIONS = frozenset({"1.0", "0.3"})
-REQUIRED = ("id", "source", "specversion", "type", "subject")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ONE_MICROSECOND = timedelta(microseconds=1)

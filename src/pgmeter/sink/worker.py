@@ -5,10 +5,16 @@ messages overlaps with the current Postgres transaction:
 
 - the *fetcher* pulls from the durable consumer, decodes each message into event
   records and dead letters (:mod:`pgmeter.ingest.wire`) and queues it;
-- the *writer* takes everything queued, up to ``sink.maxEventsPerTx`` events, makes
+- a *writer* takes everything queued, up to ``sink.maxEventsPerTx`` events, makes
   sure the partitions exist, writes it in one transaction (:mod:`.store`) and then
   acks each message explicitly. Never AckAll: with several sinks on one durable
   consumer it would ack messages another sink has not committed.
+
+Two writers, each with its own connection, take turns: while Postgres works on one
+batch, the other is encoded and sent, so the sink's Python and Postgres run on
+different cores instead of waiting for each other. A batch that shares an event key
+with an earlier batch still being written waits for it, so within a sink the first
+copy by stream order always wins, as with a single writer.
 
 Failures: Postgres unavailable -> the same batch is retried with capped backoff,
 its messages kept alive with in-progress acks (no naks, no redelivery storm);
@@ -55,6 +61,7 @@ CONNECT_TIMEOUT = 5.0
 # No statement of the sink should take this long; one that does is treated like a
 # lost connection (dropped, retried), so a black-holed Postgres cannot hang the sink.
 COMMAND_TIMEOUT = 120.0
+WRITERS = 2
 # The last microsecond Python (and so the api) can represent: 9999-12-31T23:59:59.999999Z.
 MAX_MICROS = 253_402_300_799_999_999
 
@@ -127,6 +134,28 @@ def parse(msg: Msg, settings: Settings, horizon_day: int | None) -> Pending:
     return pending
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One writer's connection (created on first use, dropped on error)."""
+
+    conn: asyncpg.Connection | None = None
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A batch a writer is working on, for the stream-order check of the other writer."""
+
+    batch: list[Pending]
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    _keys: set[str] | None = None
+
+    @property
+    def keys(self) -> set[str]:
+        if self._keys is None:  # built only when another batch needs the comparison
+            self._keys = {key for pending in self.batch for key in pending.keys}
+        return self._keys
+
+
 class Sink:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -137,7 +166,8 @@ class Sink:
         self._has_data = asyncio.Event()
         self._has_space = asyncio.Event()
         self._has_space.set()
-        self.conn: asyncpg.Connection | None = None
+        self.slots = [_Slot() for _ in range(WRITERS)]
+        self._writing: list[_InFlight] = []
         self.partitions = partitions.PartitionMap()
         self._events_per_message = 100.0  # running average, sizes the next fetch
         self._subscription: Any = None
@@ -240,27 +270,39 @@ class Sink:
 
     # -- writing --------------------------------------------------------------------
 
-    async def _connection(self) -> asyncpg.Connection:
-        if self.conn is None or self.conn.is_closed():
-            self.conn = await asyncpg.connect(
+    async def _connection(self, slot: _Slot) -> asyncpg.Connection:
+        if slot.conn is None or slot.conn.is_closed():
+            slot.conn = await asyncpg.connect(
                 self.settings.postgres.url, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
                 server_settings={"application_name": "pgmeter-sink"})
-            await store.prepare(self.conn)
-            await self.partitions.refresh(self.conn)
-        return self.conn
+            await store.prepare(slot.conn)
+            await self.partitions.refresh(slot.conn)
+        return slot.conn
 
-    async def _drop_connection(self) -> None:
-        if self.conn is not None:
-            conn, self.conn = self.conn, None
+    @staticmethod
+    async def _drop_connection(slot: _Slot) -> None:
+        if slot.conn is not None:
+            conn, slot.conn = slot.conn, None
             try:
                 await asyncio.wait_for(conn.close(), 2)
             except Exception:
                 conn.terminate()
 
-    async def write_loop(self) -> None:
+    async def write_loop(self, slot: _Slot) -> None:
         while True:
             batch = await self._take()
-            outcome = await self._commit(batch)
+            # Registered before any await: the order of _writing is the stream order.
+            mine = _InFlight(batch)
+            earlier = list(self._writing)
+            self._writing.append(mine)
+            try:
+                for other in earlier:
+                    if not other.done.is_set() and not mine.keys.isdisjoint(other.keys):
+                        await other.done.wait()  # the earlier copy of an event must win
+                outcome = await self._commit(slot, batch)
+            finally:
+                mine.done.set()
+                self._writing.remove(mine)
             committed = time.time()
             for pending in batch:
                 metrics.ACK_TO_COMMIT.observe(max(0.0, committed - pending.stored_at))
@@ -277,7 +319,7 @@ class Sink:
                 log.warning("dead-lettered events", extra={"count": outcome.dead_letters})
             metrics.SINK_BATCH_EVENTS.observe(sum(len(p.records) for p in batch))
 
-    async def _commit(self, batch: list[Pending]) -> Outcome:
+    async def _commit(self, slot: _Slot, batch: list[Pending]) -> Outcome:
         """Write ``batch`` until it is committed; only cancellation stops the retries."""
         delay = 0.2
         if len(batch) == 1:
@@ -290,7 +332,7 @@ class Sink:
         refreshed = False
         while True:
             try:
-                conn = await self._connection()
+                conn = await self._connection(slot)
                 await self.partitions.ensure(conn, days)
                 try:
                     return await self._write(conn, keys, records, dead)
@@ -310,7 +352,7 @@ class Sink:
             except Exception as exc:
                 log.warning("sink write failed; will retry", extra={"error": f"{type(exc).__name__}: {exc}",
                                                                      "retry_in": delay})
-                await self._drop_connection()
+                await self._drop_connection(slot)
                 await self._keep_alive(batch)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
@@ -403,25 +445,24 @@ class Sink:
                 pass  # the gauge keeps its last value while the broker is away
             await asyncio.sleep(GAUGE_INTERVAL)
 
-    async def close(self) -> None:
-        await self._drop_connection()
 
 
 def _event_of(record: store.EventRecord) -> EventTuple:
     return (record[1], record[2], record[3], record[4], record[5], record[6])
 
 
-async def _run_writer(sink: Sink) -> None:
+async def _run_writer(sink: Sink, slot: _Slot) -> None:
     try:
-        await sink.write_loop()
+        await sink.write_loop(slot)
     finally:
-        await sink.close()
+        await sink._drop_connection(slot)
 
 
 async def start(runtime: Runtime) -> None:
     sink = Sink(runtime)
     runtime.extras["sink"] = sink
-    runtime.spawn("sink-writer", _run_writer(sink))
+    for number, slot in enumerate(sink.slots):
+        runtime.spawn(f"sink-writer-{number}", _run_writer(sink, slot))
     runtime.spawn("sink-fetcher", sink.fetch_loop())
     runtime.spawn("sink-maintenance", sink.maintenance_loop())
     runtime.spawn("sink-gauge", sink.gauge_loop())
