@@ -6,6 +6,8 @@ the app factory and the tests start roles the same way.
 
 from __future__ import annotations
 
+import gc
+
 from starlette.routing import BaseRoute
 
 from pgmeter.runtime import Runtime
@@ -43,3 +45,11 @@ async def start(runtime: Runtime) -> None:
         from pgmeter.lago import sync
 
         await sync.start(runtime)
+
+    # What start-up built lives as long as the process: move it out of the cyclic
+    # collector's reach and collect the young generation less often. Requests
+    # allocate dozens of short-lived objects each; with the defaults, full
+    # collections rescanning the start-up heap took ~20% of the api's CPU
+    # (single-event ingest went from 13k to 17k req/s in the same run).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
