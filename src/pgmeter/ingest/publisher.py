@@ -7,7 +7,8 @@ namespace, and a buffer becomes one message ("is sealed") when
 
 - no message of that namespace is waiting for its ack: at the end of the current
   event-loop turn, so the requests that arrived together leave together and a lone
-  request is not delayed at all;
+  request is not delayed at all (a message sealed because it was full does not
+  count as waiting: all of a large request's messages leave together);
 - otherwise, when the message in flight is acked or the buffer has waited
   ``ingest.linger``, whichever comes first (so under load a batch holds whatever
   arrived during one broker round trip, and ``linger`` bounds the wait);
