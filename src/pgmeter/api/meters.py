@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pgmeter.api.auth import namespace_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters import store
 from pgmeter.meters.model import Aggregation, MeterSpec
@@ -33,13 +34,6 @@ GROUP_VALUES_DEFAULT_SPAN = timedelta(hours=24)
 
 def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-def namespace_of(request: Request) -> str:
-    """The caller's namespace: set by authentication when tokens are configured,
-    else the configured default."""
-    namespace = getattr(request.state, "namespace", None)
-    return namespace or runtime_of(request).settings.namespace
 
 
 def format_time(value: datetime) -> str:
