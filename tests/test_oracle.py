@@ -1,6 +1,7 @@
 """pgmeter's query answers equal an independent in-memory computation.
 
-One module-wide dataset, ingested in stages: thousands of subjects (skewed), group
+One module-wide dataset, ingested through the API (POST /api/v1/events, JetStream,
+the sink) in stages: thousands of subjects (skewed), group
 values of every JSON type, numeric strings and invalid values, duplicates,
 events exactly on window edges (UTC, Berlin, Kolkata, Kathmandu, the Berlin DST
 change), and late events arriving after their windows were refreshed. Meters
@@ -20,10 +21,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import psycopg
 import pytest
 
-from tests.support import events_sql, meter_env, oracle
+from tests.support import meter_env, oracle
 from tests.support.events_sql import Event
+from tests.support.ingest import make_event, post_events, wait_until_stored
 
 START = datetime(2024, 3, 20, tzinfo=UTC)
 END = datetime(2024, 4, 5, tzinfo=UTC)
@@ -117,14 +120,26 @@ class Dataset:
     stage_failures: list[str] = field(default_factory=list)
 
     def ingest(self, events: list[Event]) -> None:
-        """Store events as ingest would: first (source, id) wins, duplicates vanish."""
+        """POST every event (duplicates too) and wait for the sink to store them.
+
+        The oracle keeps the first of each (source, id), as ingest must; the seq each
+        event got (LATEST breaks ties by it) is read back from the database.
+        """
         fresh = []
         for event in events:
             if (event.source, event.id) not in self.seen:
                 self.seen.add((event.source, event.id))
                 fresh.append(event)
-        events_sql.insert_committed(self.url, fresh, batch=700)
-        self.stored += [oracle.Stored(e.seq or 0, e.type, e.subject, e.time, e.data) for e in fresh]
+        cloudevents = [make_event(e.id, source=e.source, type=e.type, subject=e.subject, time=e.time, data=e.data)
+                       for e in events]
+        for start in range(0, len(cloudevents), 500):
+            response = post_events(self.client, cloudevents[start:start + 500])
+            assert response.status_code == 204, response.text
+        wait_until_stored(self.url, len(self.seen))
+        with psycopg.connect(self.url) as conn:
+            seqs = dict(((source, id), seq) for source, id, seq in conn.execute("SELECT source, id, seq FROM events"))
+        assert len(seqs) == len(self.seen)  # no duplicate stored
+        self.stored += [oracle.Stored(seqs[(e.source, e.id)], e.type, e.subject, e.time, e.data) for e in fresh]
 
     def create_meter(self, meter: oracle.MeterDef) -> None:
         body: dict[str, Any] = {"slug": meter.slug, "aggregation": meter.aggregation, "eventType": meter.event_type,
@@ -203,7 +218,7 @@ def dataset(pg_server, nats_server, valkey_server):  # type: ignore[no-untyped-d
     rng = random.Random(20240331)
     with meter_env.database(pg_server) as url:
         settings = meter_env.settings_for(url, nats_server, valkey_server)
-        with meter_env.api_server(settings) as app, app.client() as client:
+        with meter_env.api_server(settings, frozenset({"api", "sink"})) as app, app.client() as client:
             data = Dataset(url, client, {})
             defs = meter_defs()
             early = ["count", "sum", "avg", "unique_count", "sum_from"]

@@ -233,7 +233,7 @@ class _Statement:
         return conditions
 
     def selected(self, prefix: str) -> str:
-        """``, r.subject, r.g2 AS g2`` for the grouped columns."""
+        """``, r.subject, r.g2``: the grouped columns, with the optional prefix."""
         parts = ([f"{prefix}subject"] if self.subject else []) + [f"{prefix}{c}" for c in self.key_columns]
         return "".join(f", {part}" for part in parts)
 
