@@ -150,3 +150,27 @@ def test_valkey_down_or_slow_never_fails_a_query(settings: Settings, server_dir:
             scene.client.close()
     finally:
         valkey.stop()
+
+
+def test_settled_answers_are_cached_per_format(scenario: Scenario) -> None:
+    start, end = midnight(6), midnight(2)
+    scenario.send([start + timedelta(days=d, hours=3) for d in range(4)])
+    params = {"from": start.isoformat(), "to": end.isoformat(), "windowSize": "DAY", "groupBy": "subject"}
+    hits = metric("pgmeter_cache_hits_total")
+    as_json = [scenario.client.get("/api/v1/meters/calls/query", params=params) for _ in range(2)]
+    as_csv = [scenario.client.get("/api/v1/meters/calls/query", params=params, headers={"accept": "text/csv"})
+              for _ in range(2)]
+    assert metric("pgmeter_cache_hits_total") == hits + 2  # the second of each format
+    assert as_json[0].content == as_json[1].content and as_csv[0].content == as_csv[1].content
+    assert as_json[1].headers["content-type"] == "application/json"
+    assert as_csv[1].headers["content-type"].startswith("text/csv")
+    assert as_csv[1].text.startswith("window_start,window_end,subject,value\n")
+    rows = as_json[1].json()["data"]
+    assert {r["windowStart"]: r["value"] for r in rows} == {
+        day: count for day, count in scenario.expected_days(start).items() if day < end.strftime("%Y-%m-%dT")}
+    # A late event into the cached range: both formats answer fresh.
+    scenario.send([start + timedelta(days=1, hours=5)])
+    fresh = scenario.client.get("/api/v1/meters/calls/query", params=params).json()["data"]
+    assert sum(r["value"] for r in fresh) == sum(r["value"] for r in rows) + 1
+    fresh_csv = scenario.client.get("/api/v1/meters/calls/query", params=params, headers={"accept": "text/csv"})
+    assert fresh_csv.text != as_csv[1].text

@@ -10,13 +10,14 @@ and a POST without a body means ``{}``.
 from __future__ import annotations
 
 import csv
+import json
 import io
 import re
 from decimal import Decimal
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of
@@ -164,7 +165,13 @@ def result_json(params: QueryParams, result: QueryResult) -> dict[str, Any]:
     return body
 
 
-def result_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Response:
+def result_json_bytes(params: QueryParams, result: QueryResult) -> bytes:
+    """The JSON body exactly as Starlette's JSONResponse renders it."""
+    return json.dumps(result_json(params, result), ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode()
+
+
+def result_csv(meter: Meter, params: QueryParams, result: QueryResult) -> bytes:
     """OpenMeter's CSV: window bounds at whole seconds, values printed like Go's %f."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -179,8 +186,7 @@ def result_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Respon
             *(row.group_by[key] for key in keys),
             f"{float(row.value):f}",
         ])
-    return Response(out.getvalue(), media_type="text/csv",
-                    headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
+    return out.getvalue().encode()
 
 
 async def _answer(request: Request, meter: Meter, params: QueryParams) -> Response:
@@ -188,12 +194,17 @@ async def _answer(request: Request, meter: Meter, params: QueryParams) -> Respon
         # Checked before the cache sees the parameters (it reads the zone, for one).
         validate(params, meter.group_by)
         runtime = runtime_of(request)
-        result = await runtime.extras["query_cache"].query(runtime.pool, meter, params)
+        cache = runtime.extras["query_cache"]
+        if wants_csv(request):
+            body = await cache.respond(runtime.pool, meter, params, "csv",
+                                       lambda result: result_csv(meter, params, result))
+            return Response(body, media_type="text/csv",
+                            headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
+        body = await cache.respond(runtime.pool, meter, params, "json",
+                                   lambda result: result_json_bytes(params, result))
     except QueryError as exc:
         raise bad_request(str(exc), parameter=exc.parameter) from None
-    if wants_csv(request):
-        return result_csv(meter, params, result)
-    return JSONResponse(result_json(params, result))
+    return Response(body, media_type="application/json")
 
 
 async def query_get(request: Request) -> Response:

@@ -26,7 +26,8 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -37,7 +38,7 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 from pgmeter.config import Settings
 from pgmeter.meters.store import Meter
 from pgmeter.query.engine import run_query
-from pgmeter.query.params import QueryParams, QueryResult, QueryRow, WindowSize
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, WindowSize
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,40 @@ class QueryCache:
         self.ttl = int(settings.valkey.ttl.total_seconds())
         self._skip_until = 0.0
 
+    async def respond(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams, variant: str,
+                      render: Callable[[QueryResult], bytes]) -> bytes:
+        """The rendered answer (``variant`` names the rendering, e.g. json or csv).
+
+        A query wholly in settled time is cached as the rendered bytes, so a hit
+        costs one Valkey GET and no decoding, however many rows the answer has.
+        """
+        if self.valkey is None:
+            return render(await run_query(pool, meter, params))
+        moment = await self._moment(pool, meter, params)
+        settled, live = _split(params, moment)
+        if settled is None or live is not None:
+            return render(await self._answer(pool, meter, params, moment, settled, live))
+        key = f"{self._key(meter, params, moment)}:{variant}"
+        found = await self._valkey_call("get", key)
+        if isinstance(found, bytes):
+            CACHE_REQUESTS.labels("hit").inc()
+            CACHE_HITS.inc()
+            return found
+        CACHE_REQUESTS.labels("miss" if found is None else "bypass").inc()
+        body = render(await run_query(pool, meter, params))
+        if found is None:
+            await self._valkey_call("set", key, body, ex=self.ttl)
+        return body
+
     async def query(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams) -> QueryResult:
+        """The answer as rows (settled windows cached as rows, the rest fresh)."""
         if self.valkey is None:
             return await run_query(pool, meter, params)
         moment = await self._moment(pool, meter, params)
-        settled, live = _split(params, moment)
+        return await self._answer(pool, meter, params, moment, *_split(params, moment))
+
+    async def _answer(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams, moment: _Moment,
+                      settled: QueryParams | None, live: QueryParams | None) -> QueryResult:
         if settled is None:
             CACHE_REQUESTS.labels("live").inc()
             return await run_query(pool, meter, params)
@@ -86,15 +116,22 @@ class QueryCache:
 
     async def _moment(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams) -> _Moment:
         unit = _TRUNC_UNIT.get(params.window_size) if params.window_size else "second"
-        row = await pool.fetchrow(
+        try:
+            row = await self._moment_row(pool, meter, unit, params.window_time_zone)
+        except asyncpg.InvalidParameterValueError:
+            # A zone Python's database knows and this server's does not.
+            raise QueryError("windowTimeZone", f"invalid time zone: {params.window_time_zone!r}") from None
+        return _Moment(row["epoch"], row["version"], row["cut"], row["split"])
+
+    async def _moment_row(self, pool: asyncpg.Pool, meter: Meter, unit: str, zone: str) -> asyncpg.Record:
+        return await pool.fetchrow(
             """
             SELECT coalesce((SELECT epoch FROM cache_epochs WHERE namespace = $1 AND event_type = $2), 0) AS epoch,
                    coalesce((SELECT version FROM meter_rollups WHERE meter_id = $3), 0) AS version,
                    now() - $4::interval AS cut,
                    date_trunc($5, now() - $4::interval, $6) AS split
             """,
-            meter.namespace, meter.event_type, meter.id, self.settle_after, unit, params.window_time_zone)
-        return _Moment(row["epoch"], row["version"], row["cut"], row["split"])
+            meter.namespace, meter.event_type, meter.id, self.settle_after, unit, zone)
 
     async def _cached(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams, moment: _Moment) -> QueryResult:
         key = self._key(meter, params, moment)
