@@ -20,8 +20,8 @@ log = logging.getLogger("pgmeter")
 
 ROLE_HELP = {
     "api": "serve the OpenMeter-compatible HTTP API (ingest, meters, query)",
-    "sink": "move events from JetStream into Postgres, exactly once",
-    "refresher": "keep every meter's rollups up to date; partitions and retention",
+    "sink": "move events from JetStream into Postgres, exactly once; partitions and retention",
+    "refresher": "keep every meter's rollups up to date",
     "lago-sync": "push closed usage windows to Lago",
 }
 

@@ -14,17 +14,18 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, *, size: int = 10, min_size: int = 1) -> asyncpg.Pool:
-    """A pool whose statements are planned per call.
+    """A pool of connections with JSON codecs.
 
-    Meter queries are skewed by subject; a generic cached plan was measured 30x
-    slower on heavy subjects, so custom plans are forced for every session.
+    Only ``application_name`` goes in the startup packet: PgBouncer in transaction
+    mode rejects other startup parameters, and the api may sit behind one. Query
+    settings are set per transaction where they matter (``query.engine``).
     """
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min(min_size, size),
         max_size=size,
         init=_init_connection,
-        server_settings={"plan_cache_mode": "force_custom_plan", "application_name": "pgmeter"},
+        server_settings={"application_name": "pgmeter"},
     )
     assert pool is not None
     return pool

@@ -91,4 +91,7 @@ def _per_index(response: httpx.Response, count: int) -> BatchOutcome:
             outcome.duplicates.add(index)
         else:
             outcome.rejected[index] = str(errors)
+    if not outcome.duplicates and not outcome.rejected:
+        # A 422 that names no event: resending the same batch at once would loop.
+        return BatchOutcome(retry_after=0, error=f"422 without per-event errors: {str(body)[:200]}")
     return outcome

@@ -61,7 +61,9 @@ class MeterSpec(BaseModel):
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("must carry a time zone offset")
-        return value
+        # Event times compare at whole seconds (OpenMeter stores seconds); a fraction
+        # here would count events in the tail that the merge then leaves out.
+        return value.replace(microsecond=0) if value is not None else None
 
     @field_validator("group_by", mode="before")
     @classmethod

@@ -182,6 +182,10 @@ def _split(params: QueryParams, moment: _Moment) -> tuple[QueryParams | None, Qu
             return params, None
         return None, None
     split = moment.split
+    if split > moment.cut:
+        # date_trunc picked the later of two local midnights (a DST fall-back at
+        # midnight): the boundary lies past the horizon, so nothing here is settled.
+        return None, params
     if params.to is not None and params.to <= split:
         return params, None
     if params.from_ is not None and params.from_ >= split:
