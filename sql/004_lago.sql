@@ -6,7 +6,7 @@
 -- Lago answers value_already_exist and the row becomes 'sent'.
 CREATE TABLE lago_outbox (
     transaction_id           text        PRIMARY KEY,
-    meter_id                 text        NOT NULL,
+    meter_key                text        NOT NULL,   -- '<namespace>/<slug>': survives a meter's re-creation
     code                     text        NOT NULL,
     subject                  text        NOT NULL,
     external_subscription_id text        NOT NULL,
@@ -23,18 +23,18 @@ CREATE TABLE lago_outbox (
     last_error               text,
     created_at               timestamptz NOT NULL DEFAULT now(),
     sent_at                  timestamptz,
-    UNIQUE (meter_id, code, subject, window_start, revision)
+    UNIQUE (meter_key, code, subject, window_start, revision)
 );
 CREATE INDEX lago_outbox_pending_idx ON lago_outbox (created_at) WHERE status = 'pending';
-CREATE INDEX lago_outbox_window_idx ON lago_outbox (meter_id, code, subject, window_start);
+CREATE INDEX lago_outbox_window_idx ON lago_outbox (meter_key, code, subject, window_start);
 
 -- Per mapping: the closed-window horizon reached and the events seen, so each run
 -- looks only at windows that closed since, plus windows that late events touched.
 CREATE TABLE lago_sync_state (
-    meter_id    text        NOT NULL,
+    meter_key   text        NOT NULL,   -- '<namespace>/<slug>'
     code        text        NOT NULL,
     closed_to   timestamptz NOT NULL,   -- every window ending at or before this was considered
     seen_seq    bigint      NOT NULL,   -- events up to this seq were considered
     updated_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (meter_id, code)
+    PRIMARY KEY (meter_key, code)
 );

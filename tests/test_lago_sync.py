@@ -326,3 +326,34 @@ def test_max_meter_corrections_raise_the_max(pipeline: tuple[Settings, AppServer
             sub = settings.lago.subjects.get(event["subject"], event["subject"])
             expected_max[sub] = max(expected_max[sub], Decimal(str(value)))
     assert dict(received) == dict(expected_max)
+
+
+def test_recreated_meter_is_not_billed_again(pipeline: tuple[Settings, AppServer], lago: FakeLago) -> None:
+    settings, app = pipeline
+    events = generated_events()
+    stored = ingest(app, settings, events, 0)
+    sync(settings, lago, NOW)
+    sent = len(lago.stored)
+    with app.client() as client:  # same slug, new meter id
+        assert client.delete("/api/v1/meters/api_calls").status_code == 204
+        assert client.post("/api/v1/meters", json=METERS[0]).status_code == 201
+    assert sync(settings, lago, NOW).planned == [] and len(lago.stored) == sent
+    late = [api_call(5000, "tpp-2", BASE + timedelta(minutes=3), 10)]
+    ingest(app, settings, late, stored)
+    report = sync(settings, lago, NOW)
+    assert [item.revision for item in report.planned if item.code == "calls"] == [1]
+    assert_lago_matches(lago, truth(events + late, until=closed(NOW), subjects=settings.lago.subjects))
+
+
+def test_rejected_usage_is_billed_with_the_next_change() -> None:
+    from pgmeter.lago.plan import Sent, next_item
+
+    window = datetime(2026, 3, 2, 8, tzinfo=UTC)
+    item = next_item(aggregation="SUM", meter_key="default/m", code="c", property="value", subject="s",
+                     external_subscription_id="s", window_start=window, window_end=window + timedelta(hours=1),
+                     usage=Decimal(105), history=[Sent(0, Decimal(100), Decimal(100), failed=True)])
+    assert item is not None and item.revision == 1 and item.value == 105
+    accepted = next_item(aggregation="SUM", meter_key="default/m", code="c", property="value", subject="s",
+                         external_subscription_id="s", window_start=window, window_end=window + timedelta(hours=1),
+                         usage=Decimal(105), history=[Sent(0, Decimal(100), Decimal(100))])
+    assert accepted is not None and accepted.value == 5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime
-from decimal import Decimal
 
 import asyncpg
 
@@ -12,21 +11,21 @@ from pgmeter.lago.plan import Item, Sent
 from pgmeter.meters.store import Meter
 
 
-async def lock_state(conn: asyncpg.Connection, meter_id: str, code: str) -> tuple[datetime, int] | None:
+async def lock_state(conn: asyncpg.Connection, meter_key: str, code: str) -> tuple[datetime, int] | None:
     row = await conn.fetchrow(
-        "SELECT closed_to, seen_seq FROM lago_sync_state WHERE meter_id = $1 AND code = $2 FOR UPDATE",
-        meter_id, code)
+        "SELECT closed_to, seen_seq FROM lago_sync_state WHERE meter_key = $1 AND code = $2 FOR UPDATE",
+        meter_key, code)
     return (row["closed_to"], row["seen_seq"]) if row else None
 
 
-async def save_state(conn: asyncpg.Connection, meter_id: str, code: str, closed_to: datetime, seen_seq: int) -> None:
+async def save_state(conn: asyncpg.Connection, meter_key: str, code: str, closed_to: datetime, seen_seq: int) -> None:
     await conn.execute(
         """
-        INSERT INTO lago_sync_state (meter_id, code, closed_to, seen_seq) VALUES ($1, $2, $3, $4)
-        ON CONFLICT (meter_id, code) DO UPDATE
+        INSERT INTO lago_sync_state (meter_key, code, closed_to, seen_seq) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (meter_key, code) DO UPDATE
            SET closed_to = excluded.closed_to, seen_seq = excluded.seen_seq, updated_at = now()
         """,
-        meter_id, code, closed_to, seen_seq)
+        meter_key, code, closed_to, seen_seq)
 
 
 async def first_event_time(conn: asyncpg.Connection, meter: Meter) -> datetime | None:
@@ -52,23 +51,23 @@ async def touched_windows(conn: asyncpg.Connection, meter: Meter, after_seq: int
     return [(row["subject"], row["window_start"]) for row in rows]
 
 
-async def histories(conn: asyncpg.Connection, meter_id: str, code: str,
+async def histories(conn: asyncpg.Connection, meter_key: str, code: str,
                     keys: list[tuple[str, datetime]]) -> dict[tuple[str, datetime], list[Sent]]:
     if not keys:
         return {}
     rows = await conn.fetch(
         """
-        SELECT o.subject, o.window_start, o.revision, o.value, o.window_value
+        SELECT o.subject, o.window_start, o.revision, o.value, o.window_value, o.status = 'failed' AS failed
           FROM lago_outbox o
           JOIN unnest($3::text[], $4::timestamptz[]) AS k(subject, window_start)
             ON o.subject = k.subject AND o.window_start = k.window_start
-         WHERE o.meter_id = $1 AND o.code = $2
+         WHERE o.meter_key = $1 AND o.code = $2
         """,
-        meter_id, code, [k[0] for k in keys], [k[1] for k in keys])
+        meter_key, code, [k[0] for k in keys], [k[1] for k in keys])
     found: dict[tuple[str, datetime], list[Sent]] = defaultdict(list)
     for row in rows:
         found[(row["subject"], row["window_start"])].append(
-            Sent(row["revision"], row["value"], row["window_value"]))
+            Sent(row["revision"], row["value"], row["window_value"], row["failed"]))
     return found
 
 
@@ -77,19 +76,19 @@ async def add(conn: asyncpg.Connection, items: list[Item]) -> None:
         return
     await conn.executemany(
         """
-        INSERT INTO lago_outbox (transaction_id, meter_id, code, subject, external_subscription_id,
+        INSERT INTO lago_outbox (transaction_id, meter_key, code, subject, external_subscription_id,
                                  window_start, window_end, revision, value, window_value, timestamp, property)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
         ON CONFLICT (transaction_id) DO NOTHING
         """,
-        [(i.transaction_id, i.meter_id, i.code, i.subject, i.external_subscription_id, i.window_start,
+        [(i.transaction_id, i.meter_key, i.code, i.subject, i.external_subscription_id, i.window_start,
           i.window_end, i.revision, i.value, i.window_value, i.timestamp, i.property) for i in items])
 
 
 async def pending(conn: asyncpg.Connection) -> list[Item]:
     rows = await conn.fetch(
         """
-        SELECT transaction_id, meter_id, code, subject, external_subscription_id, window_start, window_end,
+        SELECT transaction_id, meter_key, code, subject, external_subscription_id, window_start, window_end,
                revision, value, window_value, timestamp, property
           FROM lago_outbox WHERE status = 'pending' ORDER BY created_at, transaction_id
         """)

@@ -44,6 +44,7 @@ class Sent:
     revision: int
     value: Decimal
     window_value: Decimal
+    failed: bool = False  # Lago rejected it: numbered, but not billed
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Item:
     """One Lago event to send."""
 
     transaction_id: str
-    meter_id: str
+    meter_key: str
     code: str
     subject: str
     external_subscription_id: str
@@ -79,16 +80,16 @@ def format_decimal(value: Decimal) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def transaction_id(meter_id: str, code: str, subject: str, window_start: datetime, revision: int) -> str:
+def transaction_id(meter_key: str, code: str, subject: str, window_start: datetime, revision: int) -> str:
     """Stable across retries and restarts: the same window and revision, the same id."""
-    key = f"{meter_id}|{code}|{subject}|{window_start.isoformat()}|{revision}"
+    key = f"{meter_key}|{code}|{subject}|{window_start.isoformat()}|{revision}"
     return "pgm_" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
 def next_item(
     *,
     aggregation: str,
-    meter_id: str,
+    meter_key: str,
     code: str,
     property: str,
     subject: str,
@@ -99,10 +100,13 @@ def next_item(
     history: list[Sent],
 ) -> Item | None:
     """The event that brings Lago in line with ``usage``, or None if it already is."""
+    # Revisions count every row (ids must never repeat); what Lago holds counts only
+    # the rows it accepted, so rejected usage is sent again with the next change.
     revision = max((h.revision for h in history), default=-1) + 1
-    last = max(history, key=lambda h: h.revision) if history else None
+    billed = [h for h in history if not h.failed]
+    last = max(billed, key=lambda h: h.revision) if billed else None
     if aggregation in ("SUM", "COUNT"):
-        value = usage - sum((h.value for h in history), Decimal(0))
+        value = usage - sum((h.value for h in billed), Decimal(0))
         if value == 0:
             return None
     elif aggregation == "MAX":
@@ -121,8 +125,8 @@ def next_item(
         # what it corrects yet stay inside its window.
         timestamp += min(revision, int((window_end - window_start) / timedelta(seconds=1)) - 1)
     return Item(
-        transaction_id=transaction_id(meter_id, code, subject, window_start, revision),
-        meter_id=meter_id, code=code, subject=subject,
+        transaction_id=transaction_id(meter_key, code, subject, window_start, revision),
+        meter_key=meter_key, code=code, subject=subject,
         external_subscription_id=external_subscription_id,
         window_start=window_start, window_end=window_end, revision=revision,
         value=value, window_value=usage, timestamp=timestamp, property=property,

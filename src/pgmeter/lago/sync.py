@@ -63,6 +63,15 @@ class RunReport:
     errors: list[str] = field(default_factory=list)
 
 
+def mapping_key(meter: Meter) -> str:
+    """What Lago's records are kept under: the meter's namespace and slug, not its id.
+
+    A meter deleted and created again (or a config meter recreated at start) gets a
+    new id; keyed by id, its whole history would be sent to Lago a second time.
+    """
+    return f"{meter.namespace}/{meter.slug}"
+
+
 def window_length(config: LagoConfig) -> timedelta:
     return timedelta(hours=1) if config.window == "HOUR" else timedelta(days=1)
 
@@ -129,7 +138,8 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, settings: Set
                      meter: Meter, cutoff: datetime, report: RunReport) -> bool:
     """Plan one bounded step; return True when the mapping is caught up to ``cutoff``."""
     config = settings.lago
-    state = await outbox.lock_state(conn, meter.id, mapping.code)
+    meter_key = mapping_key(meter)
+    state = await outbox.lock_state(conn, meter_key, mapping.code)
     watermark = await wait_out_writers(conn)
     if state is None:
         first = await outbox.first_event_time(conn, meter)
@@ -153,12 +163,12 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, settings: Set
             if key in late_usage:
                 usage[key] = late_usage[key]
 
-    histories = await outbox.histories(conn, meter.id, mapping.code, list(usage))
+    histories = await outbox.histories(conn, meter_key, mapping.code, list(usage))
     length = window_length(config)
     items = []
     for (subject, window_start), value in sorted(usage.items()):
         item = next_item(
-            aggregation=meter.aggregation, meter_id=meter.id, code=mapping.code, property=mapping.property,
+            aggregation=meter.aggregation, meter_key=meter_key, code=mapping.code, property=mapping.property,
             subject=subject, external_subscription_id=config.subjects.get(subject, subject),
             window_start=window_start, window_end=window_start + length, usage=value,
             history=histories.get((subject, window_start), []),
@@ -169,7 +179,7 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, settings: Set
     report.planned.extend(items)
     caught_up = step_end >= cutoff
     # Late events are all accounted for once; newly closed windows advance step by step.
-    await outbox.save_state(conn, meter.id, mapping.code, step_end, watermark)
+    await outbox.save_state(conn, meter_key, mapping.code, step_end, watermark)
     return caught_up
 
 
