@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import psycopg
 import pytest
 
 from pgmeter.devstack.process import free_port
+from tests.support.app import wait_ready
 
 
 class Dev:
@@ -35,17 +35,7 @@ class Dev:
         self.children = psutil.Process(self.process.pid).children(recursive=True)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"pgmeter dev exited early:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"pgmeter dev not ready after 60 s:\n{self.log.read_text()}")
+        wait_ready(self.process, f"http://127.0.0.1:{self.port}", self.log, 60)
 
     def url(self, name: str) -> str:
         match = re.search(rf"^\s+{name}\s+(\S+)", self.log.read_text(), re.MULTILINE)

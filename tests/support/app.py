@@ -82,6 +82,21 @@ def write_config(settings: Settings, path: Path) -> Path:
     return path
 
 
+def wait_ready(process: subprocess.Popen[bytes], base_url: str, log: Path, timeout: float) -> None:
+    """Until ``/readyz`` answers 200; fails with the process's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"process exited early:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
 class RoleProcess:
     """``python -m pgmeter --config ... <role>`` as a child process."""
 
@@ -102,18 +117,8 @@ class RoleProcess:
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.role} exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://{self.settings.address}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.role} not ready: {self.log.read_text()[-2000:]}")
+        assert self.process is not None
+        wait_ready(self.process, f"http://{self.settings.address}", self.log, timeout)
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:

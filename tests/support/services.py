@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,17 +103,18 @@ class ProcessServer:
             self.process.stop()
 
 
-def start_nats(workdir: Path) -> ProcessServer:
-    existing = os.environ.get("PGMETER_TEST_NATS_URL")
+def _existing_or_started(variable: str, name: str, start: Callable[..., tuple[ManagedProcess, str]],
+                         workdir: Path) -> ProcessServer:
+    existing = os.environ.get(variable)
     if existing:
         return ProcessServer(existing)
-    proc, url = services.start_nats(workdir / "nats", free_port(), log_path=workdir / "nats.log")
+    proc, url = start(workdir / name, free_port(), log_path=workdir / f"{name}.log")
     return ProcessServer(url, proc)
+
+
+def start_nats(workdir: Path) -> ProcessServer:
+    return _existing_or_started("PGMETER_TEST_NATS_URL", "nats", services.start_nats, workdir)
 
 
 def start_valkey(workdir: Path) -> ProcessServer:
-    existing = os.environ.get("PGMETER_TEST_VALKEY_URL")
-    if existing:
-        return ProcessServer(existing)
-    proc, url = services.start_valkey(workdir / "valkey", free_port(), log_path=workdir / "valkey.log")
-    return ProcessServer(url, proc)
+    return _existing_or_started("PGMETER_TEST_VALKEY_URL", "valkey", services.start_valkey, workdir)

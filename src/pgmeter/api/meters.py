@@ -119,14 +119,18 @@ def _single(request: Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _time_param(request: Request, name: str) -> datetime | None:
-    text = _single(request, name)
-    if text is None:
+def time_param(name: str, value: Any) -> datetime | None:
+    """An optional RFC 3339 parameter (query string or JSON body); 400 naming it if bad."""
+    if value is None:
         return None
     try:
-        return parse_time(name, text)
+        return parse_time(name, value)
     except QueryError as exc:
         raise bad_request(str(exc), parameter=name) from None
+
+
+def _time_param(request: Request, name: str) -> datetime | None:
+    return time_param(name, _single(request, name))
 
 
 async def list_meters(request: Request) -> Response:

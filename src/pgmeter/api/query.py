@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of
+from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of, time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
-from pgmeter.query.params import QueryError, QueryParams, QueryResult, WindowSize, parse_time, validate
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, WindowSize, validate
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
 _DEEP_OBJECT = re.compile(r"^filterGroupBy\[([^\[\]]+)\]$")
@@ -49,15 +49,6 @@ def _no_customers(ids: list[Any]) -> None:
     # pgmeter has no customer entity, so any customer id is unknown (OpenMeter: 404).
     if ids:
         raise Problem(404, f"customer with id {ids[0]} not found", extensions={"parameter": "filterCustomerId"})
-
-
-def _time(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse_time(name, value)
-    except QueryError as exc:
-        raise bad_request(str(exc), parameter=name) from None
 
 
 def _strings(name: str, value: Any) -> list[str]:
@@ -102,7 +93,7 @@ def params_from_query(request: Request) -> QueryParams:
     _client_id(scalars.get("clientId"))
     _no_customers(customers)
     return QueryParams(
-        from_=_time("from", scalars.get("from")), to=_time("to", scalars.get("to")),
+        from_=time_param("from", scalars.get("from")), to=time_param("to", scalars.get("to")),
         window_size=_window_size(scalars.get("windowSize")),
         window_time_zone=scalars.get("windowTimeZone", "UTC"),
         subjects=tuple(subjects), group_by=tuple(group_by),
@@ -128,7 +119,7 @@ def params_from_body(body: dict[str, Any]) -> QueryParams:
     _client_id(body.get("clientId"))
     _no_customers(_strings("filterCustomerId", body.get("filterCustomerId")))
     return QueryParams(
-        from_=_time("from", body.get("from")), to=_time("to", body.get("to")),
+        from_=time_param("from", body.get("from")), to=time_param("to", body.get("to")),
         window_size=_window_size(body.get("windowSize")), window_time_zone=zone or "UTC",
         subjects=tuple(_strings("subject", body.get("subject"))),
         group_by=tuple(_strings("groupBy", body.get("groupBy"))),

@@ -96,13 +96,6 @@ class QueryCache:
             await self._valkey_call("set", key, body, ex=self.ttl)
         return body
 
-    async def query(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams) -> QueryResult:
-        """The answer as rows (settled windows cached as rows, the rest fresh)."""
-        if self.valkey is None:
-            return await run_query(pool, meter, params)
-        moment = await self._moment(pool, meter, params)
-        return await self._answer(pool, meter, params, moment, *_split(params, moment))
-
     async def _answer(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams, moment: _Moment,
                       settled: QueryParams | None, live: QueryParams | None) -> QueryResult:
         if settled is None:
