@@ -116,6 +116,31 @@ class RefresherConfig(Section):
     max_batch: int = Field(default=200_000, ge=1, alias="maxBatch")
 
 
+class LimitsConfig(Section):
+    """What one tenant may send or ask for; each limit is refused with 400 problem+json.
+
+    docs/limits.md lists every limit with its default, its setting and its error.
+    """
+
+    # Byte lengths of the CloudEvent fields that are stored in indexed columns.
+    event_id_bytes: int = Field(default=256, ge=16, le=1024, alias="eventIdBytes")
+    event_source_bytes: int = Field(default=512, ge=16, le=1024, alias="eventSourceBytes")
+    event_type_bytes: int = Field(default=256, ge=16, le=1024, alias="eventTypeBytes")
+    event_subject_bytes: int = Field(default=256, ge=16, le=1024, alias="eventSubjectBytes")
+    # Event times are accepted from this long before the moment of ingest (a year of
+    # backfill fits) to this long after it; sink.retentionDays narrows the past.
+    event_max_age: Duration = Field(default=timedelta(days=400), alias="eventMaxAge")
+    event_max_ahead: Duration = Field(default=timedelta(days=1), alias="eventMaxAhead")
+    # Meters: how many one namespace may have, and how big a definition may be.
+    meters_per_namespace: int = Field(default=100, ge=1, alias="metersPerNamespace")
+    meter_group_by_keys: int = Field(default=20, ge=1, le=30, alias="meterGroupByKeys")
+    json_path_bytes: int = Field(default=256, ge=16, le=4096, alias="jsonPathBytes")
+    # Query answers: at most this many rows (a 400 asks to narrow the range or coarsen
+    # the window), and cached only when the rendered answer is at most this big.
+    query_max_rows: int = Field(default=100_000, ge=1, alias="queryMaxRows")
+    cache_max_entry_bytes: int = Field(default=1024 * 1024, ge=1024, alias="cacheMaxEntryBytes")
+
+
 class LagoMapping(Section):
     meter: str
     code: str
@@ -165,6 +190,7 @@ class Settings(BaseSettings):
     sink: SinkConfig = Field(default_factory=SinkConfig)
     refresher: RefresherConfig = Field(default_factory=RefresherConfig)
     lago: LagoConfig = Field(default_factory=LagoConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     # Bearer token -> namespace. Empty means auth is off.
     auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens",
                                         validation_alias=AliasChoices("authTokens", "auth_tokens"))
