@@ -74,7 +74,7 @@ class Role:
     def url(self) -> str:
         return f"http://{self.settings.address}"
 
-    def start(self, timeout: float = 60) -> "Role":
+    def start(self, timeout: float = 60) -> Role:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "pgmeter", "--config", str(self.config), self.role],

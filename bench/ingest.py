@@ -32,13 +32,22 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from bench.common import (CpuMeter, LoadResult, Role, embedded_services, histogram_buckets, histogram_quantile,
-                          http_request, run_load, wait_http)
+from bench.common import (
+    CpuMeter,
+    LoadResult,
+    Role,
+    embedded_services,
+    histogram_buckets,
+    histogram_quantile,
+    http_request,
+    run_load,
+    wait_http,
+)
 from pgmeter.config import Settings
 from pgmeter.db.migrate import migrate
 from pgmeter.devstack.process import free_port
@@ -53,7 +62,7 @@ ENDPOINTS = ["/accounts", "/accounts/{id}/balances", "/accounts/{id}/transaction
 def generate(count: int, seed: int = 7) -> list[dict[str, Any]]:
     """Open Banking API-call events from 500 TPPs over the last three days."""
     rng = random.Random(seed)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     events = []
     for n in range(count):
         when = now - timedelta(seconds=rng.uniform(0, 3 * 86400))
@@ -68,7 +77,7 @@ def generate(count: int, seed: int = 7) -> list[dict[str, Any]]:
 
 
 def records(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    ingested = datetime.now(timezone.utc)
+    ingested = datetime.now(UTC)
     out = []
     for n, event in enumerate(events):
         when = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 before = ack_to_commit(sink)
                 cpu.start()
                 load = run_load(host, port, make_batch, processes=workers, connections=batch_connections,
-                                on_start=lambda: marks.setdefault("start", time.time()))
+                                on_start=lambda marks=marks: marks.setdefault("start", time.time()))
                 committed_at = wait_acked(svc.nats_url, sink.settings, timeout=600)
                 e2e_cpu = cpu.stop()
                 committed += len(events)

@@ -31,8 +31,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import asyncpg

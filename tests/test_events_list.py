@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +16,7 @@ from pgmeter.meters.ulid import new_ulid
 from tests.support.app import AppServer
 from tests.support.ingest import isolated_settings, make_event, post_events, rfc3339, wait_until_stored
 
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime.now(UTC).replace(microsecond=0)
 T0 = NOW - timedelta(days=3)
 
 
@@ -97,7 +97,7 @@ def test_items_have_openmeters_shape_newest_first(client: httpx.Client) -> None:
     assert set(first) == {"event", "ingestedAt", "storedAt"}
     ingested = datetime.fromisoformat(first["ingestedAt"].replace("Z", "+00:00"))
     stored = datetime.fromisoformat(first["storedAt"].replace("Z", "+00:00"))
-    assert ingested <= stored <= datetime.now(timezone.utc) + timedelta(seconds=5)
+    assert ingested <= stored <= datetime.now(UTC) + timedelta(seconds=5)
     no_data = next(item for item in items if item["event"]["id"] == "no-data")
     assert "data" not in no_data["event"] and "datacontenttype" not in no_data["event"]
 

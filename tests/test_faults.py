@@ -21,8 +21,14 @@ import psycopg
 from pgmeter.config import Settings
 from pgmeter.devstack.process import free_port
 from tests.support.app import AppServer, RoleProcess
-from tests.support.ingest import (PrivateNats, PrivatePostgres, isolated_settings, make_event, post_with_retry,
-                                  stored_count)
+from tests.support.ingest import (
+    PrivateNats,
+    PrivatePostgres,
+    isolated_settings,
+    make_event,
+    post_with_retry,
+    stored_count,
+)
 
 TOTAL = 3000
 BATCH = 50
@@ -104,7 +110,7 @@ def test_sink_killed_with_sigkill_mid_stream(settings: Settings, tmp_path: Path)
             producer.start()
             for round_ in range(2):  # kill it twice, at different points of the stream
                 threshold = TOTAL * (round_ + 1) // 4
-                wait_until(lambda: stored_count(url) >= threshold, 60, f"{threshold} events before the kill")
+                wait_until(lambda threshold=threshold: stored_count(url) >= threshold, 60, f"{threshold} events before the kill")
                 sink.kill()  # SIGKILL: no graceful anything
                 time.sleep(0.3)
                 sink = RoleProcess(sink_settings, "sink", tmp_path).start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,17 @@ import pytest
 
 from pgmeter.config import Settings
 from tests.support.app import AppServer
-from tests.support.ingest import (BATCH, CLOUDEVENT, JSON, PrivateNats, isolated_settings, make_event,
-                                  post_events, stored_count, wait_until_stored)
+from tests.support.ingest import (
+    BATCH,
+    CLOUDEVENT,
+    JSON,
+    PrivateNats,
+    isolated_settings,
+    make_event,
+    post_events,
+    stored_count,
+    wait_until_stored,
+)
 
 CONTENT_TYPES = [CLOUDEVENT, BATCH, JSON]
 MAX_BODY = 64 * 1024
@@ -76,7 +85,7 @@ def test_single_event_is_204_with_empty_body_and_stored(client: httpx.Client, mo
     row = stored(module_settings, event["id"])[event["id"]]
     assert row[1:4] == ("pgmeter-tests", "api.call", "customer-1")
     # Any offset is accepted and stored in UTC with its microseconds.
-    assert row[4] == datetime(2024, 5, 1, 8, 0, 0, 123456, tzinfo=timezone.utc)
+    assert row[4] == datetime(2024, 5, 1, 8, 0, 0, 123456, tzinfo=UTC)
     assert row[5] == {"tokens": 5, "model": "gpt"}
     assert row[6] <= row[7]  # ingested before stored
 
@@ -236,12 +245,12 @@ def test_bad_time_is_400(client: httpx.Client, content_type: str, value: Any) ->
 
 
 @pytest.mark.parametrize("value,expected", [
-    ("2024-01-01T00:00:00Z", datetime(2024, 1, 1, tzinfo=timezone.utc)),
-    ("2024-01-01t00:00:00z", datetime(2024, 1, 1, tzinfo=timezone.utc)),
-    ("2024-01-01T00:00:00.1Z", datetime(2024, 1, 1, 0, 0, 0, 100000, tzinfo=timezone.utc)),
-    ("2024-01-01T00:00:00.123456789Z", datetime(2024, 1, 1, 0, 0, 0, 123456, tzinfo=timezone.utc)),
-    ("2024-01-01T05:45:00+05:45", datetime(2024, 1, 1, tzinfo=timezone.utc)),
-    ("2023-12-31T19:00:00-05:00", datetime(2024, 1, 1, tzinfo=timezone.utc)),
+    ("2024-01-01T00:00:00Z", datetime(2024, 1, 1, tzinfo=UTC)),
+    ("2024-01-01t00:00:00z", datetime(2024, 1, 1, tzinfo=UTC)),
+    ("2024-01-01T00:00:00.1Z", datetime(2024, 1, 1, 0, 0, 0, 100000, tzinfo=UTC)),
+    ("2024-01-01T00:00:00.123456789Z", datetime(2024, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)),
+    ("2024-01-01T05:45:00+05:45", datetime(2024, 1, 1, tzinfo=UTC)),
+    ("2023-12-31T19:00:00-05:00", datetime(2024, 1, 1, tzinfo=UTC)),
 ])
 def test_rfc3339_times_are_stored_in_utc_at_microseconds(client: httpx.Client, module_settings: Settings,
                                                          value: str, expected: datetime) -> None:

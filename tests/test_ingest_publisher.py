@@ -158,7 +158,7 @@ def test_messages_respect_the_servers_max_payload() -> None:
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("error", [nats.errors.TimeoutError(), asyncio.TimeoutError(), NoStreamResponseError(),
+@pytest.mark.parametrize("error", [nats.errors.TimeoutError(), TimeoutError(), NoStreamResponseError(),
                                    nats.errors.ConnectionClosedError()])
 def test_a_failed_message_fails_every_request_in_it(error: BaseException) -> None:
     async def run() -> None:

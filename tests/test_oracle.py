@@ -169,7 +169,7 @@ class Dataset:
 def compare(meter: oracle.MeterDef, got: list[dict[str, Any]], want: list[oracle.Row]) -> str | None:
     if len(got) != len(want):
         return f"{len(got)} rows, oracle has {len(want)}; first got {got[:2]} want {want[:2]}"
-    for index, (row, expected) in enumerate(zip(got, want)):
+    for index, (row, expected) in enumerate(zip(got, want, strict=False)):
         start = datetime.fromisoformat(row["windowStart"])
         end = datetime.fromisoformat(row["windowEnd"])
         key = (start, end, row["subject"], tuple(row["groupBy"].items()))

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -114,7 +114,7 @@ def test_duplicates_across_requests_and_partitions_count_once(client: httpx.Clie
     assert post_events(client, marker).status_code == 204
     found = wait_for(lambda: len(stored_ids(module_settings, "across")) == 2 and stored_ids(module_settings, "across"))
     by_id = {r[0]: r for r in found}
-    assert by_id["dup-2"][1] == datetime(2024, 2, 10, 8, tzinfo=timezone.utc)
+    assert by_id["dup-2"][1] == datetime(2024, 2, 10, 8, tzinfo=UTC)
     assert by_id["dup-2"][2] == {"copy": "original"}
     assert by_id["dup-2"][3] == "events_p20240210"
     key = store.dedup_key("default", "across", "dup-2")
@@ -159,7 +159,7 @@ def test_late_and_early_events_land_in_their_day_partitions(client: httpx.Client
 
 
 def test_partitions_are_kept_ready_ahead(server: AppServer, module_settings: Settings) -> None:
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     wanted = {f"events_p{today + timedelta(days=n):%Y%m%d}" for n in range(-1, module_settings.sink.partition_days_ahead + 1)}
     names = wait_for(lambda: (lambda found: wanted <= found and found)(
         {r[0] for r in rows(module_settings, "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
@@ -189,7 +189,7 @@ def test_concurrent_creators_attach_a_partition_once(database_url: str) -> None:
 
 
 def test_retention_drops_old_partitions_and_their_dedup_rows(database_url: str) -> None:
-    now = datetime(2025, 6, 30, 12, tzinfo=timezone.utc)
+    now = datetime(2025, 6, 30, 12, tzinfo=UTC)
     old_day, kept_day = date(2025, 5, 20), date(2025, 6, 25)
 
     async def run() -> tuple[list[str], list[str]]:
@@ -200,7 +200,7 @@ def test_retention_drops_old_partitions_and_their_dedup_rows(database_url: str) 
                 await partitions.create_partition(conn, (day - partitions.EPOCH_DAY).days)
             keys, records = [], []
             for n, day in enumerate((old_day, old_day, kept_day)):
-                micros = int(datetime(day.year, day.month, day.day, 6, tzinfo=timezone.utc).timestamp()) * 1_000_000
+                micros = int(datetime(day.year, day.month, day.day, 6, tzinfo=UTC).timestamp()) * 1_000_000
                 keys.append(store.dedup_key("default", "ret", f"e{n}"))
                 records.append(("default", f"e{n}", "ret", "t", "s", micros, None, micros, 1))
             await store.write(conn, keys, records, [])
@@ -221,8 +221,8 @@ def test_retention_drops_old_partitions_and_their_dedup_rows(database_url: str) 
 def test_events_past_retention_are_dead_lettered(pg_server: Any, nats_server: Any) -> None:
     with isolated_settings(pg_server, nats_server.url, sink={"retentionDays": 10}) as settings, \
             AppServer(settings, {"api", "sink"}) as app, app.client() as http:
-        recent = make_event(source="ret", time=datetime.now(timezone.utc) - timedelta(days=2))
-        old = make_event(source="ret", time=datetime.now(timezone.utc) - timedelta(days=40))
+        recent = make_event(source="ret", time=datetime.now(UTC) - timedelta(days=2))
+        old = make_event(source="ret", time=datetime.now(UTC) - timedelta(days=40))
         assert post_events(http, [old, recent]).status_code == 204
         letters = wait_for(lambda: dead_letters(settings.postgres.url), what="a dead letter")
         assert [(d["item"], "retention" in d["reason"]) for d in letters] == [(0, True)]

@@ -18,7 +18,14 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -159,7 +166,7 @@ class LagoConfig(Section):
     subjects: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _usable_when_enabled(self) -> "LagoConfig":
+    def _usable_when_enabled(self) -> LagoConfig:
         if self.enabled and not self.mappings:
             raise ValueError("lago.enabled needs at least one entry in lago.mappings")
         codes = [(m.meter, m.code) for m in self.mappings]

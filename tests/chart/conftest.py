@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import helm_python
 import pytest

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import tomllib
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest

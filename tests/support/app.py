@@ -59,7 +59,7 @@ class AppServer:
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
-    def start(self) -> "AppServer":
+    def start(self) -> AppServer:
         self._server = ThreadedServer(create_app(self.settings, self.roles),
                                       self.settings.listen_host, self.settings.listen_port)
         self._server.start()
@@ -70,7 +70,7 @@ class AppServer:
             self._server.stop()
             self._server = None
 
-    def __enter__(self) -> "AppServer":
+    def __enter__(self) -> AppServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -107,7 +107,7 @@ class RoleProcess:
         self.log = workdir / f"{role}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "RoleProcess":
+    def start(self) -> RoleProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ JSON = "application/json"
 
 def rfc3339(value: datetime) -> str:
     """``2024-01-01T00:00:00.123456Z`` (UTC) for an aware datetime."""
-    value = value.astimezone(timezone.utc)
+    value = value.astimezone(UTC)
     text = value.strftime("%Y-%m-%dT%H:%M:%S")
     if value.microsecond:
         text += f".{value.microsecond:06d}"
@@ -110,7 +110,7 @@ def dead_letters(database_url: str) -> list[dict[str, Any]]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         cursor = conn.execute("SELECT stream_seq, item, subject, reason, payload FROM dead_letters ORDER BY id")
         names = [column.name for column in cursor.description or []]
-        return [dict(zip(names, row)) for row in cursor.fetchall()]
+        return [dict(zip(names, row, strict=False)) for row in cursor.fetchall()]
 
 
 def post_with_retry(client: httpx.Client, events: list[dict[str, Any]], *, content_type: str = BATCH,
@@ -194,7 +194,7 @@ class PrivateNats:
         self.process: ManagedProcess | None = None
         self.url = f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> "PrivateNats":
+    def start(self) -> PrivateNats:
         self.process, self.url = devstack.start_nats(self.dir, self.port, log_path=self.dir.parent / "nats.log")
         return self
 
@@ -212,7 +212,7 @@ class PrivatePostgres:
         self.process: ManagedProcess | None = None
         self.url = ""
 
-    def start(self) -> "PrivatePostgres":
+    def start(self) -> PrivatePostgres:
         from pgmeter.db.migrate import migrate
 
         self.process, self.url = devstack.start_postgres(self.dir, self.port, log_path=self.dir.parent / "pg.log")

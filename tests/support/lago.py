@@ -61,7 +61,7 @@ class FakeLago:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "FakeLago":
+    def start(self) -> FakeLago:
         self._server.start()
         return self
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
+from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -94,7 +94,7 @@ def unique_value(data: Any, path: str) -> str | None:
 
 # -- windows ----------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+@cache
 def window_start(t: datetime, size: str, zone: ZoneInfo) -> datetime:
     local = t.astimezone(zone)
     if size == "MINUTE":
@@ -225,7 +225,7 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
             minutes = [_second(e.time).replace(second=0) for e in members]
             ws = lower if lower is not None else min(minutes)
             we = query.to if query.to is not None else max(minutes) + MINUTE
-        rows.append(Row(value, ws, we, subject, tuple(zip(keys, values))))
+        rows.append(Row(value, ws, we, subject, tuple(zip(keys, values, strict=False))))
     rows.sort(key=lambda r: (r.window_start, r.subject or "", tuple(v for _, v in r.group_by)))
     if not rows and not query.window_size and not by_subject and not keys \
             and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):

@@ -15,13 +15,13 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
+from pgmeter import roles as role_registry
 from pgmeter.api import health
 from pgmeter.api.auth import AuthMiddleware
 from pgmeter.api.middleware import RequestContextMiddleware
 from pgmeter.api.problems import EXCEPTION_HANDLERS
 from pgmeter.config import Settings
 from pgmeter.runtime import open_runtime
-from pgmeter import roles as role_registry
 
 
 def api_routes() -> list[BaseRoute]:

@@ -13,7 +13,7 @@ Response objects was measured at about a tenth of the per-request CPU.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client.metrics import Counter
@@ -25,7 +25,8 @@ from starlette.types import Receive, Scope, Send
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.problems import bad_request, problem_response
 from pgmeter.ingest import cloudevents, listing, metrics
-from pgmeter.ingest.publisher import PublishUnavailable, of as publisher_of
+from pgmeter.ingest.publisher import PublishUnavailable
+from pgmeter.ingest.publisher import of as publisher_of
 from pgmeter.ingest.wire import EventTooLarge
 
 RETRY_AFTER_SECONDS = "1"
@@ -111,7 +112,7 @@ def _optional_time(request: Request, name: str) -> datetime | None:
 
 async def list_events(request: Request) -> Response:
     query = request.query_params
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         start = _optional_time(request, "from")
         limit_raw = query.get("limit")

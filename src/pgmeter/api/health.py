@@ -45,7 +45,7 @@ async def readiness(runtime: Runtime) -> dict[str, str]:
     outcomes = await asyncio.gather(
         *(asyncio.wait_for(check, READY_TIMEOUT) for check in checks.values()), return_exceptions=True
     )
-    for name, outcome in zip(checks, outcomes):
+    for name, outcome in zip(checks, outcomes, strict=False):
         results[name] = "ok" if not isinstance(outcome, BaseException) else (
             f"error: {type(outcome).__name__} {outcome}".strip())
     return results

@@ -10,8 +10,8 @@ and a POST without a body means ``{}``.
 from __future__ import annotations
 
 import csv
-import json
 import io
+import json
 import re
 from decimal import Decimal
 from typing import Any

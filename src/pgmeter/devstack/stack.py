@@ -35,7 +35,7 @@ class DevStack:
     processes: list[ManagedProcess] = field(default_factory=list)
     _lock_fd: int | None = None
 
-    def start(self) -> "DevStack":
+    def start(self) -> DevStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         logs = self.data_dir / "logs"
@@ -74,7 +74,7 @@ class DevStack:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    def __enter__(self) -> "DevStack":
+    def __enter__(self) -> DevStack:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgmeter.ingest import jsonfast
@@ -28,7 +28,7 @@ CONTENT_TYPES = frozenset({CLOUDEVENT, CLOUDEVENTS_BATCH, JSON})
 
 SPEC_VERSIONS = frozenset({"1.0", "0.3"})
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MICROSECOND = timedelta(microseconds=1)
 
 # RFC 3339 date-time as Go's time.RFC3339Nano parser accepts it: a "T", any number
@@ -139,7 +139,7 @@ def parse_time(value: str) -> int:
 
 
 def now_micros() -> int:
-    return (datetime.now(timezone.utc) - EPOCH) // ONE_MICROSECOND
+    return (datetime.now(UTC) - EPOCH) // ONE_MICROSECOND
 
 
 def micros_to_datetime(micros: int) -> datetime:
@@ -294,7 +294,7 @@ def find_unencodable(events: list[EventTuple]) -> list[FieldError]:
     errors: list[FieldError] = []
     names = ("id", "source", "type", "subject")
     for index, event in enumerate(events):
-        for name, value in zip(names, event[:4]):
+        for name, value in zip(names, event[:4], strict=False):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:

@@ -39,7 +39,7 @@ class EventLimits:
     max_ahead_micros: int
 
     @classmethod
-    def of(cls, settings: Settings) -> "EventLimits":
+    def of(cls, settings: Settings) -> EventLimits:
         limits: LimitsConfig = settings.limits
         max_age = limits.event_max_age
         if settings.sink.retention_days:

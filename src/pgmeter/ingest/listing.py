@@ -11,7 +11,7 @@ as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -39,7 +39,7 @@ class ListParams:
 
 
 def _rfc3339(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_datetime(name: str, raw: str) -> datetime:
@@ -80,7 +80,7 @@ def _second(value: datetime) -> datetime:
 
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC; fractional digits only as far as they are non-zero (as Go prints)."""
-    value = value.astimezone(timezone.utc)
+    value = value.astimezone(UTC)
     text = value.strftime("%Y-%m-%dT%H:%M:%S")
     if value.microsecond:
         text += f".{value.microsecond:06d}".rstrip("0")

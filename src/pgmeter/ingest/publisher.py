@@ -177,7 +177,7 @@ class Publisher:
             # Nobody listens on the subject: the stream is gone (a broker without its store).
             error = PublishUnavailable("the event stream is missing; it is being recreated")
             self._resync()
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             error = PublishUnavailable(f"the event broker did not acknowledge: {type(exc).__name__} {exc}".strip())
         except asyncio.CancelledError:
             error = PublishUnavailable("the api is shutting down")

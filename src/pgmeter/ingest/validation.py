@@ -37,7 +37,7 @@ class MeterRule:
     steps: tuple[str, ...] | None  # the compiled value path; None if absent or unusable
 
     @classmethod
-    def of(cls, slug: str, aggregation: str, event_type: str, value_property: str | None) -> "MeterRule":
+    def of(cls, slug: str, aggregation: str, event_type: str, value_property: str | None) -> MeterRule:
         steps: tuple[str, ...] | None = None
         if value_property:
             try:

@@ -119,7 +119,7 @@ def quick_check(event: Any) -> str | None:
 
 def strict_check(event: EventTuple) -> str | None:
     """Everything Postgres would reject, checked the slow way (used only to isolate)."""
-    for name, value in zip(("id", "source", "type", "subject"), event[:4]):
+    for name, value in zip(("id", "source", "type", "subject"), event[:4], strict=False):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:

@@ -71,7 +71,7 @@ class MeterSpec(BaseModel):
         return {} if value is None else value
 
     @model_validator(mode="after")
-    def _openmeter_rules(self) -> "MeterSpec":
+    def _openmeter_rules(self) -> MeterSpec:
         if self.aggregation is Aggregation.COUNT:
             if self.value_property:
                 raise ValueError("meter value property is not allowed when the aggregation is count")

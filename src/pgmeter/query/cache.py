@@ -158,7 +158,7 @@ class QueryCache:
             return False
         try:
             return await asyncio.wait_for(getattr(self.valkey, method)(*args, **kwargs), self.timeout * 2)
-        except (TimeoutError, asyncio.TimeoutError, ValkeyTimeoutError) as exc:
+        except (TimeoutError, ValkeyTimeoutError) as exc:
             reason, error = "timeout", exc
         except Exception as exc:  # connection refused, reset, protocol: all mean "answer without it"
             reason, error = "error", exc

@@ -16,7 +16,6 @@ import asyncpg
 from pgmeter.rollup import objects, templates
 from pgmeter.rollup.objects import Rollup
 
-
 # Rendered statements by (meter id, version): a version's definition never changes.
 _statements: dict[tuple[str, int], str] = {}
 

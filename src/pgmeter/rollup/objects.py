@@ -50,7 +50,7 @@ class Rollup:
     last_seq: int
 
     @classmethod
-    def from_row(cls, row: asyncpg.Record | dict[str, Any]) -> "Rollup":
+    def from_row(cls, row: asyncpg.Record | dict[str, Any]) -> Rollup:
         paths = row["group_paths"]
         return cls(
             meter_id=row["meter_id"], version=row["version"], namespace=row["namespace"],
@@ -155,11 +155,11 @@ def event_values(rollup_state: State, unique: bool, value_path: sql.Composable |
 
 
 def event_state(state: State) -> str:
-    return "".join(f", {expr} AS {name}" for expr, name in zip(state.from_event, state.names))
+    return "".join(f", {expr} AS {name}" for expr, name in zip(state.from_event, state.names, strict=False))
 
 
 def combine(state: State) -> str:
-    return "".join(f", {expr} AS {name}" for expr, name in zip(state.combine, state.names))
+    return "".join(f", {expr} AS {name}" for expr, name in zip(state.combine, state.names, strict=False))
 
 
 def state_names(state: State, prefix: str = "") -> str:
@@ -167,7 +167,7 @@ def state_names(state: State, prefix: str = "") -> str:
 
 
 def merge_set(state: State) -> str:
-    return "".join(f", {name} = {expr}" for name, expr in zip(state.names, state.merge))
+    return "".join(f", {name} = {expr}" for name, expr in zip(state.names, state.merge, strict=False))
 
 
 def event_from_filter(event_from: datetime | None, placeholder: str | None) -> sql.Composable:

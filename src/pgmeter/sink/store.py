@@ -68,7 +68,7 @@ class Outcome:
     duplicates: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
 
-    def add(self, other: "Outcome") -> None:
+    def add(self, other: Outcome) -> None:
         self.stored.update(other.stored)
         self.duplicates.update(other.duplicates)
         self.dead_letters += other.dead_letters
@@ -101,12 +101,12 @@ async def _claim(conn: asyncpg.Connection, keys: list[str], records: list[Any]) 
     try:
         async with conn.transaction():  # a savepoint: a duplicate only undoes this COPY
             await conn.copy_records_to_table(
-                "event_dedup", records=zip(keys, [record[5] for record in records]), columns=("key", "event_time"))
+                "event_dedup", records=zip(keys, [record[5] for record in records], strict=False), columns=("key", "event_time"))
         return None
     except asyncpg.UniqueViolationError:
         pass
     await conn.copy_records_to_table(
-        STAGE, records=[(position, key, record[5]) for position, (key, record) in enumerate(zip(keys, records))],
+        STAGE, records=[(position, key, record[5]) for position, (key, record) in enumerate(zip(keys, records, strict=False))],
         columns=("ord", "key", "event_time"))
     claimed = await conn.fetch(
         f"INSERT INTO event_dedup (key, event_time) SELECT key, event_time FROM {STAGE} ORDER BY ord "
@@ -124,7 +124,7 @@ async def write(conn: asyncpg.Connection, keys: list[str], records: list[Any], d
         # Repeats within the batch: the first by stream order wins.
         seen: set[str] = set()
         unique_keys, unique_records = [], []
-        for key, record in zip(keys, records):
+        for key, record in zip(keys, records, strict=False):
             if key in seen:
                 outcome.duplicates[record[0]] += 1
             else:

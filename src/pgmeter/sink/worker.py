@@ -386,7 +386,7 @@ class Sink:
             keys: list[str] = []
             records: list[store.EventRecord] = []
             dead = list(pending.dead)
-            for key, record, index in zip(pending.keys, pending.records, pending.indexes):
+            for key, record, index in zip(pending.keys, pending.records, pending.indexes, strict=False):
                 event = _event_of(record)
                 reason = wire.strict_check(event)
                 if reason is None:
@@ -400,8 +400,8 @@ class Sink:
             except Exception as exc:
                 if not store.is_poison(exc):
                     raise
-            index_of = {id(record): index for record, index in zip(pending.records, pending.indexes)}
-            for key, record in zip(keys, records):
+            index_of = {id(record): index for record, index in zip(pending.records, pending.indexes, strict=False)}
+            for key, record in zip(keys, records, strict=False):
                 try:
                     total.add(await self._write(conn, [key], [record], []))
                 except Exception as exc:
