@@ -95,7 +95,7 @@ def test_help_lists_every_role() -> None:
         assert role in result.stdout
 
 
-def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path) -> None:
+def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import timedelta
 
     path = write(tmp_path, "lago: {interval: 1h30m, grace: PT15M}\nnats: {maxAge: 768h}\ningest: {linger: 2ms}\n"
@@ -108,6 +108,10 @@ def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path) -> None:
     assert settings.refresher.interval == timedelta(seconds=5)
     with pytest.raises(ConfigError, match="lago.interval"):
         load_settings(write(tmp_path, "lago: {interval: hourly}\n"))
+    # Seconds as a string, in YAML and in the environment (once "day identifier" errors).
+    assert load_settings(write(tmp_path, 'refresher: {interval: "90"}\n')).refresher.interval == timedelta(seconds=90)
+    monkeypatch.setenv("PGMETER_REFRESHER_INTERVAL", "2.5")
+    assert load_settings(write(tmp_path, "{}\n")).refresher.interval == timedelta(seconds=2.5)
 
 
 def test_only_an_api_only_process_uses_the_pooler_url() -> None:
@@ -119,3 +123,19 @@ def test_only_an_api_only_process_uses_the_pooler_url() -> None:
     for roles in ({"sink"}, {"refresher"}, {"lago-sync"}, {"api", "sink", "refresher", "lago-sync"}):
         assert _dsn_for(settings, frozenset(roles)) == "postgresql://direct/db"
     assert _dsn_for(Settings(postgres={"url": "postgresql://direct/db"}), frozenset({"api"})) == "postgresql://direct/db"
+
+
+def test_readme_meters_are_the_built_in_example() -> None:
+    """The README's meters YAML and `make run`'s built-in meters are the same meters, so a
+    newcomer who copies one into ./pgmeter.yaml never conflicts with data the other made."""
+    import re
+    from importlib import resources
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)]
+    documented = next(block["meters"] for block in blocks if isinstance(block, dict) and "meters" in block)
+    built_in = yaml.safe_load(resources.files("pgmeter.devstack").joinpath("example.yaml").read_text())["meters"]
+    assert documented == built_in

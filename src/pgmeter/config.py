@@ -35,13 +35,19 @@ DEFAULT_CONFIG_FILE = "pgmeter.yaml"
 
 _GO_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+$")
 _GO_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_SECONDS = re.compile(r"^\d+(?:\.\d+)?$")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
 
 def _go_duration(value: Any) -> Any:
-    """Accept OpenMeter's Go-style durations ("768h", "15m", "500ms") besides ISO 8601."""
-    if isinstance(value, str) and _GO_DURATION.match(value):
-        return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _GO_PART.findall(value)))
+    """Accept OpenMeter's Go-style durations ("768h", "15m", "500ms"), ISO 8601 ("PT1H")
+    and plain seconds (90, "90", "1.5") alike, from YAML and from the environment."""
+    if isinstance(value, str):
+        text = value.strip()
+        if _GO_DURATION.match(text):
+            return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _GO_PART.findall(text)))
+        if _SECONDS.match(text):
+            return timedelta(seconds=float(text))
     return value
 
 

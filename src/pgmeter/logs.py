@@ -44,6 +44,9 @@ def configure(level: str = "info") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log repeats what our middleware logs, without the request id.
     logging.getLogger("uvicorn.access").disabled = True
+    # The scheduler announces every run of every job at INFO: chatter every 2 s forever.
+    if root.level > logging.DEBUG:
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
