@@ -25,12 +25,12 @@ from pgmeter.ingest import wire
 from pgmeter.ingest.cloudevents import now_micros, parse_time
 from pgmeter.sink import partitions, store
 from tests.support.app import AppServer
-from tests.support.ingest import dead_letters, isolated_settings, make_event, post_events
+from tests.support.ingest import HISTORY_LIMITS, dead_letters, isolated_settings, make_event, post_events
 
 
 @pytest.fixture(scope="module")
 def module_settings(pg_server: Any, nats_server: Any) -> Iterator[Settings]:
-    with isolated_settings(pg_server, nats_server.url) as settings:
+    with isolated_settings(pg_server, nats_server.url, limits=HISTORY_LIMITS) as settings:
         yield settings
 
 
