@@ -22,8 +22,8 @@ from tests.support.app import AppServer
 from tests.support.ingest import (
     BATCH,
     CLOUDEVENT,
-    HISTORY_LIMITS,
     JSON,
+    WIDE_TIME_LIMITS,
     PrivateNats,
     isolated_settings,
     make_event,
@@ -39,7 +39,7 @@ MAX_BODY = 64 * 1024
 @pytest.fixture(scope="module")
 def module_settings(pg_server: Any, nats_server: Any) -> Iterator[Settings]:
     with isolated_settings(pg_server, nats_server.url, ingest={"maxBodyBytes": MAX_BODY},
-                           limits=HISTORY_LIMITS) as settings:
+                           limits=WIDE_TIME_LIMITS) as settings:
         yield settings
 
 

@@ -37,9 +37,9 @@ from pgmeter.config import Settings
 from pgmeter.devstack import services as devstack
 from pgmeter.devstack.process import ManagedProcess, free_port
 
-# limits for tests that replay fixed historical dates (2024...) through the api: the
-# default window (limits.eventMaxAge, 400 days) would refuse them as time passes.
-HISTORY_LIMITS = {"eventMaxAge": timedelta(days=100 * 365)}
+# limits for tests that send fixed dates (2024, 2031...) through the api: the default
+# window (limits.eventMaxAge 400 days back, eventMaxAhead 1 day ahead) would refuse them.
+WIDE_TIME_LIMITS = {"eventMaxAge": timedelta(days=100 * 365), "eventMaxAhead": timedelta(days=10 * 365)}
 
 CLOUDEVENT = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
