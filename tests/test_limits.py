@@ -396,3 +396,7 @@ def test_hostile_values_never_get_a_5xx(metered: httpx.Client) -> None:
                     f"POST event {field}={str(value)[:40]!r}")
     _no_5xx(metered.post("/api/v1/events", content=_json_text(make_event(data={"d": HOSTILE_VALUES[-1]})),
                          headers={"content-type": "application/cloudevents+json"}), "deep data")
+    for path, method in (("/api/v1/meters", "POST"), ("/api/v1/meters/calls", "PUT"),
+                         ("/api/v1/meters/calls/query", "POST"), ("/api/v1/events", "POST")):
+        for text in ("[" * 100_000, '{"a":' * 100_000, '"\\ud800"', '"\\u0000"', "1e400"):
+            _no_5xx(raw_post(metered, path, text, method=method), f"{method} {path} body {text[:20]!r}")

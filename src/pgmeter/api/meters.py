@@ -102,6 +102,8 @@ async def json_body(request: Request, *, empty: Any = None) -> Any:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("request body is not valid JSON") from None
+    except RecursionError:  # thousands of nested arrays: the parser gives up (was a 500)
+        raise bad_request("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     return body
