@@ -124,7 +124,8 @@ class RefresherConfig(Section):
 
 
 class LimitsConfig(Section):
-    """What one tenant may send or ask for; each limit is refused with 400 problem+json.
+    """What one tenant may send or ask for; each limit is refused with 400 problem+json
+    (409 for the meter quota; an answer over the cache entry size is served, not cached).
 
     docs/limits.md lists every limit with its default, its setting and its error.
     """
@@ -141,6 +142,8 @@ class LimitsConfig(Section):
     # Meters: how many one namespace may have, and how big a definition may be.
     meters_per_namespace: int = Field(default=100, ge=1, alias="metersPerNamespace")
     meter_group_by_keys: int = Field(default=20, ge=1, le=30, alias="meterGroupByKeys")
+    # JSONPaths (valueProperty, groupBy) in bytes and steps; the caps are what
+    # pgmeter.meters.jsonpath ever hands to the parser.
     json_path_bytes: int = Field(default=256, ge=16, le=4096, alias="jsonPathBytes")
     json_path_depth: int = Field(default=16, ge=1, le=64, alias="jsonPathDepth")
     # Query answers: at most this many rows (a 400 asks to narrow the range or coarsen

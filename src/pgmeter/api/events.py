@@ -39,7 +39,7 @@ def event_limits(runtime: Any) -> EventLimits:
     limits = runtime.extras.get("event_limits")
     if limits is None:
         limits = runtime.extras["event_limits"] = EventLimits.of(runtime.settings)
-    return limits  # type: ignore[no-any-return]
+    return limits
 
 
 def _ingested_counter(namespace: str) -> Counter:
