@@ -26,7 +26,7 @@ from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of, t
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
 from pgmeter.query.cache import Body
-from pgmeter.query.params import QueryError, QueryParams, QueryResult, TooManyRows, WindowSize, validate
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, TooManyRows, WindowSize, validate
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
 # Rows rendered per chunk of a streamed answer: big enough that chunking costs
@@ -160,7 +160,7 @@ def _value_json(value: Decimal) -> str:
     return str(number) if isinstance(number, Decimal) else _ENCODER.encode(number)
 
 
-def _row_json(row: Any) -> str:
+def _row_json(row: QueryRow) -> str:
     return (f'{{"value":{_value_json(row.value)},"windowStart":"{format_time(row.window_start)}",'
             f'"windowEnd":"{format_time(row.window_end)}","subject":{_ENCODER.encode(row.subject)},'
             f'"groupBy":{_ENCODER.encode(row.group_by)}}}')
