@@ -23,6 +23,7 @@ from tests.support.ingest import (
     BATCH,
     CLOUDEVENT,
     JSON,
+    WIDE_TIME_LIMITS,
     PrivateNats,
     isolated_settings,
     make_event,
@@ -37,7 +38,8 @@ MAX_BODY = 64 * 1024
 
 @pytest.fixture(scope="module")
 def module_settings(pg_server: Any, nats_server: Any) -> Iterator[Settings]:
-    with isolated_settings(pg_server, nats_server.url, ingest={"maxBodyBytes": MAX_BODY}) as settings:
+    with isolated_settings(pg_server, nats_server.url, ingest={"maxBodyBytes": MAX_BODY},
+                           limits=WIDE_TIME_LIMITS) as settings:
         yield settings
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from tests.support import meter_env, oracle
 from tests.support.events_sql import Event
-from tests.support.ingest import make_event, post_events, wait_until_stored
+from tests.support.ingest import WIDE_TIME_LIMITS, make_event, post_events, wait_until_stored
 
 START = datetime(2024, 3, 20, tzinfo=UTC)
 END = datetime(2024, 4, 5, tzinfo=UTC)
@@ -217,7 +217,7 @@ def meter_defs() -> dict[str, oracle.MeterDef]:
 def dataset(pg_server, nats_server, valkey_server):  # type: ignore[no-untyped-def]
     rng = random.Random(20240331)
     with meter_env.database(pg_server) as url:
-        settings = meter_env.settings_for(url, nats_server, valkey_server)
+        settings = meter_env.settings_for(url, nats_server, valkey_server, limits=WIDE_TIME_LIMITS)
         with meter_env.api_server(settings, frozenset({"api", "sink"})) as app, app.client() as client:
             data = Dataset(url, client, {})
             defs = meter_defs()

@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pgmeter.meters.model import MeterSpec
+from pgmeter.meters.model import MeterSpec, check_limits
 
 DEFAULT_CONFIG_FILE = "pgmeter.yaml"
 
@@ -130,7 +130,8 @@ class RefresherConfig(Section):
 
 
 class LimitsConfig(Section):
-    """What one tenant may send or ask for; each limit is refused with 400 problem+json.
+    """What one tenant may send or ask for; each limit is refused with 400 problem+json
+    (409 for the meter quota; an answer over the cache entry size is served, not cached).
 
     docs/limits.md lists every limit with its default, its setting and its error.
     """
@@ -147,7 +148,10 @@ class LimitsConfig(Section):
     # Meters: how many one namespace may have, and how big a definition may be.
     meters_per_namespace: int = Field(default=100, ge=1, alias="metersPerNamespace")
     meter_group_by_keys: int = Field(default=20, ge=1, le=30, alias="meterGroupByKeys")
+    # JSONPaths (valueProperty, groupBy) in bytes and steps; the caps are what
+    # pgmeter.meters.jsonpath ever hands to the parser.
     json_path_bytes: int = Field(default=256, ge=16, le=4096, alias="jsonPathBytes")
+    json_path_depth: int = Field(default=16, ge=1, le=64, alias="jsonPathDepth")
     # Query answers: at most this many rows (a 400 asks to narrow the range or coarsen
     # the window), and cached only when the rendered answer is at most this big.
     query_max_rows: int = Field(default=100_000, ge=1, alias="queryMaxRows")
@@ -230,6 +234,21 @@ class Settings(BaseSettings):
                 raise ValueError("tokens must be at least 16 characters")
             _check_namespace(namespace)
         return value
+
+    @model_validator(mode="after")
+    def _meters_within_limits(self) -> Settings:
+        # Config meters meet the same limits as meters created through the API.
+        limits = self.limits
+        if len(self.meters) > limits.meters_per_namespace:
+            raise ValueError(f"meters: {len(self.meters)} meters, more than limits.metersPerNamespace "
+                             f"({limits.meters_per_namespace})")
+        for meter in self.meters:
+            problems = check_limits(meter, group_by_keys=limits.meter_group_by_keys,
+                                    json_path_bytes=limits.json_path_bytes,
+                                    json_path_depth=limits.json_path_depth)
+            if problems:
+                raise ValueError(f"meter {meter.slug}: " + "; ".join(f"{f}: {m}" for f, m in problems))
+        return self
 
     @property
     def listen_host(self) -> str:

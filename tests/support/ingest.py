@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,10 @@ from psycopg import sql
 from pgmeter.config import Settings
 from pgmeter.devstack import services as devstack
 from pgmeter.devstack.process import ManagedProcess, free_port
+
+# limits for tests that send fixed dates (2024, 2031...) through the api: the default
+# window (limits.eventMaxAge 400 days back, eventMaxAhead 1 day ahead) would refuse them.
+WIDE_TIME_LIMITS = {"eventMaxAge": timedelta(days=100 * 365), "eventMaxAhead": timedelta(days=10 * 365)}
 
 CLOUDEVENT = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"

@@ -20,13 +20,13 @@ from starlette.routing import Route
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters import store
-from pgmeter.meters.model import Aggregation, MeterSpec
+from pgmeter.meters.model import Aggregation, MeterSpec, check_limits
 from pgmeter.query.engine import distinct_values
-from pgmeter.query.params import QueryError, parse_time
+from pgmeter.query.params import QueryError, TooManyRows, parse_time
 from pgmeter.runtime import Runtime
 
 # {meterIdOrSlug}: a slug or a ULID, at most 64 characters (OpenMeter's validator).
-ID_OR_SLUG = re.compile(r"^(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})$")
+ID_OR_SLUG = re.compile(r"\A(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})\Z")
 GROUP_VALUES_MAX_AGE = timedelta(days=90)
 GROUP_VALUES_MAX_SPAN = timedelta(days=30)
 GROUP_VALUES_DEFAULT_SPAN = timedelta(hours=24)
@@ -80,6 +80,18 @@ def validation_problem(exc: ValidationError) -> Problem:
     return Problem(400, detail, extensions={"validationErrors": errors})
 
 
+def limits_problem(request: Request, spec: MeterSpec) -> Problem | None:
+    """A 400 naming each configurable limit (``limits`` settings) the definition breaks."""
+    limits = runtime_of(request).settings.limits
+    problems = check_limits(spec, group_by_keys=limits.meter_group_by_keys,
+                            json_path_bytes=limits.json_path_bytes, json_path_depth=limits.json_path_depth)
+    if not problems:
+        return None
+    errors = [{"code": "limit", "field": field, "message": message} for field, message in problems]
+    return Problem(400, "; ".join(f"{field}: {message}" for field, message in problems),
+                   extensions={"validationErrors": errors})
+
+
 async def json_body(request: Request, *, empty: Any = None) -> Any:
     raw = await request.body()
     if not raw.strip():
@@ -90,6 +102,8 @@ async def json_body(request: Request, *, empty: Any = None) -> Any:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("request body is not valid JSON") from None
+    except RecursionError:  # thousands of nested arrays: the parser gives up (was a 500)
+        raise bad_request("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     return body
@@ -164,11 +178,23 @@ async def create_meter(request: Request) -> Response:
         spec = MeterSpec.model_validate(body)
     except ValidationError as exc:
         raise validation_problem(exc) from None
-    async with runtime_of(request).pool.acquire() as conn:
+    problem = limits_problem(request, spec)
+    if problem is not None:
+        raise problem
+    runtime = runtime_of(request)
+    namespace = namespace_of(request)
+    async with runtime.pool.acquire() as conn:
         try:
-            meter = await store.create(conn, namespace_of(request), spec)
+            meter = await store.create(conn, namespace, spec,
+                                       max_meters=runtime.settings.limits.meters_per_namespace)
         except store.SlugTaken:
             raise Problem(409, f"meter with the same slug already exists: {spec.slug}") from None
+        except store.TooManyMeters as exc:
+            # 409, not 400: the request is valid, the namespace's state refuses it, and
+            # deleting a meter resolves it.
+            raise Problem(409, f"namespace {namespace} already has {exc.limit} meters, the most allowed "
+                               "(limits.metersPerNamespace); delete one first",
+                          extensions={"limit": "metersPerNamespace"}) from None
     return JSONResponse(meter_json(meter), status_code=201,
                         headers={"Location": f"/api/v1/meters/{meter.id}"})
 
@@ -193,6 +219,11 @@ async def update_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
     try:
         update = MeterUpdate.model_validate(await json_body(request))
+        problem = limits_problem(request, store.updated_spec(
+            meter, name=update.name, description=update.description, group_by=update.group_by or {},
+            metadata=update.metadata))
+        if problem is not None:
+            raise problem
         async with runtime_of(request).pool.acquire() as conn:
             # OpenMeter's PUT: groupBy and metadata are replaced (absent clears them),
             # an absent name resets to the slug, an absent description is kept.
@@ -218,8 +249,17 @@ async def list_subjects(request: Request) -> Response:
     start, end = _time_param(request, "from"), _time_param(request, "to")
     if start is not None and end is not None and start >= end:
         raise bad_request("from must be before to", parameter="from")
-    subjects = await distinct_values(runtime_of(request).pool, meter, None, start, end)
-    return JSONResponse(subjects)
+    return JSONResponse(await _distinct(request, meter, None, start, end))
+
+
+async def _distinct(request: Request, meter: store.Meter, key: str | None, start: datetime | None,
+                    end: datetime | None) -> list[str]:
+    runtime = runtime_of(request)
+    max_rows = runtime.settings.limits.query_max_rows
+    try:
+        return await distinct_values(runtime.pool, meter, key, start, end, max_rows=max_rows)
+    except TooManyRows as exc:
+        raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None
 
 
 async def list_group_by_values(request: Request) -> Response:
@@ -239,8 +279,7 @@ async def list_group_by_values(request: Request) -> Response:
             raise bad_request("from must be before to", parameter="from")
         if end - start > GROUP_VALUES_MAX_SPAN:
             raise bad_request("from and to must be at most 30 days apart", parameter="to")
-    values = await distinct_values(runtime_of(request).pool, meter, key, start, end)
-    return JSONResponse(values)
+    return JSONResponse(await _distinct(request, meter, key, start, end))
 
 
 routes = [

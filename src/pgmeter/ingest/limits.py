@@ -55,6 +55,14 @@ class EventLimits:
             max_ahead_micros=int(limits.event_max_ahead.total_seconds() * 1_000_000),
         )
 
+    def window(self, accepted_at: int) -> tuple[int, int]:
+        """The accepted event times ``[lo, hi]`` (microseconds) for a request taken at ``accepted_at``.
+
+        The door computes it once per request and compares each event's time with two
+        integer comparisons; :meth:`check_time` words the reason when one is outside.
+        """
+        return accepted_at - self.max_age_micros, accepted_at + self.max_ahead_micros
+
     def byte_limit(self, field: str) -> int:
         return getattr(self, f"{field}_bytes")
 
