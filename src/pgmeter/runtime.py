@@ -67,7 +67,7 @@ async def connect_nats(url: str, **credentials: str) -> NATS:
         reconnect_time_wait=0.5,
         allow_reconnect=True,
         connect_timeout=2,
-        **credentials,  # type: ignore[arg-type]
+        **credentials,
     )
 
 
