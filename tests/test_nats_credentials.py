@@ -1,16 +1,24 @@
 """NATS credentials: pgmeter connects to a nats-server that requires them.
 
 Each test starts its own private nats-server (from the same wheel as the shared
-one) with authentication switched on, because the shared server has none.
+one) with authentication switched on, because the shared server has none: user
+and password, a token, or decentralized JWT auth (operator mode), where pgmeter
+signs in with a `.creds` file (user JWT + NKey seed) exactly as `nsc` writes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
+import secrets
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import nkeys
 import pytest
 
 from pgmeter.config import ConfigError, NatsConfig, Settings, load_settings
@@ -35,21 +43,75 @@ WRONG = {
 }
 
 
-@pytest.fixture(params=sorted(AUTH))
-def secured_nats(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """(kind, url) of a private JetStream server that requires credentials of that kind."""
+def _keypair(prefix: int) -> nkeys.KeyPair:
+    return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _jwt(issuer: nkeys.KeyPair, subject: nkeys.KeyPair, name: str, claims: dict[str, object]) -> str:
+    """A NATS JWT (v2 claims) signed with the issuer's NKey, as `nsc` would issue it."""
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = {"jti": secrets.token_hex(16).upper(), "iat": int(time.time()), "iss": issuer.public_key.decode(),
+            "sub": subject.public_key.decode(), "name": name, "nats": {**claims, "version": 2}}
+    payload = _b64(json.dumps(body).encode())
+    return f"{header}.{payload}.{_b64(issuer.sign(f'{header}.{payload}'.encode()))}"
+
+
+def _creds_file(path: Path, account: nkeys.KeyPair) -> Path:
+    user = _keypair(nkeys.PREFIX_BYTE_USER)
+    user_jwt = _jwt(account, user, "pgmeter", {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1,
+                                               "payload": -1})
+    path.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                    f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n")
+    return path
+
+
+def _operator_mode(workdir: Path, port: int) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """Server arguments for JWT auth with one JetStream-enabled account, and a creds
+    file of a user of that account (right) and of an account the server does not know
+    (wrong)."""
+    operator, system, account = (_keypair(p) for p in (nkeys.PREFIX_BYTE_OPERATOR, nkeys.PREFIX_BYTE_ACCOUNT,
+                                                        nkeys.PREFIX_BYTE_ACCOUNT))
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+                 "conn": -1, "leaf": -1}
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    config = workdir / "nats.conf"
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{workdir / 'js'}" }}
+operator: {_jwt(operator, operator, "op", {"type": "operator"})}
+system_account: {system.public_key.decode()}
+resolver: MEMORY
+resolver_preload: {{
+  {account.public_key.decode()}: {_jwt(operator, account, "pgmeter", {"type": "account",
+                                                                      "limits": {**unlimited, **jetstream}})}
+  {system.public_key.decode()}: {_jwt(operator, system, "SYS", {"type": "account", "limits": unlimited})}
+}}
+""")
+    right = _creds_file(workdir / "pgmeter.creds", account)
+    wrong = _creds_file(workdir / "stranger.creds", _keypair(nkeys.PREFIX_BYTE_ACCOUNT))
+    return ["-c", str(config)], {"credsFile": str(right)}, {"credsFile": str(wrong)}
+
+
+@pytest.fixture(params=["user", "token", "creds"])
+def secured_nats(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, str], dict[str, str]]]:
+    """(url, right credentials, wrong credentials) of a private JetStream server that
+    requires credentials of the parametrized kind."""
     kind = request.param
     port = free_port()
-    proc = ManagedProcess(
-        "nats-server",
-        [str(binaries.nats_server()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js"),
-         *AUTH[kind][0]],
-        log_path=tmp_path / "nats.log",
-    )
+    if kind == "creds":
+        args, right, wrong = _operator_mode(tmp_path, port)
+    else:
+        args = ["-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js"), *AUTH[kind][0]]
+        right, wrong = AUTH[kind][1], WRONG[kind]
+    proc = ManagedProcess("nats-server", [str(binaries.nats_server()), *args], log_path=tmp_path / "nats.log")
     proc.start()
     try:
         wait_until(lambda: port_open("127.0.0.1", port), timeout=30, what="nats-server", process=proc)
-        yield kind, f"nats://127.0.0.1:{port}"
+        yield f"nats://127.0.0.1:{port}", right, wrong
     finally:
         proc.stop()
 
@@ -59,9 +121,10 @@ def _with_nats(settings: Settings, url: str, credentials: dict[str, str]) -> Set
     return settings
 
 
-def test_ingest_works_with_the_right_credentials(settings: Settings, secured_nats: tuple[str, str]) -> None:
-    kind, url = secured_nats
-    _with_nats(settings, url, AUTH[kind][1])
+def test_ingest_works_with_the_right_credentials(settings: Settings,
+                                                secured_nats: tuple[str, dict[str, str], dict[str, str]]) -> None:
+    url, right, _ = secured_nats
+    _with_nats(settings, url, right)
     at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
     with AppServer(settings, {"api", "sink"}) as server, server.client() as client:
         assert client.get("/readyz").status_code == 200
@@ -71,22 +134,33 @@ def test_ingest_works_with_the_right_credentials(settings: Settings, secured_nat
 
 
 @pytest.mark.parametrize("credentials", ["wrong", "none"])
-def test_wrong_or_missing_credentials_never_connect(settings: Settings, secured_nats: tuple[str, str],
+def test_wrong_or_missing_credentials_never_connect(settings: Settings,
+                                                    secured_nats: tuple[str, dict[str, str], dict[str, str]],
                                                     tmp_path: Path, credentials: str) -> None:
     """The runtime's connection (which every role opens before it serves anything, so
     before /readyz can answer) keeps being refused: the pod never becomes ready."""
-    kind, url = secured_nats
-    _with_nats(settings, url, WRONG[kind] if credentials == "wrong" else {})
+    url, _, wrong = secured_nats
+    _with_nats(settings, url, wrong if credentials == "wrong" else {})
+
+    log = tmp_path / "nats.log"
 
     async def attempt() -> None:
-        nc = await connect_nats(settings.nats.url, **settings.nats.credentials())
-        await nc.close()
-        raise AssertionError("connected to NATS with wrong or missing credentials")
+        connecting = asyncio.ensure_future(connect_nats(settings.nats.url, **settings.nats.credentials()))
+        try:
+            # Refused by the server for the credentials (not unreachable)...
+            for _ in range(300):
+                if "authentication error" in log.read_text():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"nats-server never refused the credentials: {log.read_text()[-500:]}")
+            # ...and still not connected: the runtime keeps retrying, the role never starts.
+            if connecting.done():
+                assert connecting.exception() is not None, "connected with wrong or missing credentials"
+        finally:
+            connecting.cancel()
 
-    with pytest.raises(TimeoutError):
-        asyncio.run(asyncio.wait_for(attempt(), timeout=3))
-    # Refused by the server for the credentials, not unreachable.
-    assert "authentication error" in (tmp_path / "nats.log").read_text()
+    asyncio.run(attempt())
 
 
 def test_credentials_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
