@@ -85,6 +85,34 @@ class NatsConfig(Section):
     # hands it to another sink. A sink that is alive but waiting for Postgres keeps
     # extending it, so this only bounds how long a crashed sink's messages wait.
     ack_wait: Duration = Field(default=timedelta(seconds=60), alias="ackWait")
+    # Credentials, at most one kind: user + password, a token, or a creds file
+    # (NKey seed + user JWT, as `nsc` writes it). They come from the environment
+    # (PGMETER_NATS_USER, _PASSWORD, _TOKEN, _CREDS_FILE), which the chart fills from a
+    # Secret; repr=False keeps them out of logs and error messages.
+    user: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    token: str | None = Field(default=None, repr=False)
+    creds_file: str | None = Field(default=None, alias="credsFile")
+
+    @model_validator(mode="after")
+    def _one_kind_of_credentials(self) -> NatsConfig:
+        if bool(self.user) != bool(self.password):
+            raise ValueError("nats.user and nats.password go together")
+        kinds = [name for name, used in (("user/password", self.user), ("token", self.token),
+                                         ("credsFile", self.creds_file)) if used]
+        if len(kinds) > 1:
+            raise ValueError(f"nats: use one kind of credentials, not {' and '.join(kinds)}")
+        return self
+
+    def credentials(self) -> dict[str, str]:
+        """Keyword arguments for ``nats.connect`` (nats-py names)."""
+        if self.user and self.password:
+            return {"user": self.user, "password": self.password}
+        if self.token:
+            return {"token": self.token}
+        if self.creds_file:
+            return {"user_credentials": self.creds_file}
+        return {}
 
 
 class ValkeyConfig(Section):

@@ -54,8 +54,12 @@ def _log_crash(task: asyncio.Task[None]) -> None:
         log.error("background task %s crashed", task.get_name(), exc_info=task.exception())
 
 
-async def connect_nats(url: str) -> NATS:
-    """A NATS connection that keeps reconnecting for as long as the process lives."""
+async def connect_nats(url: str, **credentials: str) -> NATS:
+    """A NATS connection that keeps reconnecting for as long as the process lives.
+
+    ``credentials`` are nats-py's (user/password, token or user_credentials), from
+    :meth:`pgmeter.config.NatsConfig.credentials`.
+    """
     return await nats.connect(
         url,
         name="pgmeter",
@@ -63,6 +67,7 @@ async def connect_nats(url: str) -> NATS:
         reconnect_time_wait=0.5,
         allow_reconnect=True,
         connect_timeout=2,
+        **credentials,
     )
 
 
@@ -91,7 +96,7 @@ def _dsn_for(settings: Settings, roles: frozenset[str]) -> str:
 @asynccontextmanager
 async def open_runtime(settings: Settings, roles: frozenset[str]) -> AsyncIterator[Runtime]:
     pool = await create_pool(_dsn_for(settings, roles), size=settings.postgres.pool_size)
-    nc = await connect_nats(settings.nats.url)
+    nc = await connect_nats(settings.nats.url, **settings.nats.credentials())
     runtime = Runtime(settings=settings, roles=roles, pool=pool, nats=nc, js=nc.jetstream(),
                       valkey=connect_valkey(settings))
     try:

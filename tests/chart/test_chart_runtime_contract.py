@@ -106,3 +106,19 @@ def test_default_config_file_loads(default_render, tmp_path) -> None:
     settings = load_settings(path)
     assert settings.lago.enabled is False
     assert yaml.safe_load(path.read_text())["meters"][0]["slug"] == settings.meters[0].slug
+
+
+@pytest.mark.parametrize(("credentials", "expected"), [
+    ({"type": "userPassword", "secretName": "pgmeter-nats", "userKey": "u", "passwordKey": "p"},
+     {"user": "stub-pgmeter-nats-u", "password": "stub-pgmeter-nats-p"}),
+    ({"type": "token", "secretName": "pgmeter-nats", "tokenKey": "t"}, {"token": "stub-pgmeter-nats-t"}),
+    ({"type": "credsFile", "secretName": "pgmeter-nats"}, {"user_credentials": "/etc/pgmeter-nats/nats.creds"}),
+    ({"type": ""}, {}),
+])
+def test_nats_credentials_reach_every_role_that_connects(render, load, credentials, expected) -> None:
+    rendered = render({"lago": {"enabled": True}, "nats": {"credentials": credentials}})
+    docs = {_container(d)["args"][-1]: d for d in rendered.of_kind("Deployment") + rendered.of_kind("Job")}
+    for role, doc in docs.items():
+        settings = load(rendered, doc)
+        # Migrations never connect to NATS, so they get no credentials.
+        assert settings.nats.credentials() == ({} if role == "migrate" else expected), role
