@@ -8,7 +8,9 @@ is not our api.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -442,3 +444,163 @@ def test_two_writers_keep_the_first_copy_by_stream_order(module_settings: Settin
     asyncio.run(run())
     found = dict(rows(module_settings, "SELECT id, data->>'copy' FROM events WHERE source = 'order'"))
     assert found == {"a": "1", "b": "1", "c": "2", "d": "3"}
+
+
+# -- hostile messages published straight to the stream (issue 10) --------------------------
+
+
+def test_oversized_fields_are_dead_lettered_and_other_tenants_land(server: AppServer,
+                                                                   module_settings: Settings) -> None:
+    prefix = module_settings.nats.subject_prefix
+    huge = base64.b64encode(os.urandom(6000)).decode()  # past the btree row limit, incompressible
+    hostile = message(wire_event("a-1", "hostile"), ["a-2", "hostile", huge, "s", micros(ago(1)), None],
+                      ["a-3", "hostile", "t", huge, micros(ago(1)), None],
+                      ["a-4" * 100, "hostile", "t", "s", micros(ago(1)), None],
+                      ["a-5", "x" * 100_000, "t", "s", micros(ago(1)), None], wire_event("a-6", "hostile"))
+    calm = [message(*(wire_event(f"b-{n}-{m}", "calm") for m in range(10))) for n in range(5)]
+    seqs = publish_raw(module_settings, [hostile, hostile], subject=f"{prefix}.tenant-a")
+    publish_raw(module_settings, calm, subject=f"{prefix}.tenant-b")
+    wait_for(lambda: rows(module_settings, "SELECT count(*) FROM events WHERE namespace = 'tenant-b'") == [(50,)],
+             timeout=15, what="tenant B's events")
+    wait_for(lambda: [r[0] for r in stored_ids(module_settings, "hostile")] == ["a-1", "a-6"], what="A's good events")
+    letters = wait_for(lambda: (lambda d: len(d) == 8 and d)(
+        [d for d in dead_letters(module_settings.postgres.url) if d["stream_seq"] in seqs]))
+    reasons = {(d["stream_seq"], d["item"]): d["reason"] for d in letters}
+    limits = module_settings.limits
+    for seq in seqs:
+        assert reasons[(seq, 1)] == f"type must be at most {limits.event_type_bytes} bytes (UTF-8)"
+        assert reasons[(seq, 2)] == f"subject must be at most {limits.event_subject_bytes} bytes (UTF-8)"
+        assert reasons[(seq, 3)] == f"id must be at most {limits.event_id_bytes} bytes (UTF-8)"
+        assert reasons[(seq, 4)] == f"source must be at most {limits.event_source_bytes} bytes (UTF-8)"
+
+
+def test_times_outside_the_window_are_dead_lettered_against_the_messages_at(server: AppServer,
+                                                                            module_settings: Settings) -> None:
+    before = partition_names(module_settings)
+    at = now_micros()
+    day = 86_400_000_000
+    events = [["w-old", "window", "t", "s", at - 401 * day, None], ["w-ahead", "window", "t", "s", at + 2 * day, None],
+              ["w-far", "window", "t", "s", micros(datetime(9999, 12, 31, tzinfo=UTC)), None],
+              ["w-1971", "window", "t", "s", micros(datetime(1971, 1, 1, tzinfo=UTC)), None],
+              ["w-ok", "window", "t", "s", at - 2 * 3_600_000_000, None]]
+    payloads = [wire.build_message(at, [json.dumps(e).encode() for e in events]),
+                # "at" itself is checked against the broker's clock: a forged one dead-letters the message.
+                wire.build_message(at - 30 * day, [json.dumps(["w-forged", "window", "t", "s", at - 31 * day, None])
+                                                   .encode()])]
+    seqs = publish_raw(module_settings, payloads)
+    wait_for(lambda: [r[0] for r in stored_ids(module_settings, "window")] == ["w-ok"], what="the good event")
+    letters = wait_for(lambda: (lambda d: len(d) == 5 and d)(
+        [d for d in dead_letters(module_settings.postgres.url) if d["stream_seq"] in seqs]))
+    reasons = {(d["stream_seq"], d["item"]): d["reason"] for d in letters}
+    assert reasons[(seqs[0], 0)].startswith("time is more than 400 days before the time it was received")
+    assert reasons[(seqs[0], 1)].startswith("time is more than 24 hours after the time it was received")
+    assert reasons[(seqs[0], 2)].startswith("time is more than 24 hours after")
+    assert reasons[(seqs[0], 3)].startswith("time is more than 400 days before")
+    assert reasons[(seqs[1], -1)] == 'message time "at" is more than an hour away from when the broker stored the message'
+    assert partition_names(module_settings) == before
+
+
+def test_only_subjects_our_api_could_publish_name_a_namespace(server: AppServer, module_settings: Settings) -> None:
+    prefix = module_settings.nats.subject_prefix
+    bad = [f"{prefix}.{'n' * 65}", f"{prefix}.tenänt", f"{prefix}.two.tokens", f"{prefix}.a+b"]
+    seqs = [publish_raw(module_settings, [message(wire_event(f"ns-{n}", "subjects"))], subject=subject)[0]
+            for n, subject in enumerate(bad)]
+    [good] = publish_raw(module_settings, [message(wire_event("ns-ok", "subjects"))], subject=f"{prefix}.{'n' * 64}")
+    wait_for(lambda: stored_ids(module_settings, "subjects"), what="the good subject")
+    assert rows(module_settings, "SELECT namespace, id FROM events WHERE source = 'subjects'") == [("n" * 64, "ns-ok")]
+    letters = wait_for(lambda: (lambda d: len(d) == 4 and d)(
+        [d for d in dead_letters(module_settings.postgres.url) if d["stream_seq"] in seqs]))
+    assert all(d["item"] == -1 and "does not name a valid namespace" in d["reason"] for d in letters)
+    assert good not in {d["stream_seq"] for d in letters}
+
+
+def test_one_event_per_day_for_400_days_makes_a_bounded_number_of_partitions(pg_server: Any,
+                                                                              nats_server: Any) -> None:
+    with isolated_settings(pg_server, nats_server.url) as settings, AppServer(settings, {"sink"}):
+        at = now_micros()
+        day = 86_400_000_000
+        events = [[f"d-{n}", "bomb", "t", "s", at - n * day + 60_000_000, None] for n in range(400)]
+        far = [[f"f-{n}", "bomb", "t", "s", when, None] for n, when in enumerate(
+            [1, at - 5000 * day, at + 30 * day, micros(datetime(9999, 12, 31, tzinfo=UTC)),
+             micros(datetime(1999, 1, 1, tzinfo=UTC))])]
+        publish_raw(settings, [wire.build_message(at, [json.dumps(e).encode() for e in events[i:i + 100]])
+                               for i in range(0, 400, 100)] + [wire.build_message(at, [json.dumps(e).encode() for e in far])])
+        wait_for(lambda: rows(settings, "SELECT count(*) FROM events") == [(400,)], timeout=60, what="400 days")
+        wait_for(lambda: len(dead_letters(settings.postgres.url)) == 5, what="the far events' dead letters")
+        names = partition_names(settings)
+    today = datetime.fromtimestamp(at / 1e6, UTC).date()
+    ahead = settings.sink.partition_days_ahead
+    # Independently: one daily partition per day from DAILY_DAYS back to `ahead` days
+    # ahead, and one span per calendar month of the older days.
+    dailies = {daily(today + timedelta(days=n)) for n in range(-partitions.DAILY_DAYS, ahead + 1)}
+    months = {(today - timedelta(days=n)).strftime("%Y%m") for n in range(partitions.DAILY_DAYS + 1, 400)}
+    assert {name for name in names if "_" not in name.removeprefix("events_p")} == dailies
+    assert {name[8:14] for name in names if "_" in name.removeprefix("events_p")} == months
+    assert len(names) == len(dailies) + len(months) <= 60
+
+
+def test_events_postgres_refuses_are_isolated_without_stalling_either_writer(module_settings: Settings) -> None:
+    """Past every check in the sink (limits raised here), a type over the btree row limit
+    makes Postgres fail the batch (SQLSTATE 54000): one such event per writer, each in a
+    batch with another tenant's events. Both batches commit their good events promptly."""
+    from types import SimpleNamespace
+
+    from pgmeter.sink import worker
+
+    settings = module_settings.model_copy(update={"sink": module_settings.sink.model_copy(
+        update={"max_events_per_tx": 40})})
+    when = micros(ago(1))
+    huge = [base64.b64encode(os.urandom(6000)).decode() for _ in range(2)]
+
+    def pending(seq: int) -> worker.Pending:
+        item = worker.Pending(_FakeMsg(), seq, "s", 0.0)  # type: ignore[arg-type]
+        for n in range(40):
+            namespace, event_type = ("tenant-a", huge[seq - 1]) if n == 17 else ("tenant-b", "t")
+            item.keys.append(store.dedup_key(namespace, "refused", f"{seq}-{n}"))
+            item.records.append((namespace, f"{seq}-{n}", "refused", event_type, "s", when, None, when, seq))
+            item.indexes.append(n)
+            item.days.add(partitions.day_of(when))
+        return item
+
+    batches = [pending(1), pending(2)]
+
+    async def run() -> float:
+        sink = worker.Sink(SimpleNamespace(settings=settings, js=None, pool=None))  # type: ignore[arg-type]
+        writers = [asyncio.ensure_future(worker._run_writer(sink, slot)) for slot in sink.slots]
+        started = time.monotonic()
+        for item in batches:
+            sink.queue.append(item)
+            sink.buffered += item.weight
+        sink._has_data.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(item.msg.acked.wait() for item in batches)), 30)
+            assert all(slot.conn is not None for slot in sink.slots), "both writers took a batch"
+            return time.monotonic() - started
+        finally:
+            for task in writers:
+                task.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
+
+    asyncio.run(run())
+    assert rows(module_settings, "SELECT namespace, count(*) FROM events WHERE source = 'refused' GROUP BY 1") == [
+        ("tenant-b", 78)]
+    letters = rows(module_settings, "SELECT stream_seq, item, reason FROM dead_letters WHERE stream_seq IN (1, 2) "
+                                    "AND reason LIKE 'PostgreSQL rejected%%' ORDER BY 1")
+    assert [(seq, item) for seq, item, _ in letters] == [(1, 17), (2, 17)]
+    assert all("index row" in reason for _, _, reason in letters)
+
+
+def test_poison_is_told_from_outages_by_sqlstate_class() -> None:
+    assert store.is_poison(asyncpg.ProgramLimitExceededError("index row size 6032 exceeds btree maximum"))
+    assert store.is_poison(asyncpg.UntranslatableCharacterError("\\u0000 cannot be converted to text"))
+    assert store.is_poison(asyncpg.NotNullViolationError("null value"))
+    assert store.is_poison(asyncpg.NumericValueOutOfRangeError("out of range"))
+    assert store.is_poison(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+    assert not store.is_poison(asyncpg.CheckViolationError('no partition of relation "events" found for row'))
+    assert not store.is_poison(asyncpg.ConnectionDoesNotExistError("closed"))
+    assert not store.is_poison(asyncpg.CannotConnectNowError("starting up"))
+    assert not store.is_poison(asyncpg.AdminShutdownError("terminating connection"))
+    assert not store.is_poison(asyncpg.DiskFullError("no space"))
+    assert not store.is_poison(asyncpg.DeadlockDetectedError("deadlock"))
+    assert not store.is_poison(TimeoutError())
+    assert not store.is_poison(OSError("connection refused"))
