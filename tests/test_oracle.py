@@ -217,7 +217,9 @@ def meter_defs() -> dict[str, oracle.MeterDef]:
 def dataset(pg_server, nats_server, valkey_server):  # type: ignore[no-untyped-def]
     rng = random.Random(20240331)
     with meter_env.database(pg_server) as url:
-        settings = meter_env.settings_for(url, nats_server, valkey_server)
+        # The dataset is fixed in 2024 (around a DST change), older than the default
+        # event window (limits.eventMaxAge): widen it for this test.
+        settings = meter_env.settings_for(url, nats_server, valkey_server, limits={"eventMaxAge": "87600h"})
         with meter_env.api_server(settings, frozenset({"api", "sink"})) as app, app.client() as client:
             data = Dataset(url, client, {})
             defs = meter_defs()

@@ -22,8 +22,9 @@ DISTINCT = 2000
 BATCH = 50
 
 
-def test_five_percent_duplicates_store_once_and_log_no_error(tmp_path: Path, nats_server: Any) -> None:
-    postgres = PrivatePostgres(tmp_path).start()
+def test_five_percent_duplicates_store_once_and_log_no_error(server_dir: Path, nats_server: Any) -> None:
+    # server_dir, not tmp_path: the server runs as an unprivileged user when tests run as root.
+    postgres = PrivatePostgres(server_dir).start()
     try:
         tag = free_port()
         settings = Settings(address=f"127.0.0.1:{free_port()}", postgres={"url": postgres.url},
@@ -39,7 +40,7 @@ def test_five_percent_duplicates_store_once_and_log_no_error(tmp_path: Path, nat
             resent = [dict(rng.choice(sent + batch), data={"copy": True}) for _ in range(BATCH * 5 // 100)]
             sent.extend(batch)
             requests.append(batch + resent)
-        log_before = (tmp_path / "pg.log").stat().st_size
+        log_before = (server_dir / "pg.log").stat().st_size
         with AppServer(settings, {"api", "sink"}) as app, app.client() as client:
             for body in requests:
                 assert post_events(client, body).status_code == 204
@@ -54,7 +55,7 @@ def test_five_percent_duplicates_store_once_and_log_no_error(tmp_path: Path, nat
             assert conn.execute("SELECT count(*), count(DISTINCT id), count(*) FILTER (WHERE data ? 'copy') "
                                 "FROM events WHERE source = 'dups'").fetchone() == (DISTINCT + 1, DISTINCT + 1, 0)
             assert conn.execute("SELECT count(*) FROM event_dedup").fetchone() == (DISTINCT + 1,)
-        with open(tmp_path / "pg.log", "rb") as log:
+        with open(server_dir / "pg.log", "rb") as log:
             log.seek(log_before)
             errors = [line for line in log.read().decode(errors="replace").splitlines() if "ERROR" in line]
         assert errors == []

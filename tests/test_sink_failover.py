@@ -26,15 +26,16 @@ EVENTS = 200
 FAILOVER_BOUND = 15.0  # seconds; generous against the 5 s ackWait, far below the old 60 s
 
 
-def consumer_state(settings: Settings) -> tuple[int, int, int, int]:
-    """(num_pending, num_ack_pending, ack floor, last stream seq) of the sink's consumer."""
-    async def run() -> tuple[int, int, int, int]:
+def consumer_state(settings: Settings) -> tuple[int, int, int, int, int]:
+    """(num_pending, num_ack_pending, ack floor, last stream seq, num_redelivered) of the sink's consumer."""
+    async def run() -> tuple[int, int, int, int, int]:
         nc = await nats.connect(settings.nats.url)
         try:
             js = nc.jetstream()
             info = await js.consumer_info(settings.nats.stream, settings.nats.consumer)
             last = (await js.stream_info(settings.nats.stream)).state.last_seq
-            return info.num_pending or 0, info.num_ack_pending or 0, info.ack_floor.stream_seq, last
+            return (info.num_pending or 0, info.num_ack_pending or 0, info.ack_floor.stream_seq, last,
+                    info.num_redelivered or 0)
         finally:
             await nc.close()
     return asyncio.run(run())
@@ -67,10 +68,13 @@ def test_a_killed_sinks_events_are_stored_by_another_within_seconds(settings: Se
                     assert post_events(client, events).status_code == 204
                 wait_until(lambda: (lambda s: s[0] == 0 and s[1] > 0 and s[2] < s[3])(consumer_state(settings)),
                            30, "sink A holding every message")
+                delivered = time.monotonic()
                 sink_b.start()
                 sink_b.wait_ready()
-                pending, held, floor, last = consumer_state(settings)
-                assert (pending, stored_count(url)) == (0, 0) and held == last - floor > 0
+                # Alive but stuck for twice ackWait: its keep-alives must prevent any redelivery.
+                time.sleep(max(0.0, delivered + 2 * settings.nats.ack_wait.total_seconds() - time.monotonic()))
+                pending, held, floor, last, redelivered = consumer_state(settings)
+                assert (pending, redelivered, stored_count(url)) == (0, 0, 0) and held == last - floor > 0
                 sink_a.kill()  # SIGKILL with every event in flight
                 killed = time.monotonic()
                 blocker.rollback()
