@@ -121,36 +121,37 @@ def parse(msg: Msg, settings: Settings, limits: EventLimits) -> Pending:
                                                  "broker stored the message", msg.data))
         return pending
     keys, records, indexes, days = pending.keys, pending.records, pending.indexes, pending.days
-    quick_check, check_text, check_time = wire.quick_check, limits.check_text, limits.check_time
+    quick_check = wire.quick_check
     day_micros = partitions.DAY_MICROS
     for index, event in enumerate(events):
         reason = quick_check(event)
         if reason is None:
             event_id, source, event_type, event_subject, micros, data = event
-            for name, value in (("id", event_id), ("source", source), ("type", event_type),
-                                ("subject", event_subject)):
-                problem = check_text(name, value)
-                if problem is not None:
-                    reason = f"{name} {problem}"
-                    break
-            else:
-                problem = check_time(micros, ingested_at)
-                if problem is not None:
-                    reason = f"time {problem}"
+            reason = _beyond_limits(limits, event, ingested_at)
+            if reason is None:
+                try:
+                    key = store.dedup_key(namespace, source, event_id)
+                except UnicodeEncodeError:
+                    reason = "id or source contains an unpaired UTF-16 surrogate"
                 else:
-                    try:
-                        key = store.dedup_key(namespace, source, event_id)
-                    except UnicodeEncodeError:
-                        reason = "id or source contains an unpaired UTF-16 surrogate"
-                    else:
-                        keys.append(key)
-                        records.append((namespace, event_id, source, event_type, event_subject, micros, data,
-                                        ingested_at, seq))
-                        indexes.append(index)
-                        days.add(micros // day_micros)
-                        continue
+                    keys.append(key)
+                    records.append((namespace, event_id, source, event_type, event_subject, micros, data,
+                                    ingested_at, seq))
+                    indexes.append(index)
+                    days.add(micros // day_micros)
+                    continue
         dead.append(DeadLetter(seq, index, subject, reason, wire.item_payload(event)))
     return pending
+
+
+def _beyond_limits(limits: EventLimits, event: list[Any], accepted_at: int) -> str | None:
+    """The limit a structurally sound event breaks, worded as the api words it, or ``None``."""
+    for name, value in zip(("id", "source", "type", "subject"), event, strict=False):
+        problem = limits.check_text(name, value)
+        if problem is not None:
+            return f"{name} {problem}"
+    problem = limits.check_time(event[4], accepted_at)
+    return None if problem is None else f"time {problem}"
 
 
 @dataclass(eq=False)
