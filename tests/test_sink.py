@@ -512,6 +512,10 @@ def test_only_subjects_our_api_could_publish_name_a_namespace(server: AppServer,
         [d for d in dead_letters(module_settings.postgres.url) if d["stream_seq"] in seqs]))
     assert all(d["item"] == -1 and "does not name a valid namespace" in d["reason"] for d in letters)
     assert good not in {d["stream_seq"] for d in letters}
+    # The same rule as the configuration's (namespace and authTokens' namespaces).
+    Settings(namespace="n" * 64)
+    with pytest.raises(ValueError, match="1 to 64"):
+        Settings(namespace="n" * 65)
 
 
 def test_one_event_per_day_for_400_days_makes_a_bounded_number_of_partitions(pg_server: Any,
