@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,9 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def test_single_event_is_204_with_empty_body_and_stored(client: httpx.Client, module_settings: Settings) -> None:
-    event = make_event(time="2024-05-01T10:00:00.123456+02:00", data={"tokens": 5, "model": "gpt"})
+    # Within limits.eventMaxAge of now (the sink judges event times against it).
+    day = datetime.now(UTC).date() - timedelta(days=10)
+    event = make_event(time=f"{day:%Y-%m-%d}T10:00:00.123456+02:00", data={"tokens": 5, "model": "gpt"})
     response = post_events(client, event, CLOUDEVENT)
     assert response.status_code == 204, response.text
     assert response.content == b""
@@ -87,7 +89,7 @@ def test_single_event_is_204_with_empty_body_and_stored(client: httpx.Client, mo
     row = stored(module_settings, event["id"])[event["id"]]
     assert row[1:4] == ("pgmeter-tests", "api.call", "customer-1")
     # Any offset is accepted and stored in UTC with its microseconds.
-    assert row[4] == datetime(2024, 5, 1, 8, 0, 0, 123456, tzinfo=UTC)
+    assert row[4] == datetime(day.year, day.month, day.day, 8, 0, 0, 123456, tzinfo=UTC)
     assert row[5] == {"tokens": 5, "model": "gpt"}
     assert row[6] <= row[7]  # ingested before stored
 
@@ -246,13 +248,17 @@ def test_bad_time_is_400(client: httpx.Client, content_type: str, value: Any) ->
     assert [e["field"] for e in errors] == ["time"]
 
 
+# A recent midnight: event times must be within limits.eventMaxAge of now.
+_DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=10)
+
+
 @pytest.mark.parametrize("value,expected", [
-    ("2024-01-01T00:00:00Z", datetime(2024, 1, 1, tzinfo=UTC)),
-    ("2024-01-01t00:00:00z", datetime(2024, 1, 1, tzinfo=UTC)),
-    ("2024-01-01T00:00:00.1Z", datetime(2024, 1, 1, 0, 0, 0, 100000, tzinfo=UTC)),
-    ("2024-01-01T00:00:00.123456789Z", datetime(2024, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)),
-    ("2024-01-01T05:45:00+05:45", datetime(2024, 1, 1, tzinfo=UTC)),
-    ("2023-12-31T19:00:00-05:00", datetime(2024, 1, 1, tzinfo=UTC)),
+    (f"{_DAY:%Y-%m-%d}T00:00:00Z", _DAY),
+    (f"{_DAY:%Y-%m-%d}t00:00:00z", _DAY),
+    (f"{_DAY:%Y-%m-%d}T00:00:00.1Z", _DAY.replace(microsecond=100000)),
+    (f"{_DAY:%Y-%m-%d}T00:00:00.123456789Z", _DAY.replace(microsecond=123456)),
+    (f"{_DAY:%Y-%m-%d}T05:45:00+05:45", _DAY),
+    (f"{_DAY - timedelta(days=1):%Y-%m-%d}T19:00:00-05:00", _DAY),
 ])
 def test_rfc3339_times_are_stored_in_utc_at_microseconds(client: httpx.Client, module_settings: Settings,
                                                          value: str, expected: datetime) -> None:

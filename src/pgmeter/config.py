@@ -82,9 +82,10 @@ class NatsConfig(Section):
     # time, never from CloudEvent time, so late events are never expired unread.
     max_age: Duration = Field(default=timedelta(days=7), alias="maxAge")
     # How long a message delivered to a sink may stay unacknowledged before JetStream
-    # hands it to another sink. A sink that is alive but waiting for Postgres keeps
-    # extending it, so this only bounds how long a crashed sink's messages wait.
-    ack_wait: Duration = Field(default=timedelta(seconds=60), alias="ackWait")
+    # hands it to another sink. A live sink extends it for every message it holds
+    # (in-progress acks every third of it, also while it waits for Postgres), so this
+    # only bounds how long a crashed sink's messages stay hidden: failover time.
+    ack_wait: Duration = Field(default=timedelta(seconds=5), gt=timedelta(0), alias="ackWait")
     # Credentials, at most one kind: user + password, a token, or a creds file
     # (NKey seed + user JWT, as `nsc` writes it). They come from the environment
     # (PGMETER_NATS_USER, _PASSWORD, _TOKEN, _CREDS_FILE), which the chart fills from a
@@ -299,10 +300,19 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+NAMESPACE_MAX_LENGTH = 64
+
+
+def is_namespace(value: str) -> bool:
+    """1 to 64 ASCII letters, digits, '-' or '_': a namespace becomes a NATS subject token
+    and a SQL value (the sink applies the same rule to the subjects it reads)."""
+    return 0 < len(value) <= NAMESPACE_MAX_LENGTH and all(c.isascii() and (c.isalnum() or c in "-_")
+                                                          for c in value)
+
+
 def _check_namespace(value: str) -> str:
-    # A namespace becomes a NATS subject token and a SQL value.
-    if not value or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
-        raise ValueError(f"namespace {value!r} must be letters, digits, '-' or '_'")
+    if not is_namespace(value):
+        raise ValueError(f"namespace {value!r} must be 1 to {NAMESPACE_MAX_LENGTH} letters, digits, '-' or '_'")
     return value
 
 
