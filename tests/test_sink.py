@@ -27,12 +27,12 @@ from pgmeter.ingest import wire
 from pgmeter.ingest.cloudevents import now_micros, parse_time
 from pgmeter.sink import partitions, store
 from tests.support.app import AppServer
-from tests.support.ingest import WIDE_TIME_LIMITS, dead_letters, isolated_settings, make_event, post_events, rfc3339
+from tests.support.ingest import dead_letters, isolated_settings, make_event, post_events, rfc3339
 
 
 @pytest.fixture(scope="module")
 def module_settings(pg_server: Any, nats_server: Any) -> Iterator[Settings]:
-    with isolated_settings(pg_server, nats_server.url, limits=WIDE_TIME_LIMITS) as settings:
+    with isolated_settings(pg_server, nats_server.url) as settings:
         yield settings
 
 
@@ -287,7 +287,7 @@ def test_events_past_retention_are_dead_lettered(pg_server: Any, nats_server: An
         assert [(e["index"], e["field"]) for e in refused.json()["extensions"]["validationErrors"]] == [(0, "time")]
         assert post_events(http, recent).status_code == 204
         # ...and the sink dead-letters it when it reaches the stream some other way.
-        publish_raw(settings, [message(wire_event(old["id"], "ret", when=old["time"]))])
+        publish_raw(settings, [message(wire_event(old["id"], "ret", when=ago(40)))])
         letters = wait_for(lambda: dead_letters(settings.postgres.url), what="a dead letter")
         assert [(d["item"], "retention" in d["reason"]) for d in letters] == [(0, True)]
         wait_for(lambda: rows(settings, "SELECT id FROM events") == [(recent["id"],)])
