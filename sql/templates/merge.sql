@@ -4,7 +4,8 @@
 -- x reads each event once and extracts its values in Postgres (jsonb operators,
 -- paths as bind parameters); e turns them into per-event state; m1 combines the
 -- state per minute key; the coarse levels combine the m1 rows. Every upsert feeds
--- its keys in primary-key order. Per-aggregation fragments come from
+-- its keys in bucket order (the unique index leads with bucket) and names the
+-- index by {key}: "bucket, (md5(subject)::uuid), (md5(g1)::uuid), ...". Per-aggregation fragments come from
 -- pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
 -- {state_names}; the key fragments {group_values} (", pgmeter_group_value(...) AS g1")
 -- and {group_key} (", g1, ..."); {subject_ctes} is subject_merge.sql (meters with
@@ -32,8 +33,8 @@ up_m1 AS (
     INSERT INTO {m1} AS r (subject, bucket {group_key}, cnt {state_names})
     SELECT subject, bucket {group_key}, cnt {state_names}
       FROM m1
-     ORDER BY subject, bucket {group_key}
-    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+     ORDER BY bucket, subject {group_key}
+    ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt {merge}
 ),
 up_q15 AS (
@@ -42,8 +43,8 @@ up_q15 AS (
            sum(cnt)::bigint {combine}, min(bucket), max(bucket)
       FROM m1
      GROUP BY subject, b {group_key}
-     ORDER BY subject, b {group_key}
-    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+     ORDER BY b, subject {group_key}
+    ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}
@@ -54,8 +55,8 @@ up_d1 AS (
            sum(cnt)::bigint {combine}, min(bucket), max(bucket)
       FROM m1
      GROUP BY subject, b {group_key}
-     ORDER BY subject, b {group_key}
-    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+     ORDER BY b, subject {group_key}
+    ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}

@@ -8,12 +8,19 @@
 -- totals and DAY/MONTH windows in zones at UTC+0. Coarse rows also keep the first
 -- and last minute they saw, which a windowless query reports as its bounds.
 --
--- Text keys sort bytewise (COLLATE "C"): cheaper to index and sort than a
--- linguistic collation, and the same order on every server.
+-- Text keys sort bytewise (COLLATE "C"): cheaper to sort than a linguistic
+-- collation, and the same order on every server.
+--
+-- The key is unique on (bucket, md5 of each text key) rather than on the texts:
+-- subjects and group-by values come from event data and may be of any length,
+-- while a btree entry must stay under ~2.7 KB. The texts are kept whole in the row
+-- (TOASTed when long) and read from there; the 16-byte hashes live only in the
+-- index. Leading with bucket, the one index serves the upsert and every time-range
+-- read, so no separate bucket index is needed (fewer relations per meter).
 --
 -- Placeholders (filled with psycopg.sql, identifiers quoted): {m1} {q15} {d1}
 -- {group_columns} ('g1 text COLLATE "C" NOT NULL, ...' with a trailing comma, or nothing),
--- {group_key} (", g1, ..." or nothing), {state_columns} (", sum numeric" ...).
+-- {key} ("bucket, (md5(subject)::uuid), (md5(g1)::uuid), ..."), {state_columns} (", sum numeric" ...).
 -- fillfactor leaves room for HOT updates: merges update the state in place.
 
 CREATE TABLE {m1} (
@@ -21,10 +28,9 @@ CREATE TABLE {m1} (
     bucket  timestamptz      NOT NULL,
     {group_columns}
     cnt     bigint           NOT NULL
-    {state_columns},
-    PRIMARY KEY (subject, bucket {group_key})
+    {state_columns}
 ) WITH (fillfactor = 90);
-CREATE INDEX ON {m1} (bucket);
+CREATE UNIQUE INDEX ON {m1} ({key});
 
 CREATE TABLE {q15} (
     subject text COLLATE "C" NOT NULL,
@@ -33,10 +39,9 @@ CREATE TABLE {q15} (
     cnt     bigint           NOT NULL
     {state_columns},
     t_min   timestamptz      NOT NULL,
-    t_max   timestamptz      NOT NULL,
-    PRIMARY KEY (subject, bucket {group_key})
+    t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
-CREATE INDEX ON {q15} (bucket);
+CREATE UNIQUE INDEX ON {q15} ({key});
 
 CREATE TABLE {d1} (
     subject text COLLATE "C" NOT NULL,
@@ -45,7 +50,6 @@ CREATE TABLE {d1} (
     cnt     bigint           NOT NULL
     {state_columns},
     t_min   timestamptz      NOT NULL,
-    t_max   timestamptz      NOT NULL,
-    PRIMARY KEY (subject, bucket {group_key})
+    t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
-CREATE INDEX ON {d1} (bucket);
+CREATE UNIQUE INDEX ON {d1} ({key});
