@@ -3,15 +3,16 @@
 -- 1. Rollup keys by hash. A subject, group-by value or UNIQUE_COUNT value comes
 --    from event data and may be of any length, but a btree entry over ~2.7 KB
 --    fails, and a meter whose merge fails on it stopped merging. Rollup tables are
---    now unique on (bucket, md5(text)::uuid, ...): the texts stay whole in the row
---    (queries and views read them from there), the index holds 16 bytes per text.
---    The same index, leading with bucket, replaces the separate (bucket) index.
+--    now unique on (md5(subject)::uuid, bucket, md5(g1)::uuid, ...) instead of a
+--    primary key on the texts: the texts stay whole in the row (queries and views
+--    read them from there), the index holds 16 bytes per text. The bucket index
+--    stays as it is.
 --
 --    Existing rollups are carried over in place, not rebuilt from events: their
 --    rows are already exact, and events older than sink.retentionDays may be gone,
---    so a rebuild could lose history. Only the indexes change (the old primary key
---    on the texts guarantees the new unique index holds). The cost is one index
---    build per rollup table, proportional to the rollups, not to the events.
+--    so a rebuild could lose history. Only the key changes (the old primary key on
+--    the texts guarantees the new unique index holds). The cost is one index build
+--    per rollup table, proportional to the rollups, not to the events.
 --
 -- 2. Failure state per meter (the refresher's isolation): a meter whose merge fails
 --    is set aside until next_attempt with exponential backoff, and the reason is
@@ -31,14 +32,13 @@ DECLARE
     tbl     regclass;
     keys    text;
     pk      name;
-    old_idx regclass;
 BEGIN
     FOR r IN SELECT meter_id, version, cardinality(group_keys) AS n FROM meter_rollups LOOP
         FOREACH lvl IN ARRAY ARRAY['m1', 'q15', 'd1', 'q15s', 'd1s', 'um1', 'uq15', 'ud1'] LOOP
             tbl := to_regclass(format('rollup.%I', lvl || '_' || lower(r.meter_id) || '_v' || r.version));
             CONTINUE WHEN tbl IS NULL;
             -- Same key as sql/templates (pgmeter.rollup.objects.unique_key).
-            keys := 'bucket, (md5(subject)::uuid)';
+            keys := '(md5(subject)::uuid), bucket';
             IF lvl NOT IN ('q15s', 'd1s') THEN
                 FOR i IN 1 .. r.n LOOP
                     keys := keys || format(', (md5(%I)::uuid)', 'g' || i);
@@ -51,13 +51,6 @@ BEGIN
             IF pk IS NOT NULL THEN
                 EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', tbl, pk);
             END IF;
-            FOR old_idx IN
-                SELECT i.indexrelid::regclass FROM pg_index i
-                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                 WHERE i.indrelid = tbl AND i.indnatts = 1 AND a.attname = 'bucket'
-            LOOP
-                EXECUTE format('DROP INDEX %s', old_idx);
-            END LOOP;
             EXECUTE format('CREATE UNIQUE INDEX ON %s (%s)', tbl, keys);
         END LOOP;
     END LOOP;

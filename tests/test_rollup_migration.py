@@ -1,9 +1,10 @@
 """Migration 007 carries existing rollups over to hash keys, in place.
 
 A database with rollups in the previous layout (primary key on the texts, a
-separate bucket index, no failure columns) is migrated: every row stays, each
-table ends up with the one unique index on (bucket, md5 of its texts), and the
-meters go on merging, long values included, with answers equal to the oracle's.
+bucket index, no failure columns) is migrated: every row stays, each table ends
+up with a unique index on the md5 of its texts (and bucket) and its bucket index,
+and the meters go on merging, long values included, with answers equal to the
+oracle's.
 """
 
 from __future__ import annotations
@@ -113,12 +114,13 @@ def test_existing_rollups_are_carried_over_to_hash_keys(url: str) -> None:
             indexes = conn.execute(
                 "SELECT indisunique, indisprimary, pg_get_indexdef(indexrelid) FROM pg_index "
                 "WHERE indrelid = %s::regclass", (f"rollup.{table}",)).fetchall()
-            assert len(indexes) == 1, (table, indexes)
-            unique, primary, definition = indexes[0]
+            assert len(indexes) == 2, (table, indexes)
+            (unique, primary, definition), (_, _, by_bucket) = sorted(indexes, reverse=True)
             assert unique and not primary
             texts = 1 + (0 if table.startswith(("q15s", "d1s")) else n) + (1 if table.startswith("u") else 0)
             assert definition.count("md5(") == texts, definition
-            assert "USING btree (bucket, ((md5(subject))::uuid)" in definition, definition
+            assert "USING btree (((md5(subject))::uuid), bucket" in definition, definition
+            assert by_bucket.endswith("USING btree (bucket)"), by_bucket
 
     # The migrated meters merge new events (one with a 4 KB group value) exactly.
     late = events(120, offset=3)

@@ -4,9 +4,9 @@
 -- x reads each event once and extracts its values in Postgres (jsonb operators,
 -- paths as bind parameters); e turns them into per-event state; m1 combines the
 -- state per minute key; the coarse levels combine the m1 rows. Every upsert feeds
--- its keys in bucket order (the unique index leads with bucket) and names the
--- index by {key}: "bucket, (md5(subject)::uuid), (md5(g1)::uuid), ...". Per-aggregation fragments come from
--- pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
+-- its keys in subject and bucket order and names its unique index by {key}
+-- ("(md5(subject)::uuid), bucket, (md5(g1)::uuid), ...", see rollup_tables.sql).
+-- Per-aggregation fragments come from pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
 -- {state_names}; the key fragments {group_values} (", pgmeter_group_value(...) AS g1")
 -- and {group_key} (", g1, ..."); {subject_ctes} is subject_merge.sql (meters with
 -- group-by keys) or nothing, {unique_ctes} is unique_merge.sql or nothing.
@@ -33,7 +33,7 @@ up_m1 AS (
     INSERT INTO {m1} AS r (subject, bucket {group_key}, cnt {state_names})
     SELECT subject, bucket {group_key}, cnt {state_names}
       FROM m1
-     ORDER BY bucket, subject {group_key}
+     ORDER BY subject, bucket {group_key}
     ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt {merge}
 ),
@@ -43,7 +43,7 @@ up_q15 AS (
            sum(cnt)::bigint {combine}, min(bucket), max(bucket)
       FROM m1
      GROUP BY subject, b {group_key}
-     ORDER BY b, subject {group_key}
+     ORDER BY subject, b {group_key}
     ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
@@ -55,7 +55,7 @@ up_d1 AS (
            sum(cnt)::bigint {combine}, min(bucket), max(bucket)
       FROM m1
      GROUP BY subject, b {group_key}
-     ORDER BY b, subject {group_key}
+     ORDER BY subject, b {group_key}
     ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),

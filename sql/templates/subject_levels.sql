@@ -2,7 +2,7 @@
 --
 -- Most reads group by subject alone (billing: usage per customer per hour or
 -- day); without these they would add up every group's row. Same state as
--- rollup_tables.sql, keyed by (bucket, hash of subject) only. Placeholders: {q15s} {d1s}
+-- rollup_tables.sql, keyed by (hash of subject, bucket) only. Placeholders: {q15s} {d1s}
 -- {state_columns}.
 
 CREATE TABLE {q15s} (
@@ -13,7 +13,8 @@ CREATE TABLE {q15s} (
     t_min   timestamptz      NOT NULL,
     t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
-CREATE UNIQUE INDEX ON {q15s} (bucket, (md5(subject)::uuid));
+CREATE UNIQUE INDEX ON {q15s} ((md5(subject)::uuid), bucket);
+CREATE INDEX ON {q15s} (bucket);
 
 CREATE TABLE {d1s} (
     subject text COLLATE "C" NOT NULL,
@@ -23,4 +24,5 @@ CREATE TABLE {d1s} (
     t_min   timestamptz      NOT NULL,
     t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
-CREATE UNIQUE INDEX ON {d1s} (bucket, (md5(subject)::uuid));
+CREATE UNIQUE INDEX ON {d1s} ((md5(subject)::uuid), bucket);
+CREATE INDEX ON {d1s} (bucket);

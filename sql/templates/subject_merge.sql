@@ -7,8 +7,8 @@
            sum(cnt)::bigint {combine}, min(bucket), max(bucket)
       FROM m1
      GROUP BY subject, b
-     ORDER BY b, subject
-    ON CONFLICT (bucket, (md5(subject)::uuid)) DO UPDATE
+     ORDER BY subject, b
+    ON CONFLICT ((md5(subject)::uuid), bucket) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}
@@ -19,8 +19,8 @@ up_d1s AS (
            sum(cnt)::bigint {combine}, min(bucket), max(bucket)
       FROM m1
      GROUP BY subject, b
-     ORDER BY b, subject
-    ON CONFLICT (bucket, (md5(subject)::uuid)) DO UPDATE
+     ORDER BY subject, b
+    ON CONFLICT ((md5(subject)::uuid), bucket) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}

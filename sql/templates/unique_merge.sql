@@ -7,7 +7,7 @@
       FROM e
      WHERE u IS NOT NULL
      GROUP BY subject, bucket {group_key}, u
-     ORDER BY bucket, subject {group_key}, u
+     ORDER BY subject, bucket {group_key}, u
     ON CONFLICT DO NOTHING
 ),
 up_uq15 AS (
@@ -16,7 +16,7 @@ up_uq15 AS (
       FROM e
      WHERE u IS NOT NULL
      GROUP BY subject, b {group_key}, u
-     ORDER BY b, subject {group_key}, u
+     ORDER BY subject, b {group_key}, u
     ON CONFLICT DO NOTHING
 ),
 up_ud1 AS (
@@ -25,6 +25,6 @@ up_ud1 AS (
       FROM e
      WHERE u IS NOT NULL
      GROUP BY subject, b {group_key}, u
-     ORDER BY b, subject {group_key}, u
+     ORDER BY subject, b {group_key}, u
     ON CONFLICT DO NOTHING
 )

@@ -14,6 +14,7 @@ CREATE TABLE {um1} (
     value   text COLLATE "C" NOT NULL
 );
 CREATE UNIQUE INDEX ON {um1} ({key}, (md5(value)::uuid));
+CREATE INDEX ON {um1} (bucket);
 
 CREATE TABLE {uq15} (
     subject text COLLATE "C" NOT NULL,
@@ -22,6 +23,7 @@ CREATE TABLE {uq15} (
     value   text COLLATE "C" NOT NULL
 );
 CREATE UNIQUE INDEX ON {uq15} ({key}, (md5(value)::uuid));
+CREATE INDEX ON {uq15} (bucket);
 
 CREATE TABLE {ud1} (
     subject text COLLATE "C" NOT NULL,
@@ -30,3 +32,4 @@ CREATE TABLE {ud1} (
     value   text COLLATE "C" NOT NULL
 );
 CREATE UNIQUE INDEX ON {ud1} ({key}, (md5(value)::uuid));
+CREATE INDEX ON {ud1} (bucket);

@@ -145,10 +145,9 @@ def text_key(column: str) -> str:
 
 
 def unique_key(count: int) -> str:
-    """The rollup tables' unique index (and ON CONFLICT target): ``bucket,
-    (md5(subject)::uuid), (md5(g1)::uuid), ...``; bucket leads, so it serves the
-    time-range reads too."""
-    return ", ".join(["bucket", text_key("subject"), *(text_key(f"g{i + 1}") for i in range(count))])
+    """The rollup tables' unique index (and ON CONFLICT target): ``(md5(subject)::uuid),
+    bucket, (md5(g1)::uuid), ...``, in the order of the former primary key on the texts."""
+    return ", ".join([text_key("subject"), "bucket", *(text_key(f"g{i + 1}") for i in range(count))])
 
 
 def group_key(count: int, prefix: str = "") -> str:
