@@ -269,11 +269,16 @@ class Refresher:
                 "percent": round(100 * batch.hi / max(self.watermark, 1), 1)})
 
     async def run_cycle(self) -> CycleReport:
-        """Merge every meter up to a fresh watermark."""
+        """Merge every meter up to a fresh watermark (failing meters are set aside)."""
         report = CycleReport(await self.advance_watermark())
         report.advanced = await self.advance_idle()
+        failed: set[str] = set()
         while (batch := await self.merge_batch()) is not None:
             report.batches.append(batch)
+            if batch.failure is not None:
+                if batch.meter_id in failed:
+                    break  # due again already (a backoff of ~0): leave it to the next cycle
+                failed.add(batch.meter_id)
         await self.update_lag()
         return report
 
