@@ -407,5 +407,6 @@ def test_only_the_meters_own_errors_set_it_aside() -> None:
     assert refresher_module.blames_meter(asyncpg.QueryCanceledError("statement timeout"))
     assert not refresher_module.blames_meter(asyncpg.AdminShutdownError("terminating connection"))
     assert not refresher_module.blames_meter(asyncpg.DiskFullError("no space left"))
+    assert refresher_module.blames_meter(asyncpg.OutOfMemoryError("out of memory"))
     assert not refresher_module.blames_meter(asyncpg.ConnectionFailureError("lost"))
     assert not refresher_module.blames_meter(ConnectionResetError())

@@ -70,11 +70,14 @@ BACKOFF_MIN_S = 5.0
 BACKOFF_MAX_S = 600.0
 REASON_CHARS = 1000  # of the error text kept as the meter's failure reason
 
-# SQLSTATE classes that are the connection's or the server's fault, never one
-# meter's: 08 connection, 53 insufficient resources, 57P operator intervention
-# (shutdown; 57014 query_canceled is a statement timeout and stays the meter's),
-# 58 system error. These abort the cycle, which the next one retries.
-_NOT_THE_METERS = ("08", "53", "57P", "58")
+# SQLSTATEs that are the connection's or the server's fault, never one meter's:
+# 08 connection, 53100 disk full, 53300 too many connections, 53400 configuration
+# limit, 57P operator intervention (shutdown; 57014 query_canceled is a statement
+# timeout and stays the meter's), 58 system error. These abort the cycle, which the
+# next one retries. Out of memory (53200) stays the meter's: one meter's huge
+# values can cause it, and setting every meter aside for a while is better than
+# one meter stopping all of them.
+_NOT_THE_METERS = ("08", "53100", "53300", "53400", "57P", "58")
 
 
 @dataclass
