@@ -120,16 +120,19 @@ _CLAIM = """
        FOR UPDATE OF r SKIP LOCKED
 """
 
-# Meters with nothing to merge, moved to the watermark $1 in one statement. "seen"
-# is the last seq per (namespace, type) among the events in (lo, $1], where lo is
-# the lowest last_seq behind $1 but at most $2 (maxBatch) events back, so this
-# reads no more than one merge batch would. A meter whose range (last_seq, $1]
-# lies inside and holds no event of its pair has nothing to merge. Failing meters
-# are left to their retry (only a merge clears their state); rows another refresher
-# is merging are skipped, and a row that changed meanwhile is re-checked by the lock.
+# Meters with nothing to merge, moved to the watermark $1 in one statement. The
+# candidates are the meters behind $1 by at most $2 (maxBatch) events that are not
+# failing (only a merge clears a failure); "seen" is the last seq per (namespace,
+# type) among the events in (lo, $1], lo the lowest candidate last_seq, so this
+# reads no more than one merge batch would, and in the steady state only the new
+# events. A candidate with no event of its pair after its last_seq has nothing to
+# merge. Rows another refresher is merging are skipped, and a row that changed
+# meanwhile is re-checked under the lock.
 _ADVANCE_IDLE = """
 WITH span AS (
-    SELECT greatest(min(last_seq), $1::bigint - $2::bigint) AS lo FROM meter_rollups WHERE last_seq < $1::bigint
+    SELECT min(last_seq) AS lo
+      FROM meter_rollups
+     WHERE last_seq < $1::bigint AND last_seq >= $1::bigint - $2::bigint AND failures = 0
 ),
 seen AS (
     SELECT namespace, type, max(seq) AS last
