@@ -144,8 +144,11 @@ idle AS (
     SELECT r.meter_id
       FROM meter_rollups r
      WHERE r.last_seq < $1 AND r.last_seq >= (SELECT lo FROM span) AND r.failures = 0
-       AND NOT EXISTS (SELECT 1 FROM seen s
-                        WHERE s.namespace = r.namespace AND s.type = r.event_type AND s.last > r.last_seq)
+       -- A scalar subquery, not NOT EXISTS: as an expression on r it is evaluated
+       -- again on the newest row version when the lock finds one (a concurrent
+       -- merge, or a rebuild that reset last_seq), which an anti-join may not be.
+       AND coalesce((SELECT s.last FROM seen s WHERE s.namespace = r.namespace AND s.type = r.event_type),
+                    0) <= r.last_seq
        FOR UPDATE OF r SKIP LOCKED
 )
 UPDATE meter_rollups r
