@@ -67,6 +67,11 @@ def meter_json(meter: store.Meter) -> dict[str, Any]:
     body["updatedAt"] = format_time(meter.updated_at)
     if meter.deleted_at is not None:
         body["deletedAt"] = format_time(meter.deleted_at)
+    if meter.failure is not None:
+        # pgmeter's extension, present only while the refresher sets the meter aside.
+        body["pgmeterState"] = {
+            "status": "failing", "reason": meter.failure.reason, "since": format_time(meter.failure.since),
+            "nextAttempt": format_time(meter.failure.next_attempt), "failures": meter.failure.failures}
     return body
 
 

@@ -237,12 +237,22 @@ class _Statement:
         return ", ".join(prefix + column for column in columns)
 
     def filters(self, prefix: str) -> list[str]:
+        """Subject and group-value filters; on rollup rows (``hashed``) also by the
+        texts' md5, which the rollup's unique index holds (the text comparison
+        stays: it is what makes the answer exact)."""
+        hashed = prefix == "r."
         conditions = []
-        if self.subject_filter:
-            conditions.append(f"{prefix}subject = ANY({self.subject_filter})")
-        for column, placeholder in self.group_filters.items():
+        filters = ([("subject", self.subject_filter)] if self.subject_filter else []) + list(self.group_filters.items())
+        for column, placeholder in filters:
+            if hashed:
+                conditions.append(f"{objects.text_key(prefix + column)} = ANY({self.hashes(placeholder)})")
             conditions.append(f"{prefix}{column} = ANY({placeholder})")
         return conditions
+
+    def hashes(self, placeholder: str) -> str:
+        """The md5 keys of a text[] parameter, computed once per statement (an
+        InitPlan), so the index can be searched for them."""
+        return f"ARRAY(SELECT md5(v)::uuid FROM unnest({placeholder}) v)"
 
     def time_range(self, column: str, lo: datetime | None, hi: datetime | None) -> list[str]:
         conditions = []
