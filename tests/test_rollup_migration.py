@@ -1,4 +1,4 @@
-"""Migration 007 carries existing rollups over to hash keys, in place.
+"""Migration 006 carries existing rollups over to hash keys, in place.
 
 A database with rollups in the previous layout (primary key on the texts, a
 bucket index, no failure columns) is migrated: every row stays, each table ends
@@ -61,7 +61,7 @@ def rollup_tables(conn: psycopg.Connection) -> list[tuple[str, int]]:
 
 
 def to_previous_layout(conn: psycopg.Connection) -> None:
-    """The rollups as sql/templates built them before 007, and 007 not applied."""
+    """The rollups as sql/templates built them before 006, and 006 not applied."""
     for table, n in rollup_tables(conn):
         ident = sql.Identifier("rollup", table)
         for (index,) in conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass",
@@ -75,7 +75,7 @@ def to_previous_layout(conn: psycopg.Connection) -> None:
         conn.execute(sql.SQL("CREATE INDEX ON {} (bucket)").format(ident))
     conn.execute("ALTER TABLE meter_rollups DROP COLUMN failures, DROP COLUMN failure_reason, "
                  "DROP COLUMN failing_since, DROP COLUMN next_attempt")
-    conn.execute("DELETE FROM schema_migrations WHERE version = 7")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 6")
 
 
 def contents(conn: psycopg.Connection) -> dict[str, list[tuple[object, ...]]]:
