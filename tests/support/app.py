@@ -15,15 +15,16 @@ import uvicorn
 import yaml
 
 from pgmeter.api.app import create_app
+from pgmeter.api.server import uvicorn_config
 from pgmeter.config import Settings
 
 
 class ThreadedServer:
     """Any ASGI app under a real uvicorn server, on its own thread and event loop."""
 
-    def __init__(self, app: object, host: str, port: int) -> None:
-        self.config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,  # type: ignore[arg-type]
-                                     lifespan="on")
+    def __init__(self, app: object, host: str, port: int, config: uvicorn.Config | None = None) -> None:
+        self.config = config or uvicorn.Config(app, host=host, port=port, log_config=None,  # type: ignore[arg-type]
+                                               access_log=False, lifespan="on")
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
 
@@ -60,8 +61,10 @@ class AppServer:
         return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> AppServer:
-        self._server = ThreadedServer(create_app(self.settings, self.roles),
-                                      self.settings.listen_host, self.settings.listen_port)
+        app = create_app(self.settings, self.roles)
+        # The production server set-up (deadlines for slow clients included).
+        self._server = ThreadedServer(app, self.settings.listen_host, self.settings.listen_port,
+                                      uvicorn_config(app, self.settings, timeout_graceful_shutdown=None))
         self._server.start()
         return self
 

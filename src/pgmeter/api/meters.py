@@ -105,7 +105,7 @@ def id_or_slug(request: Request) -> str:
 async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
     """The meter named in the path, or a 404 problem. ``active``: deleted is 404 too."""
     key = id_or_slug(request)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meter = await store.get(conn, namespace_of(request), key)
     if meter is None or (active and meter.deleted):
         raise Problem(404, f"meter not found: {key}")
@@ -152,7 +152,7 @@ async def list_meters(request: Request) -> Response:
         value = _single(request, name)
         if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
             raise bad_request(f"{name} must be a positive integer", parameter=name)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
                                          descending=order == "DESC", include_deleted=include == "true")
     return JSONResponse([meter_json(meter) for meter in meters])
@@ -164,7 +164,7 @@ async def create_meter(request: Request) -> Response:
         spec = MeterSpec.model_validate(body)
     except ValidationError as exc:
         raise validation_problem(exc) from None
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         try:
             meter = await store.create(conn, namespace_of(request), spec)
         except store.SlugTaken:
@@ -193,7 +193,7 @@ async def update_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
     try:
         update = MeterUpdate.model_validate(await json_body(request))
-        async with runtime_of(request).pool.acquire() as conn:
+        async with runtime_of(request).api_pool.acquire() as conn:
             # OpenMeter's PUT: groupBy and metadata are replaced (absent clears them),
             # an absent name resets to the slug, an absent description is kept.
             updated = await store.update(
@@ -208,7 +208,7 @@ async def update_meter(request: Request) -> Response:
 
 async def delete_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         await store.delete(conn, meter)
     return Response(status_code=204)
 
@@ -218,7 +218,7 @@ async def list_subjects(request: Request) -> Response:
     start, end = _time_param(request, "from"), _time_param(request, "to")
     if start is not None and end is not None and start >= end:
         raise bad_request("from must be before to", parameter="from")
-    subjects = await distinct_values(runtime_of(request).pool, meter, None, start, end)
+    subjects = await distinct_values(runtime_of(request).api_pool, meter, None, start, end)
     return JSONResponse(subjects)
 
 
@@ -239,7 +239,7 @@ async def list_group_by_values(request: Request) -> Response:
             raise bad_request("from must be before to", parameter="from")
         if end - start > GROUP_VALUES_MAX_SPAN:
             raise bad_request("from and to must be at most 30 days apart", parameter="to")
-    values = await distinct_values(runtime_of(request).pool, meter, key, start, end)
+    values = await distinct_values(runtime_of(request).api_pool, meter, key, start, end)
     return JSONResponse(values)
 
 

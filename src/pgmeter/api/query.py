@@ -187,11 +187,11 @@ async def _answer(request: Request, meter: Meter, params: QueryParams) -> Respon
         runtime = runtime_of(request)
         cache = runtime.extras["query_cache"]
         if wants_csv(request):
-            body = await cache.respond(runtime.pool, meter, params, "csv",
+            body = await cache.respond(runtime.api_pool, meter, params, "csv",
                                        lambda result: result_csv(meter, params, result))
             return Response(body, media_type="text/csv",
                             headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
-        body = await cache.respond(runtime.pool, meter, params, "json",
+        body = await cache.respond(runtime.api_pool, meter, params, "json",
                                    lambda result: result_json_bytes(params, result))
     except QueryError as exc:
         raise bad_request(str(exc), parameter=exc.parameter) from None

@@ -26,6 +26,7 @@ import asyncpg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import Counter, Gauge
 
+from pgmeter.metric_labels import tenant
 from pgmeter.rollup.merge import merge_range
 from pgmeter.rollup.objects import Rollup
 from pgmeter.rollup.watermark import LOCK_TIMEOUT_MS, WRITER_WAIT_S, WritersBusy, wait_out_writers
@@ -119,7 +120,7 @@ class Refresher:
                 await conn.execute("UPDATE meter_rollups SET last_seq = $2, merged_at = now() "
                                    "WHERE meter_id = $1", rollup.meter_id, hi)
         batch = Batch(rollup.meter_id, row["slug"], lo, hi, events)
-        EVENTS_MERGED.labels(batch.slug).inc(events)
+        EVENTS_MERGED.labels(tenant(batch.slug)).inc(events)
         self._log_progress(batch)
         return batch
 
