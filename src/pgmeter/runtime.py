@@ -139,7 +139,9 @@ async def _heal_nats(runtime: Runtime) -> None:
         await asyncio.sleep(NATS_WATCH_INTERVAL)
         nc = runtime.nats
         if nc.is_connected and not nats_read_loop_alive(nc):
-            runtime.dependency("nats").failed("the client stopped reading; reconnecting")
+            # Rare and worth a line of its own whatever the dependency's state.
+            log.warning("nats: the client stopped reading from its connection; reconnecting")
+            runtime.dependency("nats").failed("the client stopped reading")
             try:
                 await nc.force_reconnect()
             except Exception as exc:  # the next round tries again

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -27,10 +28,16 @@ class ThreadedServer:
                                                access_log=False, lifespan="on")
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's loop, for tests that reach in
 
     def start(self) -> None:
         self.server = server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await server.serve()
+
+        self.thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not server.started:
@@ -56,6 +63,16 @@ class AppServer:
     @property
     def base_url(self) -> str:
         return f"http://{self.settings.address}"
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's event loop (e.g. on its runtime) and return its result."""
+        assert self._server is not None and self._server.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._server.loop).result(timeout)
+
+    @property
+    def runtime(self) -> Any:
+        assert self._server is not None
+        return self._server.config.app.state.runtime  # type: ignore[union-attr]
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]

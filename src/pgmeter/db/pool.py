@@ -53,7 +53,11 @@ async def create_pool(dsn: str, *, size: int = 10, min_size: int = 1, connect_ti
         acquire_timeout=acquire_timeout,
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
-        min_size=min(min_size, size),
+        # Opened at start (so a wrong DSN fails fast), but no floor kept afterwards:
+        # asyncpg restores a floor by retrying in the background and logs a traceback
+        # per attempt for as long as Postgres is away. Connections open on demand.
+        init_size=min(min_size, size),
+        min_size=0,
         max_size=size,
         max_queries=50_000,
         max_inactive_connection_lifetime=300.0,
