@@ -59,6 +59,7 @@ class Dependency:
         self.name = name
         self.probe = probe
         self.down_since: float | None = None
+        self.closed = False  # the process is shutting down: its own disconnects are no outage
         self._watcher: asyncio.Task[None] | None = None
         DEPENDENCY_UP.labels(name).set(1)
         DEPENDENCY_ERRORS.labels(name)  # the series exists (at 0) before the first failure
@@ -69,6 +70,8 @@ class Dependency:
 
     def failed(self, reason: str) -> None:
         """Count a failure; log it only if the dependency was up until now."""
+        if self.closed:
+            return
         DEPENDENCY_ERRORS.labels(self.name).inc()
         if self.down_since is not None:
             return
@@ -105,5 +108,6 @@ class Dependency:
             self.recovered()
 
     def close(self) -> None:
+        self.closed = True
         if self._watcher is not None:
             self._watcher.cancel()

@@ -93,7 +93,9 @@ async def connect_nats(url: str, state: Dependency | None = None) -> NATS:
 
     async def on_error(exc: Exception) -> None:
         if isinstance(exc, _NATS_OUTAGE_ERRORS):
-            state.failed(describe(exc))
+            # Reported before the disconnect callback runs, so this is the outage's line.
+            lost = isinstance(exc, nats.errors.UnexpectedEOF | nats.errors.StaleConnectionError)
+            state.failed(f"disconnected ({'connection lost' if lost else describe(exc)})")
         else:
             DEPENDENCY_ERRORS.labels(state.name).inc()
             log.warning("nats: client error: %s", describe(exc), extra={"dependency": state.name})
