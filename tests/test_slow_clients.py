@@ -6,6 +6,7 @@ Raw sockets, because an HTTP client library always sends whole requests.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -109,3 +110,15 @@ def test_requests_that_arrive_in_pieces_within_the_deadlines_work(app: AppServer
             answer = sock.recv(65536)
             assert answer.startswith(b"HTTP/1.1 204 "), answer
             body = json.dumps(make_event()).encode()
+
+
+def test_a_slow_body_on_a_starlette_handler_is_no_error(app: AppServer, caplog: pytest.LogCaptureFixture) -> None:
+    body = json.dumps({"slug": "slow", "eventType": "t", "aggregation": "COUNT"}).encode()
+    with caplog.at_level(logging.INFO), connect(app) as sock:
+        sock.sendall(b"POST /api/v1/meters HTTP/1.1\r\nHost: pgmeter\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:3])
+        raw, took = read_until_closed(sock)
+        time.sleep(0.2)  # the handler sees the disconnect after the connection closed
+    assert problem_of(raw)[0] == 408 and took < BOUND
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
+        [r.getMessage() for r in caplog.records]

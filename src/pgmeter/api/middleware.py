@@ -11,6 +11,7 @@ import os
 import time
 
 from prometheus_client import Histogram
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -125,6 +126,9 @@ class RequestContextMiddleware:
         except BodyTooLarge as exc:
             status = 413
             await problem_response(413, str(exc))(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client left (or was cut off by the server's body deadline): nobody to answer.
+            status = 499
         except Exception as exc:
             # Answered here, inside the request context (the answer carries the request
             # id) and without re-raising: Starlette's own last-resort handler re-raises,
