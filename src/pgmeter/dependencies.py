@@ -33,6 +33,9 @@ DEPENDENCY_UP = Gauge(
 
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
+# A dependency that fails again this soon after recovering is flapping: the new
+# outage and its end are logged at DEBUG (and counted), so flapping cannot flood the log.
+FLAP_QUIET = 30.0
 
 
 def describe(exc: BaseException) -> str:
@@ -49,7 +52,12 @@ def describe(exc: BaseException) -> str:
         return "connection lost"
     if isinstance(exc, OSError):
         return "network error"
-    return type(exc).__name__
+    name = type(exc).__name__  # e.g. the Valkey client's own TimeoutError and ConnectionError
+    if name.endswith("TimeoutError"):
+        return "timed out"
+    if name.endswith("ConnectionError"):
+        return "connection failed"
+    return name
 
 
 class Dependency:
@@ -60,6 +68,8 @@ class Dependency:
         self.probe = probe
         self.down_since: float | None = None
         self.closed = False  # the process is shutting down: its own disconnects are no outage
+        self._recovered_at = -FLAP_QUIET
+        self._level = logging.WARNING  # of the current outage's lines
         self._watcher: asyncio.Task[None] | None = None
         DEPENDENCY_UP.labels(name).set(1)
         DEPENDENCY_ERRORS.labels(name)  # the series exists (at 0) before the first failure
@@ -77,7 +87,9 @@ class Dependency:
             return
         self.down_since = time.monotonic()
         DEPENDENCY_UP.labels(self.name).set(0)
-        log.warning("%s: %s", self.name, reason, extra={"dependency": self.name})
+        flapping = self.down_since - self._recovered_at < FLAP_QUIET
+        self._level = logging.DEBUG if flapping else logging.WARNING
+        log.log(self._level, "%s: %s", self.name, reason, extra={"dependency": self.name})
         if self.probe is not None and (self._watcher is None or self._watcher.done()):
             try:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -88,11 +100,13 @@ class Dependency:
         """The dependency answered: log the way back if it was down."""
         if self.down_since is None:
             return
-        took = time.monotonic() - self.down_since
+        self._recovered_at = time.monotonic()
+        took = self._recovered_at - self.down_since
         self.down_since = None
         DEPENDENCY_UP.labels(self.name).set(1)
-        log.info("%s: available again after %.1f s", self.name, took,
-                 extra={"dependency": self.name, "outage_seconds": round(took, 1)})
+        log.log(logging.INFO if self._level > logging.DEBUG else logging.DEBUG,
+                "%s: available again after %.1f s", self.name, took,
+                extra={"dependency": self.name, "outage_seconds": round(took, 1)})
 
     async def _watch(self) -> None:
         assert self.probe is not None
