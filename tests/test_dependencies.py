@@ -46,3 +46,16 @@ def test_no_outage_while_closing(caplog: pytest.LogCaptureFixture) -> None:
     state.close()
     state.failed("disconnected")
     assert lines(caplog) == [] and state.up
+
+
+def test_server_warnings_a_client_controls_are_throttled() -> None:
+    from pgmeter.logs import RepeatFilter
+
+    throttle = RepeatFilter(interval=10)
+    records = [logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Exceeded concurrency limit.", None,
+                                 None) for _ in range(100)]
+    for n, record in enumerate(records):
+        record.created = 1000.0 + n * 0.5  # 50 s of one warning every half second
+    passed = [record for record in records if throttle.filter(record)]
+    assert [r.created for r in passed] == [1000.0, 1010.0, 1020.0, 1030.0, 1040.0]
+    assert [getattr(r, "repeated", 0) for r in passed] == [0, 19, 19, 19, 19]

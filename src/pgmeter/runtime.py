@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ async def connect_nats(url: str, state: Dependency | None = None) -> NATS:
     reconnect attempt, twice a second for as long as the server is away.
     """
     state = state or Dependency("nats")
+    logged: dict[str, float] = {}  # error kind -> when last logged
 
     async def on_error(exc: Exception) -> None:
         if isinstance(exc, _NATS_OUTAGE_ERRORS):
@@ -97,8 +99,14 @@ async def connect_nats(url: str, state: Dependency | None = None) -> NATS:
             lost = isinstance(exc, nats.errors.UnexpectedEOF | nats.errors.StaleConnectionError)
             state.failed(f"disconnected ({'connection lost' if lost else describe(exc)})")
         else:
+            # Not an outage (a slow consumer, a permissions error): worth a line, but a
+            # recurring one (a slow consumer on every message) only once a minute.
             DEPENDENCY_ERRORS.labels(state.name).inc()
-            log.warning("nats: client error: %s", describe(exc), extra={"dependency": state.name})
+            kind = describe(exc)
+            now = time.monotonic()
+            if now - logged.get(kind, -60.0) >= 60.0:
+                logged[kind] = now
+                log.warning("nats: client error: %s", kind, extra={"dependency": state.name})
 
     async def on_disconnected() -> None:
         state.failed("disconnected")
