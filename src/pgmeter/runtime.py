@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 ROLES = ("api", "sink", "refresher", "lago-sync")
 
-
-NATS_WATCH_INTERVAL = 1.0
+NATS_WATCH_INTERVAL = 1.0  # how often a dead NATS read loop is looked for
+PING_TIMEOUT = 2.0  # the Postgres recovery probe's bound
 
 
 @dataclass
@@ -225,5 +225,3 @@ async def _ping_postgres(runtime: Runtime) -> None:
     async with runtime.api_pool.acquire(timeout=PING_TIMEOUT) as conn:
         await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
 
-
-PING_TIMEOUT = 2.0
