@@ -347,7 +347,7 @@ def test_ingested_counter_counts_acknowledged_events(client: httpx.Client) -> No
     def ingested() -> float:
         text = client.get("/metrics").text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('openmeter_events_ingested_total{namespace="default"}'))
+                   if line.startswith('openmeter_events_ingested_total{namespace=""}'))
 
     before = ingested()
     assert post_events(client, [make_event() for _ in range(7)]).status_code == 204

@@ -158,4 +158,4 @@ def test_read_your_writes_and_latency_metric(api: httpx.Client, settings: Settin
     events_sql.insert_committed(settings.postgres.url, [Event("c", DAY, {"tokens": 100}, type="call")])
     assert query(api, "tokens", subject="c").json()["data"][0]["value"] == 100  # not merged yet
     metrics = api.get("/metrics").text
-    assert 'openmeter_query_latency_seconds_count{meter="tokens"}' in metrics
+    assert 'openmeter_query_latency_seconds_count{meter=""}' in metrics

@@ -263,7 +263,7 @@ def test_the_refresher_role_runs_on_its_schedule(settings: Settings, url: str) -
             time.sleep(0.05)
         assert watermarks == [head] * len(METERS)
         metrics = client.get("/metrics").text
-    assert 'pgmeter_meter_events_merged_total{meter="calls"}' in metrics
+    assert 'pgmeter_meter_events_merged_total{meter=""}' in metrics
     assert "pgmeter_refresher_lag_events" in metrics and "pgmeter_refresher_lag_seconds" in metrics
 
 

@@ -387,12 +387,12 @@ def test_sink_metrics(client: httpx.Client, module_settings: Settings) -> None:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and not line.startswith("#"))
 
-    processed = metric('openmeter_events_processed_total{namespace="default"}')
-    duplicates = metric('pgmeter_events_duplicate_total{namespace="default"}')
+    processed = metric('openmeter_events_processed_total{namespace=""}')
+    duplicates = metric('pgmeter_events_duplicate_total{namespace=""}')
     event = make_event(source="metrics")
     assert post_events(client, [event, event, make_event(source="metrics")]).status_code == 204
-    wait_for(lambda: metric('openmeter_events_processed_total{namespace="default"}') - processed >= 2)
-    wait_for(lambda: metric('pgmeter_events_duplicate_total{namespace="default"}') - duplicates >= 1)
+    wait_for(lambda: metric('openmeter_events_processed_total{namespace=""}') - processed >= 2)
+    wait_for(lambda: metric('pgmeter_events_duplicate_total{namespace=""}') - duplicates >= 1)
     text = client.get("/metrics").text
     assert "pgmeter_sink_pending_messages" in text and "pgmeter_dead_letters_total" in text
 

@@ -68,6 +68,17 @@ class PostgresConfig(Section):
     # that needs a session (COPY, advisory locks, LISTEN) uses ``url``.
     query_url: str | None = Field(default=None, alias="queryUrl")
     pool_size: int = Field(default=10, ge=1, alias="poolSize")
+    # How long opening a connection may take, and waiting for a free one in the pool.
+    # Past either, an api request answers 503 with Retry-After instead of hanging.
+    connect_timeout: Duration = Field(default=timedelta(seconds=5), alias="connectTimeout")
+    acquire_timeout: Duration = Field(default=timedelta(seconds=5), alias="acquireTimeout")
+    # The longest statement the api runs: past it the statement is cancelled on the
+    # server and the request answers 503. Meter queries take tens of milliseconds and
+    # the largest allowed answer about a second; 10 s stays below the 30 s that HTTP
+    # clients and Grafana give up after, so the server never works for a caller that
+    # left. Background roles (sink, refresher, Lago) are not bound by it: a backfill
+    # may legitimately run for minutes.
+    statement_timeout: Duration = Field(default=timedelta(seconds=10), alias="statementTimeout")
 
 
 class NatsConfig(Section):
@@ -187,6 +198,29 @@ class LimitsConfig(Section):
     cache_max_entry_bytes: int = Field(default=1024 * 1024, ge=1024, alias="cacheMaxEntryBytes")
 
 
+class ServerConfig(Section):
+    """The HTTP server's defences against slow or idle clients (every role's listener)."""
+
+    # A connection must deliver a request's complete headers this long after it opened
+    # (or after the first byte of a kept-alive connection's next request); otherwise it
+    # is closed with 408.
+    header_timeout: Duration = Field(default=timedelta(seconds=10), alias="headerTimeout")
+    # A request's whole body must arrive this long after its headers; otherwise 408.
+    body_timeout: Duration = Field(default=timedelta(seconds=30), alias="bodyTimeout")
+    # An idle keep-alive connection is closed after this long without a new request.
+    keep_alive: Duration = Field(default=timedelta(seconds=5), alias="keepAlive")
+    # Connections plus requests in progress; beyond it new requests get 503. With
+    # ingest.maxBodyBytes it bounds the memory held by request bodies.
+    limit_concurrency: int = Field(default=1000, ge=1, alias="limitConcurrency")
+
+
+class MetricsConfig(Section):
+    # Label Prometheus series with namespace and meter slug values. Off by default:
+    # /metrics needs no token, and tenant names, slugs and volumes are not public.
+    # Turn it on for single-tenant installs; when off the labels stay, with "" values.
+    tenant_labels: bool = Field(default=False, alias="tenantLabels")
+
+
 class LagoMapping(Section):
     meter: str
     code: str
@@ -237,6 +271,8 @@ class Settings(BaseSettings):
     refresher: RefresherConfig = Field(default_factory=RefresherConfig)
     lago: LagoConfig = Field(default_factory=LagoConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     # Bearer token -> namespace. Empty means auth is off.
     auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens",
                                         validation_alias=AliasChoices("authTokens", "auth_tokens"))

@@ -124,7 +124,7 @@ def id_or_slug(request: Request) -> str:
 async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
     """The meter named in the path, or a 404 problem. ``active``: deleted is 404 too."""
     key = id_or_slug(request)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meter = await store.get(conn, namespace_of(request), key)
     if meter is None or (active and meter.deleted):
         raise Problem(404, f"meter not found: {key}")
@@ -171,7 +171,7 @@ async def list_meters(request: Request) -> Response:
         value = _single(request, name)
         if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
             raise bad_request(f"{name} must be a positive integer", parameter=name)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
                                          descending=order == "DESC", include_deleted=include == "true")
     return JSONResponse([meter_json(meter) for meter in meters])
@@ -188,7 +188,7 @@ async def create_meter(request: Request) -> Response:
         raise problem
     runtime = runtime_of(request)
     namespace = namespace_of(request)
-    async with runtime.pool.acquire() as conn:
+    async with runtime.api_pool.acquire() as conn:
         try:
             meter = await store.create(conn, namespace, spec,
                                        max_meters=runtime.settings.limits.meters_per_namespace)
@@ -229,7 +229,7 @@ async def update_meter(request: Request) -> Response:
             metadata=update.metadata))
         if problem is not None:
             raise problem
-        async with runtime_of(request).pool.acquire() as conn:
+        async with runtime_of(request).api_pool.acquire() as conn:
             # OpenMeter's PUT: groupBy and metadata are replaced (absent clears them),
             # an absent name resets to the slug, an absent description is kept.
             updated = await store.update(
@@ -244,7 +244,7 @@ async def update_meter(request: Request) -> Response:
 
 async def delete_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         await store.delete(conn, meter)
     return Response(status_code=204)
 
@@ -262,7 +262,7 @@ async def _distinct(request: Request, meter: store.Meter, key: str | None, start
     runtime = runtime_of(request)
     max_rows = runtime.settings.limits.query_max_rows
     try:
-        return await distinct_values(runtime.pool, meter, key, start, end, max_rows=max_rows)
+        return await distinct_values(runtime.api_pool, meter, key, start, end, max_rows=max_rows)
     except TooManyRows as exc:
         raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None
 

@@ -28,6 +28,7 @@ from prometheus_client import Histogram
 from psycopg import sql
 
 from pgmeter.meters.store import Meter
+from pgmeter.metric_labels import tenant
 from pgmeter.query.params import (
     QueryError,
     QueryParams,
@@ -138,7 +139,7 @@ async def run_query(db: Db, meter: Meter, params: QueryParams, *, max_rows: int 
                 raise
         raise AssertionError("unreachable")
     finally:
-        QUERY_LATENCY.labels(meter.slug).observe(time.perf_counter() - started)
+        QUERY_LATENCY.labels(tenant(meter.slug)).observe(time.perf_counter() - started)
 
 
 async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_rows: int | None) -> QueryResult:

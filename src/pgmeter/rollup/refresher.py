@@ -40,6 +40,7 @@ import asyncpg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import Counter, Gauge
 
+from pgmeter.metric_labels import tenant
 from pgmeter.rollup.merge import merge_range
 from pgmeter.rollup.objects import Rollup
 from pgmeter.rollup.watermark import LOCK_TIMEOUT_MS, WRITER_WAIT_S, WritersBusy, wait_out_writers
@@ -247,7 +248,7 @@ class Refresher:
                     "failure_reason = NULL, failing_since = NULL, next_attempt = NULL "
                     "WHERE meter_id = $1", rollup.meter_id, hi)
         batch = Batch(rollup.meter_id, row["slug"], lo, hi, events)
-        EVENTS_MERGED.labels(batch.slug).inc(events)
+        EVENTS_MERGED.labels(tenant(batch.slug)).inc(events)
         if row["failures"]:
             log.info("meter merges again", extra={"meter": batch.slug, "namespace": rollup.namespace,
                                                   "failures": row["failures"]})

@@ -53,6 +53,7 @@ from pgmeter.config import Settings
 from pgmeter.ingest import metrics, stream, wire
 from pgmeter.ingest.cloudevents import EventTuple
 from pgmeter.ingest.limits import EventLimits
+from pgmeter.metric_labels import tenant
 from pgmeter.runtime import Runtime
 from pgmeter.sink import partitions, store
 from pgmeter.sink.store import DeadLetter, Outcome
@@ -330,9 +331,9 @@ class Sink:
                 except Exception as exc:  # the broker will redeliver; dedup makes that harmless
                     log.debug("ack failed", extra={"error": repr(exc)})
             for namespace, count in outcome.stored.items():
-                metrics.EVENTS_PROCESSED.labels(namespace).inc(count)
+                metrics.EVENTS_PROCESSED.labels(tenant(namespace)).inc(count)
             for namespace, count in outcome.duplicates.items():
-                metrics.EVENTS_DUPLICATE.labels(namespace).inc(count)
+                metrics.EVENTS_DUPLICATE.labels(tenant(namespace)).inc(count)
             if outcome.dead_letters:
                 metrics.DEAD_LETTERS.inc(outcome.dead_letters)
                 log.warning("dead-lettered events", extra={"count": outcome.dead_letters})
