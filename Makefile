@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: run test bench bench-ingest bench-query clean
+.PHONY: run test bench bench-ingest bench-query bench-chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ bench-ingest: $(VENV)/.installed
 
 bench-query: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.query
+
+# kill -9 and restart every component at random under load, then verify exactly-once
+# (CHAOS_ARGS=--quick for 45 s of faults)
+bench-chaos: $(VENV)/.installed
+	$(VENV)/bin/python -m bench.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pgmeter
