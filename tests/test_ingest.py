@@ -30,6 +30,7 @@ from tests.support.ingest import (
     stored_count,
     wait_until_stored,
 )
+from tests.support.metrics import delta, scrape
 
 CONTENT_TYPES = [CLOUDEVENT, BATCH, JSON]
 MAX_BODY = 64 * 1024
@@ -382,11 +383,12 @@ def test_a_request_larger_than_one_broker_message_is_split_and_fully_stored(pg_s
             AppServer(settings, {"api", "sink"}) as app, app.client() as http:
         events = [make_event(source="big", data={"blob": "x" * 3000, "n": n}) for n in range(1000)]
         assert len(json.dumps(events)) > 3 * 1024 * 1024
+        before = scrape(http)
         assert post_events(http, events).status_code == 204
         wait_until_stored(settings.postgres.url, 1000)
-        text = http.get("/metrics").text
-        messages = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("pgmeter_ingest_messages_total"))
-        assert messages >= 3
+        messages = delta(before, scrape(http), "pgmeter_ingest_messages_total")
         with psycopg.connect(settings.postgres.url) as conn:
-            assert conn.execute("SELECT count(DISTINCT batch_seq), count(*) FROM events").fetchone()[0] >= 3  # type: ignore[index]
+            [(batches, stored)] = conn.execute("SELECT count(DISTINCT batch_seq), count(*) FROM events").fetchall()
+        # Each message is one stream sequence: the messages this request published are
+        # exactly the batches its events were stored from.
+        assert (stored, messages) == (1000, batches) and batches >= 3

@@ -21,7 +21,7 @@ from pgmeter.meters import store
 from pgmeter.meters.model import MeterSpec
 from pgmeter.rollup import refresher as refresher_module
 from pgmeter.rollup.refresher import Refresher
-from tests.support import events_sql, oracle
+from tests.support import events_sql, metrics, oracle
 from tests.support.app import AppServer
 from tests.support.events_sql import Event
 from tests.support.meter_env import query_string
@@ -252,6 +252,7 @@ def test_the_refresher_role_runs_on_its_schedule(settings: Settings, url: str) -
     fast = settings.model_copy(update={"refresher": settings.refresher.model_copy(
         update={"interval": timedelta(milliseconds=200)})})
     with AppServer(fast, {"api", "refresher"}) as server, server.client() as client:
+        before = metrics.scrape(client)
         events_sql.insert_committed(url, [event(rng) for _ in range(50)])
         deadline = time.monotonic() + 20
         while True:
@@ -260,6 +261,7 @@ def test_the_refresher_role_runs_on_its_schedule(settings: Settings, url: str) -
                 break
             time.sleep(0.05)
         assert watermarks == [head] * len(METERS)
-        metrics = client.get("/metrics").text
-    assert 'pgmeter_meter_events_merged_total{meter="calls"}' in metrics
-    assert "pgmeter_refresher_lag_events" in metrics and "pgmeter_refresher_lag_seconds" in metrics
+        after = metrics.scrape(client)
+    # Every meter merged each of the 50 events once (all are of the meters' type).
+    for body in METERS:
+        assert metrics.delta(before, after, "pgmeter_meter_events_merged_total", meter=body["slug"]) == 50

@@ -26,6 +26,7 @@ from pgmeter.ingest.cloudevents import now_micros, parse_time
 from pgmeter.sink import partitions, store
 from tests.support.app import AppServer
 from tests.support.ingest import dead_letters, isolated_settings, make_event, post_events
+from tests.support.metrics import delta, scrape
 
 
 @pytest.fixture(scope="module")
@@ -319,19 +320,19 @@ def test_redelivery_writes_nothing_twice(module_settings: Settings, server: AppS
 
 
 def test_sink_metrics(client: httpx.Client, module_settings: Settings) -> None:
-    def metric(name: str) -> float:
-        text = client.get("/metrics").text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
-
-    processed = metric('openmeter_events_processed_total{namespace="default"}')
-    duplicates = metric('pgmeter_events_duplicate_total{namespace="default"}')
+    """Two new events and one repeat: processed grows by exactly 2, duplicates by exactly 1."""
+    before = scrape(client)
     event = make_event(source="metrics")
     assert post_events(client, [event, event, make_event(source="metrics")]).status_code == 204
-    wait_for(lambda: metric('openmeter_events_processed_total{namespace="default"}') - processed >= 2)
-    wait_for(lambda: metric('pgmeter_events_duplicate_total{namespace="default"}') - duplicates >= 1)
-    text = client.get("/metrics").text
-    assert "pgmeter_sink_pending_messages" in text and "pgmeter_dead_letters_total" in text
+    wait_for(lambda: rows(module_settings, "SELECT count(*) FROM events WHERE source = 'metrics'") == [(2,)])
+    # The counters move after COMMIT; give them the moment between COMMIT and increment.
+    wait_for(lambda: delta(before, scrape(client), "openmeter_events_processed_total") >= 2
+             and delta(before, scrape(client), "pgmeter_events_duplicate_total") >= 1)
+    after = scrape(client)
+    assert delta(before, after, "openmeter_events_processed_total") == 2
+    assert delta(before, after, "pgmeter_events_duplicate_total") == 1
+    assert delta(before, after, "pgmeter_dead_letters_total") == 0
+    assert {name for name, _, _ in after} >= {"pgmeter_sink_pending_messages", "pgmeter_dead_letters_total"}
 
 
 class _FakeMsg:
