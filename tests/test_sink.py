@@ -299,7 +299,12 @@ def test_a_subject_without_a_namespace_is_dead_lettered(server: AppServer, modul
     assert letters[0]["item"] == -1 and "namespace" in letters[0]["reason"]
 
 
-def test_redelivery_writes_nothing_twice(module_settings: Settings, server: AppServer) -> None:
+def test_the_same_batch_written_twice_stores_nothing_twice(module_settings: Settings, server: AppServer) -> None:
+    """What a redelivery amounts to in the store: the same keys, events and dead letters again.
+
+    This calls store.write directly; redeliveries through JetStream after a crash are
+    in test_faults.py.
+    """
     dead = [store.DeadLetter(999_999, 0, "s", "r", b"p")]
     micros = parse_time("2024-03-01T00:00:00Z")
     records = [("default", f"r{n}", "redelivered", "t", "s", micros, None, micros, 999_999) for n in range(3)]
