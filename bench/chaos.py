@@ -351,7 +351,8 @@ Cell = tuple[Any, ...]  # (window start, subject, group-by values...)
 
 
 def query_cells(api: str, slug: str, group_by: list[str], start: datetime, end: datetime) -> dict[Cell, float]:
-    params = [("windowSize", "HOUR"), ("from", rfc3339(start)), ("to", rfc3339(end))]
+    params: list[tuple[str, str | int | float | bool | None]] = [
+        ("windowSize", "HOUR"), ("from", rfc3339(start)), ("to", rfc3339(end))]
     params += [("groupBy", key) for key in group_by]
     response = httpx.get(f"{api}/api/v1/meters/{slug}/query", params=params, timeout=60)
     response.raise_for_status()
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             process.start()
         api_url = f"http://{api.settings.address}"
         targets: dict[str, list[RoleProcess | ServiceProcess]] = {
-            "sink": roles[1:3], "api": [api], "refresher": [roles[3]],
+            "sink": [roles[1], roles[2]], "api": [api], "refresher": [roles[3]],
             "postmaster": [postgres], "nats-server": [broker], "valkey": [valkey]}
 
         producer = Producer(api_url, rate=args.rate, threads=4, batch=10, seed=args.seed)
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         monitor.check()
 
         with psycopg.connect(postgres.url) as conn:
-            stored = Counter(dict(conn.execute(
+            stored: Counter[str] = Counter(dict(conn.execute(
                 "SELECT id, count(*) FROM events WHERE source = %s GROUP BY id", (SOURCE,)).fetchall()))
         lost = sum(1 for event_id in stats.acknowledged if event_id not in stored)
         doubled = sum(count - 1 for count in stored.values() if count > 1)
