@@ -33,7 +33,6 @@ Nothing here asserts timing; the table reports it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -51,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import psycopg
 import yaml
 
@@ -60,7 +58,7 @@ from pgmeter.config import Settings
 from pgmeter.db.migrate import migrate
 from pgmeter.devstack import services
 from pgmeter.devstack.process import ManagedProcess, free_port
-from tests.support.faults import kill_postmaster
+from tests.support.faults import consumer_idle, kill_postmaster
 
 SOURCE = "chaos"
 EVENT_TYPE = "chaos.call"
@@ -330,21 +328,6 @@ class Monitor(threading.Thread):
 
 
 # -- verification --------------------------------------------------------------------------
-
-
-def consumer_idle(nats_url: str, stream: str, consumer: str) -> bool:
-    async def check() -> bool:
-        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
-        try:
-            info = await nc.jetstream().consumer_info(stream, consumer)
-            return info.num_pending == 0 and info.num_ack_pending == 0
-        finally:
-            await nc.close()
-
-    try:
-        return asyncio.run(check())
-    except Exception:
-        return False
 
 
 Cell = tuple[Any, ...]  # (window start, subject, group-by values...)

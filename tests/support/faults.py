@@ -14,10 +14,12 @@ and exit, and until they have, a new postmaster refuses the data directory.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import nats
 import psutil
 import psycopg
 
@@ -76,3 +78,23 @@ def kill_postmaster(process: ManagedProcess, timeout: float = 30) -> int:
     gone, alive = psutil.wait_procs(children, timeout=timeout)
     assert not alive, f"backends still running {timeout:.0f}s after the postmaster died: {alive}"
     return len(children)
+
+
+def consumer_idle(nats_url: str, stream: str, consumer: str) -> bool:
+    """Whether the sink consumer has nothing left to deliver and nothing unacknowledged.
+
+    Only then can no redelivery come any more: the moment to count for duplicates.
+    False while NATS cannot be asked.
+    """
+    async def check() -> bool:
+        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+        try:
+            info = await nc.jetstream().consumer_info(stream, consumer)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(check())
+    except Exception:
+        return False
