@@ -11,6 +11,7 @@ from pgmeter.config import Settings
 from pgmeter.devstack import services
 from pgmeter.devstack.process import free_port
 from tests.support.app import AppServer
+from tests.support.metrics import delta, scrape
 
 
 def wait_for_status(client: httpx.Client, path: str, status: int, timeout: float = 20) -> httpx.Response:
@@ -30,10 +31,12 @@ def test_liveness_smoke_probe_and_metrics(settings: Settings) -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"] == {"postgres": "ok", "nats": "ok", "valkey": "ok"}
-        metrics = client.get("/metrics")
-        assert metrics.status_code == 200
-        assert "http_server_request_duration_seconds_bucket" in metrics.text
-        assert 'http_route="/api/v1/health"' in metrics.text
+        before = scrape(client)
+        assert client.get("/api/v1/health").status_code == 200
+        after = scrape(client)
+        route = {"http_route": "/api/v1/health"}
+        assert delta(before, after, "http_server_request_duration_seconds_count", **route) == 1
+        assert delta(before, after, "http_server_request_duration_seconds_bucket", le="+Inf", **route) == 1
 
 
 def test_unknown_route_and_wrong_method_are_problems(settings: Settings) -> None:

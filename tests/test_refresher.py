@@ -23,7 +23,7 @@ from pgmeter.meters import store
 from pgmeter.meters.model import MeterSpec
 from pgmeter.rollup import refresher as refresher_module
 from pgmeter.rollup.refresher import Refresher
-from tests.support import events_sql, oracle
+from tests.support import events_sql, metrics, oracle
 from tests.support.app import AppServer
 from tests.support.events_sql import Event
 from tests.support.meter_env import query_string
@@ -166,8 +166,12 @@ def test_batches_are_bounded_and_progress_is_logged(url: str, caplog: pytest.Log
         batches = asyncio.run(run())
     for meter in METERS:
         assert [(lo, hi) for slug, lo, hi in batches if slug == meter["slug"]] == [(0, 10), (10, 20), (20, 30), (30, 35)]
-    # Meters take turns: no meter gets two batches in a row while others wait.
-    assert [slug for slug, _, _ in batches[:len(METERS)]] != [batches[0][0]] * len(METERS)
+    # Meters take turns: each round of len(METERS) batches serves every meter once, so no
+    # meter gets a second batch while another still waits for its first.
+    slugs = [slug for slug, _, _ in batches]
+    assert len(slugs) == 4 * len(METERS)
+    for start in range(0, len(slugs), len(METERS)):
+        assert sorted(slugs[start:start + len(METERS)]) == sorted(m["slug"] for m in METERS), slugs
     messages = [r.getMessage() for r in caplog.records]
     assert "backfilling meter" in messages and "meter caught up" in messages
     assert set(rollup_totals(url).values()) == {(35, 35, 35)}
@@ -251,9 +255,12 @@ def iso_in(t: datetime, zone: str | None) -> str:
 
 def test_the_refresher_role_runs_on_its_schedule(settings: Settings, url: str) -> None:
     rng = random.Random(3)
-    fast = settings.model_copy(update={"refresher": settings.refresher.model_copy(
-        update={"interval": timedelta(milliseconds=200)})})
+    # Tenant labels on, so each meter's merges are counted under its own name.
+    fast = settings.model_copy(update={
+        "refresher": settings.refresher.model_copy(update={"interval": timedelta(milliseconds=200)}),
+        "metrics": settings.metrics.model_copy(update={"tenant_labels": True})})
     with AppServer(fast, {"api", "refresher"}) as server, server.client() as client:
+        before = metrics.scrape(client)
         events_sql.insert_committed(url, [event(rng) for _ in range(50)])
         deadline = time.monotonic() + 20
         while True:
@@ -262,9 +269,10 @@ def test_the_refresher_role_runs_on_its_schedule(settings: Settings, url: str) -
                 break
             time.sleep(0.05)
         assert watermarks == [head] * len(METERS)
-        metrics = client.get("/metrics").text
-    assert 'pgmeter_meter_events_merged_total{meter=""}' in metrics
-    assert "pgmeter_refresher_lag_events" in metrics and "pgmeter_refresher_lag_seconds" in metrics
+        after = metrics.scrape(client)
+    # Every meter merged each of the 50 events once (all are of the meters' type).
+    for body in METERS:
+        assert metrics.delta(before, after, "pgmeter_meter_events_merged_total", meter=body["slug"]) == 50
 
 
 def m1_table(url: str, slug: str) -> str:

@@ -27,7 +27,9 @@ from pgmeter.ingest import wire
 from pgmeter.ingest.cloudevents import now_micros, parse_time
 from pgmeter.sink import partitions, store
 from tests.support.app import AppServer
+from tests.support.faults import blocked_writers
 from tests.support.ingest import dead_letters, isolated_settings, make_event, post_events, rfc3339
+from tests.support.metrics import delta, scrape
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +362,12 @@ def test_a_subject_without_a_namespace_is_dead_lettered(server: AppServer, modul
     assert letters[0]["item"] == -1 and "namespace" in letters[0]["reason"]
 
 
-def test_redelivery_writes_nothing_twice(module_settings: Settings, server: AppServer) -> None:
+def test_the_same_batch_written_twice_stores_nothing_twice(module_settings: Settings, server: AppServer) -> None:
+    """What a redelivery amounts to in the store: the same keys, events and dead letters again.
+
+    This calls store.write directly; redeliveries through JetStream after a crash are
+    in test_faults.py.
+    """
     dead = [store.DeadLetter(999_999, 0, "s", "r", b"p")]
     micros = parse_time("2024-03-01T00:00:00Z")
     records = [("default", f"r{n}", "redelivered", "t", "s", micros, None, micros, 999_999) for n in range(3)]
@@ -382,19 +389,19 @@ def test_redelivery_writes_nothing_twice(module_settings: Settings, server: AppS
 
 
 def test_sink_metrics(client: httpx.Client, module_settings: Settings) -> None:
-    def metric(name: str) -> float:
-        text = client.get("/metrics").text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
-
-    processed = metric('openmeter_events_processed_total{namespace=""}')
-    duplicates = metric('pgmeter_events_duplicate_total{namespace=""}')
+    """Two new events and one repeat: processed grows by exactly 2, duplicates by exactly 1."""
+    before = scrape(client)
     event = make_event(source="metrics")
     assert post_events(client, [event, event, make_event(source="metrics")]).status_code == 204
-    wait_for(lambda: metric('openmeter_events_processed_total{namespace=""}') - processed >= 2)
-    wait_for(lambda: metric('pgmeter_events_duplicate_total{namespace=""}') - duplicates >= 1)
-    text = client.get("/metrics").text
-    assert "pgmeter_sink_pending_messages" in text and "pgmeter_dead_letters_total" in text
+    wait_for(lambda: rows(module_settings, "SELECT count(*) FROM events WHERE source = 'metrics'") == [(2,)])
+    # The counters move after COMMIT; give them the moment between COMMIT and increment.
+    wait_for(lambda: delta(before, scrape(client), "openmeter_events_processed_total") >= 2
+             and delta(before, scrape(client), "pgmeter_events_duplicate_total") >= 1)
+    after = scrape(client)
+    assert delta(before, after, "openmeter_events_processed_total") == 2
+    assert delta(before, after, "pgmeter_events_duplicate_total") == 1
+    assert delta(before, after, "pgmeter_dead_letters_total") == 0
+    assert {name for name, _, _ in after} >= {"pgmeter_sink_pending_messages", "pgmeter_dead_letters_total"}
 
 
 class _FakeMsg:
@@ -409,13 +416,20 @@ class _FakeMsg:
 
 
 def test_two_writers_keep_the_first_copy_by_stream_order(module_settings: Settings) -> None:
-    """Batches that share a key are written in stream order even with two writers."""
+    """A batch sharing a key with an earlier, still uncommitted batch waits for it in the sink.
+
+    The interleaving is forced: an open transaction of ours has claimed the key of
+    batch 1's first event, so writer 1 blocks inside its COPY before it reaches the
+    shared key ``a``. Writer 2, holding batch 2 (``a`` again), must not go to Postgres
+    meanwhile: if it did, it would claim ``a`` first and its copy would win.
+    """
     from types import SimpleNamespace
 
     from pgmeter.sink import worker
 
     settings = module_settings.model_copy(update={"sink": module_settings.sink.model_copy(
         update={"max_events_per_tx": 2})})
+    url = module_settings.postgres.url
     micros = parse_time("2024-04-01T00:00:00Z")
 
     def pending(seq: int, *events: tuple[str, str]) -> worker.Pending:
@@ -427,29 +441,43 @@ def test_two_writers_keep_the_first_copy_by_stream_order(module_settings: Settin
             item.days.add(partitions.day_of(micros))
         return item
 
-    batches = [pending(1, ("a", '{"copy":1}'), ("b", '{"copy":1}')),
-               pending(2, ("a", '{"copy":2}'), ("c", '{"copy":2}')),
-               pending(3, ("b", '{"copy":3}'), ("d", '{"copy":3}'))]
+    first = pending(1, ("x", '{"copy":1}'), ("a", '{"copy":1}'))
+    second = pending(2, ("a", '{"copy":2}'), ("c", '{"copy":2}'))
 
     async def run() -> None:
         sink = worker.Sink(SimpleNamespace(settings=settings, js=None, pool=None))  # type: ignore[arg-type]
         assert len(sink.slots) == 2
+        holder = psycopg.connect(url)
+        holder.execute("INSERT INTO event_dedup (key, event_time) VALUES (%s, '2024-04-01T00:00:00Z')",
+                       (store.dedup_key("default", "order", "x"),))  # uncommitted: writer 1 waits on it
         writers = [asyncio.ensure_future(worker._run_writer(sink, slot)) for slot in sink.slots]
-        for item in batches:
-            sink.queue.append(item)
-            sink.buffered += item.weight
-        sink._has_data.set()
         try:
-            await asyncio.wait_for(asyncio.gather(*(item.msg.acked.wait() for item in batches)), 30)
-            assert all(slot.conn is not None for slot in sink.slots), "both writers took a batch"
+            for item in (first, second):
+                sink.queue.append(item)
+                sink.buffered += item.weight
+            sink._has_data.set()
+            holder_pid = holder.info.backend_pid
+            deadline = time.monotonic() + 30
+            while len(sink._writing) < 2 or await asyncio.to_thread(blocked_writers, url, holder_pid) == 0:
+                assert time.monotonic() < deadline, "writer 1 never blocked with writer 2 holding batch 2"
+                await asyncio.sleep(0.02)
+            # Both writers hold a batch and writer 1 is stuck in its transaction. Given a
+            # second, writer 2 would have committed if it did not wait for writer 1.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(second.msg.acked.wait(), 1.0)  # type: ignore[attr-defined]
+            assert sum(slot.conn is not None for slot in sink.slots) == 1, "writer 2 went to Postgres"
+            assert await asyncio.to_thread(blocked_writers, url, holder_pid) == 1
+            holder.rollback()  # writer 1 proceeds, commits, then writer 2 runs
+            await asyncio.wait_for(asyncio.gather(*(item.msg.acked.wait() for item in (first, second))), 30)  # type: ignore[attr-defined]
         finally:
+            holder.close()
             for task in writers:
                 task.cancel()
             await asyncio.gather(*writers, return_exceptions=True)
 
     asyncio.run(run())
     found = dict(rows(module_settings, "SELECT id, data->>'copy' FROM events WHERE source = 'order'"))
-    assert found == {"a": "1", "b": "1", "c": "2", "d": "3"}
+    assert found == {"x": "1", "a": "1", "c": "2"}
 
 
 # -- hostile messages published straight to the stream (issue 10) --------------------------
