@@ -314,6 +314,30 @@ def test_batch_size_setting_is_used(settings: Settings, app: AppServer) -> None:
         lago.stop()
 
 
+def test_status_warns_when_delivery_is_slower_than_lago_invoices(settings: Settings) -> None:
+    lago = FakeLago()
+    lago.add_customer("quick", "UTC", grace_days=0)
+    lago.add_customer("patient", "Asia/Kolkata", grace_days=2)
+    lago.subscribe("sub-quick", "quick", datetime(2026, 1, 1, tzinfo=UTC))
+    lago.subscribe("sub-patient", "patient", datetime(2026, 1, 1, tzinfo=UTC))
+    lago.start()
+    try:
+        # The hourly set-up: fine for a customer with a grace period, not for one without.
+        configure(settings, lago, {"tpp-q": "sub-quick", "tpp-p": "sub-patient"}, interval="1h", grace="15m")
+        status = subprocess.run([sys.executable, "-m", "pgmeter", "--config", str(config_file(settings)),
+                                 "lago-sync", "--status"], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        warnings = [line for line in status.stdout.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "sub-quick" in warnings[0] and "1:15:00" in warnings[0]
+        # The defaults (a run a minute, no grace) beat Lago's clock for both.
+        configure(settings, lago, {"tpp-q": "sub-quick", "tpp-p": "sub-patient"})
+        status = subprocess.run([sys.executable, "-m", "pgmeter", "--config", str(config_file(settings)),
+                                 "lago-sync", "--status"], capture_output=True, text=True, timeout=60)
+        assert "warning:" not in status.stdout and "delay: interval 0:01:00 + grace 0:00:00" in status.stdout
+    finally:
+        lago.stop()
+
+
 def config_file(settings: Settings) -> Path:
     return write_config(settings, Path(tempfile.mkdtemp()) / "pgmeter.yaml")
 

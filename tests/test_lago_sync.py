@@ -386,3 +386,24 @@ def test_rejected_usage_is_billed_with_the_next_change() -> None:
     assert [(i.revision, i.value) for i in plan([Sent(0, Decimal(100), Decimal(100))])] == [(1, 5)]
     # Rejected as it stands, and unchanged since: not sent again every run.
     assert plan([Sent(0, Decimal(105), Decimal(105), "failed")]) == []
+
+
+def test_rows_from_before_subscription_splits_are_not_billed_again(pipeline: tuple[Settings, AppServer],
+                                                                   lago: FakeLago) -> None:
+    settings, app = pipeline
+    events = generated_events()
+    stored = ingest(app, settings, events, 0)
+    sync(settings, lago, NOW - timedelta(minutes=30))  # the 07:00 window is open
+
+    async def as_if_written_before_migration_010() -> None:
+        conn = await asyncpg.connect(settings.postgres.url)
+        try:
+            await conn.execute("UPDATE lago_outbox SET lago_subscription_id = ''")
+        finally:
+            await conn.close()
+
+    asyncio.run(as_if_written_before_migration_010())
+    late = [api_call(6000 + n, "tpp-1", BASE + timedelta(hours=2, minutes=n), 3) for n in range(3)]
+    ingest(app, settings, late, stored)
+    sync(settings, lago, NOW)  # the open window grows, a closed one gets late events
+    assert_lago_matches(lago, truth(events + late, until=NOW, subjects=settings.lago.subjects))

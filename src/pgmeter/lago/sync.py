@@ -50,7 +50,7 @@ from prometheus_client import Counter, Gauge
 from pgmeter.config import LagoConfig, LagoMapping, Settings
 from pgmeter.lago import outbox
 from pgmeter.lago.client import LagoClient, LagoUnavailable
-from pgmeter.lago.plan import Item, Piece, UnsupportedMeter, check_syncable, metric_problem, next_items
+from pgmeter.lago.plan import Item, Piece, Sent, UnsupportedMeter, check_syncable, metric_problem, next_items
 from pgmeter.lago.subscriptions import Book, Owner, piece_timestamp, window_floor, window_span
 from pgmeter.meters import store
 from pgmeter.meters.store import Meter
@@ -229,8 +229,8 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
                                                                                step_end), frozenset({window})))
 
     pieces = await _read_pieces(pool, meter, config, book, reads)
-    windows = sorted({(p.subject, p.window_start) for p in pieces.values()})
-    history = await outbox.histories(conn, meter_key, mapping.code, windows)
+    read_windows = sorted({(p.subject, p.window_start) for p in pieces.values()})
+    history = await outbox.histories(conn, meter_key, mapping.code, read_windows)
     # A window already sent keeps its external subscription, whatever lago.subjects says now.
     moved: dict[tuple[str, datetime], str] = {}
     for (subject, window_start, _), rows in history.items():
@@ -243,10 +243,11 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
         again = [_Read(subject, owner_then, window_start, window_start + window_span(config.window),
                        frozenset({window_start})) for (subject, window_start), owner_then in moved.items()]
         pieces.update(await _read_pieces(pool, meter, config, book, again, cap=step_end))
+    _adopt_legacy_rows(pieces, history)
     if meter.aggregation in ("SUM", "COUNT"):
         # A piece sent before and now empty (a subscription's range changed): zero it.
         for key, rows in history.items():
-            if key not in pieces:
+            if key not in pieces and rows:
                 last = max(rows, key=lambda r: r.revision)
                 end = last.window_end or key[1]
                 pieces[key] = Piece(key[0], key[1], end, last.external_subscription_id, key[2], key[1], end,
@@ -263,6 +264,24 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
             LAGO_REFUSED.labels("value" if item.lago_subscription_id else "subscription").inc()
     await outbox.save_state(conn, meter_key, mapping.code, step_end, watermark)
     return step_end >= cutoff
+
+
+def _adopt_legacy_rows(pieces: dict[tuple[str, datetime, str], Piece],
+                       history: dict[tuple[str, datetime, str], list[Sent]]) -> None:
+    """Rows sent before windows were split by subscription (migration 010) have no
+    Lago record; what they billed counts for the window's first owned piece, so an
+    upgraded pgmeter sends only the difference, never the window again."""
+    for (subject, window_start, record), rows in list(history.items()):
+        billed = [row for row in rows if row.billed]
+        if record or not billed:
+            continue
+        owned = [p for p in pieces.values()
+                 if p.subject == subject and p.window_start == window_start and p.lago_subscription_id]
+        if not owned:
+            continue
+        target = min(owned, key=lambda p: p.start).key
+        history[target] = history.get(target, []) + billed
+        history[(subject, window_start, record)] = [row for row in rows if not row.billed]
 
 
 async def _read_pieces(pool: asyncpg.Pool, meter: Meter, config: LagoConfig, book: Book, reads: list[_Read],
