@@ -132,7 +132,9 @@ PERIOD_END = {"tpp-utc": datetime(2026, 3, 1, tzinfo=UTC), "tpp-ny": datetime(20
               "tpp-kathmandu": datetime(2026, 2, 28, 18, 15, tzinfo=UTC)}
 
 
-def test_invoices_equal_usage_for_periods_ending_at_any_hour_and_zone(settings: Settings, app: AppServer) -> None:
+@pytest.mark.parametrize("window", ["HOUR", "DAY"])
+def test_invoices_equal_usage_for_periods_ending_at_any_hour_and_zone(settings: Settings, app: AppServer,
+                                                                       window: str) -> None:
     start = datetime(2026, 2, 28, 12, tzinfo=UTC)
     lago = FakeLago(now=start)
     standard_metrics(lago)
@@ -141,7 +143,7 @@ def test_invoices_equal_usage_for_periods_ending_at_any_hour_and_zone(settings: 
         lago.subscribe(f"sub-{subject}", f"cust-{subject}", datetime(2026, 1, 10, 9, 41, 7, 250_000, tzinfo=UTC))
     lago.start()
     try:
-        configure(settings, lago, {subject: f"sub-{subject}" for subject in ZONES})
+        configure(settings, lago, {subject: f"sub-{subject}" for subject in ZONES}, window=window)
         events = []
         n = 0
         for index, subject in enumerate(ZONES):
@@ -338,6 +340,37 @@ def test_status_warns_when_delivery_is_slower_than_lago_invoices(settings: Setti
         lago.stop()
 
 
+def test_stand_in_accepts_what_lago_accepts_and_bills_only_what_lago_bills() -> None:
+    """The stand-in's own contract, so the tests above are held to Lago's behaviour."""
+    lago = FakeLago(now=datetime(2026, 3, 31, 23, tzinfo=UTC))
+    lago.add_metric("calls", "sum_agg", "value")
+    lago.subscribe("sub-1", "cust-1", datetime(2026, 3, 10, 8, 30, tzinfo=UTC))
+    lago.start()
+    try:
+        def event(n: int, at: datetime, subscription: str = "sub-1", code: str = "calls") -> dict[str, Any]:
+            return {"transaction_id": f"t{n}", "external_subscription_id": subscription, "code": code,
+                    "timestamp": at.timestamp(), "properties": {"value": "2"}}
+
+        inside = datetime(2026, 3, 20, tzinfo=UTC)
+        batch = [event(1, inside), event(2, inside, "sub-unknown"), event(3, inside, ""),
+                 event(4, inside, code="unknown_code"),
+                 event(5, datetime(2026, 3, 10, 8, 29, 59, tzinfo=UTC)),  # before started_at
+                 event(6, datetime(2026, 4, 1, 0, 0, 1, tzinfo=UTC))]     # next period
+        headers = {"Authorization": f"Bearer {lago.api_key}"}
+        assert httpx.post(lago.url + "/api/v1/events/batch", json={"events": batch}, headers=headers).status_code \
+            == 200
+        again = httpx.post(lago.url + "/api/v1/events/batch", json={"events": batch[:1]}, headers=headers)
+        assert again.status_code == 422
+        assert again.json()["error_details"] == {"0": {"transaction_id": ["value_already_exist"]}}
+        lago.advance(datetime(2026, 4, 1, 0, 9, tzinfo=UTC))
+        assert lago.final_invoices() == []  # not before :10
+        lago.advance(datetime(2026, 4, 1, 0, 11, tzinfo=UTC))
+        [invoice] = lago.final_invoices()
+        assert invoice.units == {"calls": 2} and invoice.from_ == datetime(2026, 3, 10, 8, 30, tzinfo=UTC)
+    finally:
+        lago.stop()
+
+
 def config_file(settings: Settings) -> Path:
     return write_config(settings, Path(tempfile.mkdtemp()) / "pgmeter.yaml")
 
@@ -390,3 +423,42 @@ def test_metric_checks() -> None:
     assert "recurring" in (metric_problem("SUM", "value", metric("sum_agg", recurring=True), "c") or "")
     assert "expression" in (metric_problem("SUM", "value", metric("sum_agg", expression="value * 2"), "c") or "")
     assert "does not exist" in (metric_problem("SUM", "value", None, "c") or "")
+
+
+def test_segments_cut_at_starts_and_ends_to_the_second() -> None:
+    from pgmeter.lago.subscriptions import Owner, Record
+
+    day = datetime(2026, 2, 28, tzinfo=UTC)
+    old = Record("a", day + timedelta(hours=8, minutes=30, milliseconds=250), day + timedelta(hours=14, minutes=20))
+    new = Record("b", day + timedelta(hours=14, minutes=20, milliseconds=600), None)
+    owner = Owner("sub", [new, old])
+    cuts = [(r.lago_id if r else None, s, e) for r, s, e in owner.segments(day + timedelta(hours=8), day + timedelta(
+        hours=15))]
+    assert cuts == [(None, day + timedelta(hours=8), day + timedelta(hours=8, minutes=30)),
+                    ("a", day + timedelta(hours=8, minutes=30), day + timedelta(hours=14, minutes=20)),
+                    ("b", day + timedelta(hours=14, minutes=20), day + timedelta(hours=15))]
+
+
+def test_latest_corrections_are_newer_and_stay_in_their_piece() -> None:
+    from pgmeter.lago.plan import Piece, Sent, next_items
+
+    start = datetime(2026, 3, 2, 8, tzinfo=UTC)
+    piece = Piece("s", start, start + timedelta(hours=1), "sub", "rec", start + timedelta(minutes=30),
+                  start + timedelta(hours=1), Decimal(int((start + timedelta(minutes=30)).timestamp())) + Decimal("0.25"),
+                  Decimal(9))
+
+    def plan(history: list[Sent]) -> list[Any]:
+        return next_items(aggregation="LATEST", meter_key="m", code="c", property="value", piece=piece,
+                          history=history)
+
+    [first] = plan([])
+    assert first.value == 9 and first.timestamp == piece.timestamp and first.lago_event()["timestamp"] == \
+        float(piece.timestamp)
+    assert plan([Sent(0, Decimal(9), Decimal(9))]) == []
+    [correction] = plan([Sent(0, Decimal(4), Decimal(4)), Sent(1, Decimal(5), Decimal(5))])
+    assert correction.revision == 2 and correction.timestamp == piece.timestamp + 2
+    [late] = plan([Sent(r, Decimal(1), Decimal(1)) for r in range(5000)])
+    assert late.timestamp < Decimal(int(piece.end.timestamp()))  # capped inside the piece
+    [big] = next_items(aggregation="MAX", meter_key="m", code="c", property="value", history=[],
+                       piece=Piece(**{**piece.__dict__, "usage": Decimal(10) ** 12}))
+    assert big.status == "refused" and "cannot be split" in (big.reason or "")
