@@ -426,7 +426,7 @@ def test_metric_checks() -> None:
 
 
 def test_segments_cut_at_starts_and_ends_to_the_second() -> None:
-    from pgmeter.lago.subscriptions import Owner, Record
+    from pgmeter.lago.subscriptions import Owner, Record, piece_timestamp
 
     day = datetime(2026, 2, 28, tzinfo=UTC)
     old = Record("a", day + timedelta(hours=8, minutes=30, milliseconds=250), day + timedelta(hours=14, minutes=20))
@@ -437,6 +437,15 @@ def test_segments_cut_at_starts_and_ends_to_the_second() -> None:
     assert cuts == [(None, day + timedelta(hours=8), day + timedelta(hours=8, minutes=30)),
                     ("a", day + timedelta(hours=8, minutes=30), day + timedelta(hours=14, minutes=20)),
                     ("b", day + timedelta(hours=14, minutes=20), day + timedelta(hours=15))]
+    # Timestamps: inside each record's range; the new record's event goes past the
+    # second the old one ended in (Lago terminates it milliseconds after the start).
+    old_ended = Record("a", old.started_at, day + timedelta(hours=14, minutes=20, milliseconds=603))
+    assert piece_timestamp(day + timedelta(hours=8), old, [old, new]) == \
+        Decimal(int(old.started_at.timestamp())) + Decimal("0.25")
+    assert piece_timestamp(day + timedelta(hours=14), new, [old_ended, new]) == \
+        Decimal(int((day + timedelta(hours=14, minutes=20, seconds=1)).timestamp()))
+    assert piece_timestamp(day + timedelta(hours=15), new, [old_ended, new]) == \
+        Decimal(int((day + timedelta(hours=15)).timestamp()))
 
 
 def test_latest_corrections_are_newer_and_stay_in_their_piece() -> None:

@@ -35,10 +35,13 @@ Invoicing (driven by :meth:`FakeLago.advance`, the clock the test controls)
 - Termination and upgrade (:meth:`terminate`, :meth:`upgrade`) invoice the
   terminated record at once, from its period start to ``terminated_at`` (final at
   once with grace 0). An upgrade keeps the external id and starts a new record.
-- An event counts for the record of its ``external_subscription_id`` with
-  ``started_at <= timestamp <= terminated_at`` (ties to the newest), inside the
-  invoice's period; everything else is ignored. Units per billable metric:
-  sum_agg, max_agg, latest_agg (the newest timestamp), count_agg, on ``field_name``.
+- An invoice counts the events of its ``external_subscription_id`` whose timestamp
+  is inside its charges window: the period, clipped to ``started_at`` and
+  ``terminated_at``, both inclusive (Lago's event stores filter by external id and
+  timestamp, not by record: an upgrade's records overlap by the milliseconds between
+  the new record's start and the old one's termination). Everything else is
+  ignored. Units per billable metric: sum_agg, max_agg, latest_agg (the newest
+  timestamp), count_agg, on ``field_name``.
 
 Tests steer it with ``outage`` (503 for the next N event batches), ``rate_limit``
 (429 for the next N batches), ``fail_after_store`` (store, then answer 500),
@@ -184,7 +187,10 @@ class FakeLago:
         return record
 
     def upgrade(self, external_id: str, at: datetime, plan_code: str) -> Subscription:
-        old = self.terminate(external_id, at)
+        """As lago-api's ActivateService: the new record starts at ``at``; the old one is
+        terminated a few milliseconds later (its own ``Time.current``), so the two
+        records' charge windows overlap by those milliseconds."""
+        old = self.terminate(external_id, at + timedelta(milliseconds=3))
         return self.subscribe(external_id, old.customer, at, plan_code=plan_code, interval=old.interval)
 
     # -- the clock ---------------------------------------------------------------------
@@ -259,25 +265,18 @@ class FakeLago:
         invoice.units = self._units(invoice)
         invoice.status = "finalized"
 
-    def _owner(self, external_id: str, timestamp: datetime) -> Subscription | None:
-        candidates = [s for s in self.subscriptions if s.external_id == external_id and s.started_at <= timestamp
-                      and (s.terminated_at is None or s.terminated_at >= timestamp)]
-        # terminated_at DESC NULLS FIRST, started_at DESC
-        candidates.sort(key=lambda s: (s.terminated_at is None, s.terminated_at or s.started_at, s.started_at),
-                        reverse=True)
-        return candidates[0] if candidates else None
-
     def _units(self, invoice: Invoice) -> dict[str, Decimal]:
         record = invoice.subscription
         inside = []
         for event in self.stored:
             timestamp = _timestamp(event)
+            # As the event stores aggregate: by external_subscription_id and a timestamp
+            # inside the charges window (clipped to started_at/terminated_at, both
+            # inclusive), not by the record an event was attributed to.
             if event.get("external_subscription_id") != record.external_id or event["code"] not in self.metrics:
                 continue
             if not invoice.from_ <= timestamp or not (timestamp < invoice.to if invoice.reason != "termination"
                                                       else timestamp <= invoice.to):
-                continue
-            if self._owner(record.external_id, timestamp) is not record:
                 continue
             inside.append((timestamp, event))
         units: dict[str, Decimal] = {}

@@ -10,7 +10,8 @@ invoices periods cut at midnight in the customer's time zone. So the sync:
 - windows are HOUR or DAY in the customer's ``applicable_timezone``, so no window
   spans a period boundary (a +05:30 customer's hours start at :30 UTC);
 - timestamps each piece at ``max(window start, started_at)`` (to the millisecond),
-  which Lago attributes to that record and to the period holding the window.
+  inside that record's charge window and the period holding the window, and past
+  the end of any record it overlaps (:func:`piece_timestamp`).
 """
 
 from __future__ import annotations
@@ -89,8 +90,24 @@ def lago_time(text: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def piece_timestamp(window_start: datetime, record: Record) -> Decimal:
+def piece_timestamp(window_start: datetime, record: Record, others: list[Record]) -> Decimal:
+    """Where a piece's Lago event goes: ``max(window start, started_at)``, past any
+    other record of the same external id that ends in that second.
+
+    Lago's invoices count events by external id and timestamp inside the charges
+    window (``started_at``..``terminated_at``, both inclusive), not by record. On an
+    upgrade the old record is terminated a few milliseconds *after* the new one
+    starts, and ``terminated_at`` is published to the second only: an event at the
+    new record's ``started_at`` would be on both invoices. The next whole second
+    after the old record's published ``terminated_at`` is on the new one's only.
+    """
     moment = max(window_start, record.started_at)
+    for other in others:
+        if other is record or other.terminated_at is None or other.started_at > moment:
+            continue
+        ended = other.terminated_at.replace(microsecond=0)
+        if ended >= moment.replace(microsecond=0):
+            moment = max(moment, ended + timedelta(seconds=1))
     # Exact decimal seconds (milliseconds at most), never a binary float.
     whole = int(moment.replace(microsecond=0).timestamp())
     return Decimal(whole) + Decimal(moment.microsecond // 1000) / 1000

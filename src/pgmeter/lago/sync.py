@@ -322,7 +322,8 @@ async def _read_pieces(pool: asyncpg.Pool, meter: Meter, config: LagoConfig, boo
                                   owner.not_active(piece_start, piece_end))
                 else:
                     piece = Piece(read.subject, window_start, window_end, owner.external_id, record.lago_id,
-                                  piece_start, piece_end, piece_timestamp(window_start, record), row.value)
+                                  piece_start, piece_end, piece_timestamp(window_start, record, owner.records),
+                                  row.value)
                 earlier = made_by.get(piece.key)
                 if piece.refused is not None and earlier is not None and earlier[0] == group \
                         and earlier[1] != index:
