@@ -16,6 +16,7 @@ invoices periods cut at midnight in the customer's time zone. So the sync:
 
 from __future__ import annotations
 
+import asyncio
 import zoneinfo
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -129,14 +130,45 @@ def window_span(window: str) -> timedelta:
     return timedelta(hours=1) if window == "HOUR" else timedelta(hours=25)
 
 
-class Book:
-    """Subscriptions and customers read from Lago, once per run (so an upgrade is
-    seen by the next run)."""
+class Customers:
+    """Customers and billing entities (time zone, grace period), kept for a few minutes
+    across runs: they change rarely, and a run a minute would otherwise read every
+    customer with usage every minute."""
 
-    def __init__(self, client: LagoClient) -> None:
+    TTL = timedelta(minutes=5)
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, str], tuple[datetime, dict[str, Any] | None]] = {}
+
+    async def get(self, kind: str, key: str, read: Any) -> dict[str, Any] | None:
+        now = datetime.now(UTC)
+        kept = self._kept.get((kind, key))
+        if kept is None or kept[0] <= now:
+            kept = (now + self.TTL, await read(key))
+            self._kept[(kind, key)] = kept
+        return kept[1]
+
+
+class Book:
+    """What Lago knows about subscriptions, read once per run: subscriptions afresh
+    every run (an upgrade must be seen by the next run), customers through
+    :class:`Customers`."""
+
+    def __init__(self, client: LagoClient, customers: Customers | None = None) -> None:
         self.client = client
+        self.customers = customers or Customers()
         self._owners: dict[str, Owner] = {}
-        self._entities: dict[str, dict[str, Any] | None] = {}
+
+    async def prefetch(self, external_ids: set[str], concurrency: int = 8) -> None:
+        """Read many owners with a few requests in flight (a run reads every
+        subscription with recent usage)."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(external_id: str) -> None:
+            async with gate:
+                await self.owner(external_id)
+
+        await asyncio.gather(*(one(e) for e in sorted(external_ids) if e not in self._owners))
 
     async def owner(self, external_id: str) -> Owner:
         if external_id not in self._owners:
@@ -158,7 +190,8 @@ class Book:
             owner.problem = f"subscription {external_id} does not exist in Lago (or never started)"
             return owner
         owner.customer = str(found[0].get("external_customer_id") or "") or None
-        customer = await self.client.customer(owner.customer) if owner.customer else None
+        customer = (await self.customers.get("customer", owner.customer, self.client.customer)
+                    if owner.customer else None)
         if customer is not None:
             billing = customer.get("billing_configuration") or {}
             entity = await self._entity(customer.get("billing_entity_code"))
@@ -177,6 +210,4 @@ class Book:
     async def _entity(self, code: Any) -> dict[str, Any] | None:
         if not code:
             return None
-        if code not in self._entities:
-            self._entities[code] = await self.client.billing_entity(str(code))
-        return self._entities[code]
+        return await self.customers.get("billing_entity", str(code), self.client.billing_entity)

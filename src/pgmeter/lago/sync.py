@@ -51,7 +51,7 @@ from pgmeter.config import LagoConfig, LagoMapping, Settings
 from pgmeter.lago import outbox
 from pgmeter.lago.client import LagoClient, LagoUnavailable
 from pgmeter.lago.plan import Item, Piece, Sent, UnsupportedMeter, check_syncable, metric_problem, next_items
-from pgmeter.lago.subscriptions import Book, Owner, piece_timestamp, window_floor, window_span
+from pgmeter.lago.subscriptions import Book, Customers, Owner, piece_timestamp, window_floor, window_span
 from pgmeter.meters import store
 from pgmeter.meters.store import Meter
 from pgmeter.query.engine import distinct_values, run_query
@@ -107,9 +107,10 @@ def mapping_key(meter: Meter) -> str:
 
 
 async def run_sync(pool: asyncpg.Pool, settings: Settings, client: LagoClient, *,
-                   now: datetime | None = None, dry_run: bool = False) -> RunReport:
+                   now: datetime | None = None, dry_run: bool = False,
+                   customers: Customers | None = None) -> RunReport:
     """One sync run. With ``dry_run`` nothing is written or sent (Lago is only read):
-    the plan is returned."""
+    the plan is returned. ``customers`` keeps customer reads across runs."""
     now = now or datetime.now(UTC)
     report = RunReport()
     async with pool.acquire() as lock_conn:
@@ -118,7 +119,7 @@ async def run_sync(pool: asyncpg.Pool, settings: Settings, client: LagoClient, *
             LAGO_RUNS.labels("skipped").inc()
             return report
         try:
-            book = Book(client)  # read afresh each run: an upgrade is seen by the next run
+            book = Book(client, customers)  # subscriptions afresh each run: an upgrade is seen next run
             for mapping in settings.lago.mappings:
                 try:
                     await _sync_mapping(pool, settings, mapping, book, now, report, dry_run)
@@ -215,6 +216,7 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
     for subject, hour in await outbox.touched_hours(conn, meter, seen_seq, watermark, read_to):
         late[subject].add(hour)
     recent = {read.subject for read in reads}
+    await book.prefetch({external_id(subject) for subject in late})
     for subject, hours in late.items():
         owner = await book.owner(external_id(subject))
         read_from = window_floor(read_to, config.window, owner.timezone)
@@ -228,6 +230,7 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
             reads.append(_Read(subject, external_id(subject), window, min(window + window_span(config.window),
                                                                                step_end), frozenset({window})))
 
+    await book.prefetch({read.external_id for read in reads})
     pieces = await _read_pieces(pool, meter, config, book, reads)
     read_windows = sorted({(p.subject, p.window_start) for p in pieces.values()})
     history = await outbox.histories(conn, meter_key, mapping.code, read_windows)
@@ -394,11 +397,12 @@ async def start(runtime: Runtime) -> None:
     if not settings.lago.api_key:
         raise UnsupportedMeter("lago.apiKey (PGMETER_LAGO_API_KEY) is required when lago.enabled is true")
     client = LagoClient(settings.lago.url, settings.lago.api_key)
+    customers = Customers()
     scheduler = AsyncIOScheduler(timezone="UTC")
 
     async def job() -> None:
         try:
-            report = await run_sync(runtime.pool, settings, client)
+            report = await run_sync(runtime.pool, settings, client, customers=customers)
             log.info("lago sync run", extra={"planned": len(report.to_send), "delivered": report.delivered,
                                              "refused": len(report.refused_items), "failed": report.failed,
                                              "pending": report.pending, "skipped": report.skipped})
