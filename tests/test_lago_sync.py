@@ -269,12 +269,27 @@ def test_unbillable_subject_is_refused_and_the_rest_goes(pipeline: tuple[Setting
     expected = {k: v for k, v in truth(events, until=NOW, subjects=settings.lago.subjects).items()
                 if k[0] not in ("", "sub-ghost")}
     assert_lago_matches(lago, expected)
-    # A second run does not refuse the same usage again.
+    # A second run does not refuse the same usage again; an open window that keeps
+    # growing keeps one refusal row, updated.
     assert sync(settings, lago, NOW).planned == []
+    sync(settings, lago, NOW + timedelta(minutes=20))
+    sync(settings, lago, NOW + timedelta(minutes=40))
+
+    async def refusal_rows() -> tuple[int, int]:
+        conn = await asyncpg.connect(settings.postgres.url)
+        try:
+            row = await conn.fetchrow("SELECT count(*) AS n, count(DISTINCT (code, subject, window_start)) AS d "
+                                      "FROM lago_outbox WHERE status = 'refused'")
+            return row["n"], row["d"]
+        finally:
+            await conn.close()
+
+    rows, distinct = asyncio.run(refusal_rows())
+    assert rows == distinct > len(refused)
     status = subprocess.run([sys.executable, "-m", "pgmeter", "--config", str(_config_path(settings)),
                              "lago-sync", "--status"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    assert f"refused {len(refused)}" in status.stdout
+    assert f"refused {rows}" in status.stdout
     assert "subscription sub-ghost does not exist in Lago" in status.stdout
     assert "empty external_subscription_id" in status.stdout
 

@@ -88,7 +88,10 @@ async def add(conn: asyncpg.Connection, items: list[Item]) -> None:
                                  lago_subscription_id, window_start, window_end, revision, part, value,
                                  window_value, timestamp, property, status, last_error)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-        ON CONFLICT (transaction_id) DO NOTHING
+        ON CONFLICT (transaction_id) DO UPDATE
+           SET value = excluded.value, window_value = excluded.window_value, last_error = excluded.last_error,
+               created_at = now()
+         WHERE lago_outbox.status = 'refused' AND excluded.status = 'refused'
         """,
         [(i.transaction_id, i.meter_key, i.code, i.subject, i.external_subscription_id, i.lago_subscription_id,
           i.window_start, i.window_end, i.revision, i.part, i.value, i.window_value, i.timestamp, i.property,

@@ -208,6 +208,10 @@ def next_items(*, aggregation: str, meter_key: str, code: str, property: str, pi
     if piece.refused is not None:
         if piece.usage == 0 and not billed:
             return []
+        if latest and latest[0].status == "refused":
+            # Still refused, with more usage: the refusal row is updated in place (it
+            # is never sent), not repeated every run while the window grows.
+            revision -= 1
         return rows([piece.usage], "refused", piece.refused)
     if aggregation in ("SUM", "COUNT"):
         value = piece.usage - sum((h.value for h in billed), Decimal(0))

@@ -237,7 +237,8 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
     # A window already sent keeps its external subscription, whatever lago.subjects says now.
     moved: dict[tuple[str, datetime], str] = {}
     for (subject, window_start, _), rows in history.items():
-        owner_then = max(rows, key=lambda r: r.revision).external_subscription_id
+        billed = [row for row in rows if row.billed]  # refused or rejected rows own nothing
+        owner_then = max(billed, key=lambda r: r.revision).external_subscription_id if billed else ""
         if owner_then and owner_then != external_id(subject):
             moved[(subject, window_start)] = owner_then
     if moved:
