@@ -292,6 +292,13 @@ def test_unbillable_subject_is_refused_and_the_rest_goes(pipeline: tuple[Setting
     assert f"refused {rows}" in status.stdout
     assert "subscription sub-ghost does not exist in Lago" in status.stdout
     assert "empty external_subscription_id" in status.stdout
+    # The operator fixes both: sub-ghost is created in Lago (backdated), tpp-3's
+    # mapping is corrected. The refused usage is read again and billed, once.
+    lago.subscribe("sub-ghost", "cust-ghost", datetime(2026, 1, 1, tzinfo=UTC))
+    settings.lago.subjects["tpp-3"] = "tpp-3"
+    sync(settings, lago, NOW + timedelta(minutes=40))
+    sync(settings, lago, NOW + timedelta(minutes=40))
+    assert_lago_matches(lago, truth(events, until=NOW + timedelta(minutes=40), subjects=settings.lago.subjects))
 
 
 def _config_path(settings: Settings) -> Path:

@@ -147,6 +147,17 @@ async def recent_subscriptions(conn: asyncpg.Connection, since: datetime) -> lis
     return [row["external_subscription_id"] for row in rows]
 
 
+async def refused_windows(conn: asyncpg.Connection, meter_key: str, code: str,
+                          since: datetime) -> list[asyncpg.Record]:
+    """(subject, external_subscription_id, window_start) of usage refused for want of an
+    active subscription since ``since``: re-read when the subscription appears or the
+    subject's mapping changes."""
+    return await conn.fetch(
+        "SELECT DISTINCT subject, external_subscription_id, window_start FROM lago_outbox "
+        "WHERE meter_key = $1 AND code = $2 AND status = 'refused' AND lago_subscription_id = '' "
+        "AND window_start >= $3", meter_key, code, since)
+
+
 async def save_mapping_status(conn: asyncpg.Connection, meter_key: str, code: str, refused: str | None) -> None:
     await conn.execute(
         """

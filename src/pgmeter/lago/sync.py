@@ -65,6 +65,8 @@ LAGO_LOCK_KEY = 7_283_110_006
 # How much history one planning step covers, so a first run over months of events
 # proceeds in bounded transactions.
 PLAN_STEP = timedelta(days=7)
+# How far back refused usage is read again when a subscription may now own it.
+REFUSAL_RETRY = timedelta(days=62)
 MAX_DELIVERY_TRIES = 3
 
 LAGO_EVENTS = Counter("pgmeter_lago_events_total", "Lago events by outcome", ["outcome"])
@@ -230,6 +232,7 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
             reads.append(_Read(subject, external_id(subject), window, min(window + window_span(config.window),
                                                                                step_end), frozenset({window})))
 
+    reads.extend(await _refusals_to_retry(conn, config, meter_key, mapping.code, book, step_end))
     await book.prefetch({read.external_id for read in reads})
     pieces = await _read_pieces(pool, meter, config, book, reads)
     read_windows = sorted({(p.subject, p.window_start) for p in pieces.values()})
@@ -268,6 +271,31 @@ async def _plan_step(pool: asyncpg.Pool, conn: asyncpg.Connection, config: LagoC
             LAGO_REFUSED.labels("value" if item.lago_subscription_id else "subscription").inc()
     await outbox.save_state(conn, meter_key, mapping.code, step_end, watermark)
     return step_end >= cutoff
+
+
+async def _refusals_to_retry(conn: asyncpg.Connection, config: LagoConfig, meter_key: str, code: str, book: Book,
+                             step_end: datetime) -> list[_Read]:
+    """Windows refused for want of a subscription, read again once one may own them:
+    the subject now maps to another subscription, or Lago now has a record of its
+    subscription overlapping the window (created later, perhaps backdated). Limited
+    to the last REFUSAL_RETRY, a billing period and its grace: older usage cannot be
+    invoiced anyway. A read that finds the same refusal changes nothing."""
+    rows = await outbox.refused_windows(conn, meter_key, code, step_end - REFUSAL_RETRY)
+    if not rows:
+        return []
+    span = window_span(config.window)
+    await book.prefetch({config.subjects.get(row["subject"], row["subject"]) for row in rows})
+    retry = []
+    for row in rows:
+        subject, window = row["subject"], row["window_start"]
+        external_id = config.subjects.get(subject, subject)
+        if external_id == row["external_subscription_id"]:
+            owner = await book.owner(external_id)
+            if owner.problem or not any(record.range[0] < window + span and record.range[1] > window
+                                        for record in owner.records):
+                continue  # nothing changed that could own it
+        retry.append(_Read(subject, external_id, window, min(window + span, step_end), frozenset({window})))
+    return retry
 
 
 def _adopt_legacy_rows(pieces: dict[tuple[str, datetime, str], Piece],
