@@ -264,6 +264,11 @@ def test_misconfigured_mappings_are_refused_and_reported(settings: Settings, app
         sent = sum(Decimal(e["properties"]["value"]) for e in lago.stored
                    if e["code"] == "latency_ms" and e["external_subscription_id"] == "sub-1")
         assert sent == 5 * 20
+        assert REGISTRY.get_sample_value("pgmeter_lago_mappings_refused") == 3
+        # Mappings removed from the configuration are not reported any more.
+        configure(settings, lago, {"tpp-1": "sub-1", "tpp-2": "sub-unknown"}, [mappings[1], mappings[4]])
+        assert sync(settings, lago, now).refused == []
+        assert REGISTRY.get_sample_value("pgmeter_lago_mappings_refused") == 0
     finally:
         lago.stop()
 

@@ -167,6 +167,15 @@ async def save_mapping_status(conn: asyncpg.Connection, meter_key: str, code: st
         meter_key, code, refused)
 
 
+async def forget_other_mappings(conn: asyncpg.Connection, configured: list[tuple[str, str]]) -> None:
+    """Drop the check results of mappings no longer configured (a removed mapping is
+    not refused any more)."""
+    await conn.execute(
+        "DELETE FROM lago_mapping_status WHERE (meter_key, code) NOT IN "
+        "(SELECT * FROM unnest($1::text[], $2::text[]))",
+        [key for key, _ in configured], [code for _, code in configured])
+
+
 async def refused_mappings(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT meter_key, code, refused, checked_at FROM lago_mapping_status WHERE refused IS NOT NULL "

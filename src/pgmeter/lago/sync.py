@@ -122,6 +122,9 @@ async def run_sync(pool: asyncpg.Pool, settings: Settings, client: LagoClient, *
             return report
         try:
             book = Book(client, customers)  # subscriptions afresh each run: an upgrade is seen next run
+            if not dry_run:
+                await outbox.forget_other_mappings(lock_conn, [(f"{settings.namespace}/{m.meter}", m.code)
+                                                               for m in settings.lago.mappings])
             for mapping in settings.lago.mappings:
                 try:
                     await _sync_mapping(pool, settings, mapping, book, now, report, dry_run)
