@@ -158,8 +158,8 @@ def test_invoices_equal_usage_for_periods_ending_at_any_hour_and_zone(settings: 
                 events.append(call(n, subject, edge, 1000 + n))
                 n += 1
         ingest(app, settings, events)
-        # Runs: every 53 minutes, and one a minute after each period end (lago.interval).
-        runs = [start + timedelta(minutes=53 * k) for k in range(24)]
+        # Runs: every 97 minutes, and one a minute after each period end (lago.interval).
+        runs = [start + timedelta(minutes=97 * k) for k in range(13)]
         runs += [end + timedelta(minutes=1) for end in PERIOD_END.values()]
         drive(settings, lago, sorted(runs))
         lago.advance(datetime(2026, 3, 1, 12, tzinfo=UTC))
@@ -199,7 +199,7 @@ def test_start_at_0830_and_upgrade_at_1420_bill_exactly(settings: Settings, app:
                      timedelta(hours=22, minutes=59, seconds=59)):  # Paris midnight is 23:00 UTC
             events.append(call(len(events), "tpp-acme", day + edge, 100))
         ingest(app, settings, events)
-        runs = [day + timedelta(hours=7, minutes=41 * k) for k in range(25)]
+        runs = [day + timedelta(hours=7, minutes=83 * k) for k in range(13)]
         runs += [upgraded + timedelta(minutes=1), day + timedelta(hours=23, minutes=1)]
         actions = {upgraded: lambda: lago.upgrade("sub-acme", upgraded, "premium")}
         reports = drive(settings, lago, sorted(runs), actions)
