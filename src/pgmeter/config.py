@@ -227,13 +227,34 @@ class LagoMapping(Section):
     property: str = "value"
 
 
+def lago_base_url(value: Any) -> Any:
+    """``http://lago:3000``, ``http://lago:3000/`` and ``http://lago:3000/api/v1`` all
+    name the same API: the client adds ``/api/v1/...`` itself."""
+    if isinstance(value, str):
+        value = value.strip().rstrip("/")
+        if value.endswith("/api/v1"):
+            value = value[: -len("/api/v1")].rstrip("/")
+    return value
+
+
 class LagoConfig(Section):
+    """The Lago hand-off (pgmeter.lago). docs: the README's Lago section."""
+
     enabled: bool = False
-    url: str = "http://lago-api-svc.lago.svc:3000"
+    url: Annotated[str, BeforeValidator(lago_base_url)] = "http://lago-api-svc.lago.svc:3000"
     api_key: str | None = Field(default=None, alias="apiKey")
-    interval: Duration = timedelta(hours=1)
-    grace: Duration = timedelta(minutes=15)
+    # How often usage is pushed, running totals of open windows included. Lago
+    # invoices at hh:10 after a period ends (final at once with its default grace
+    # period of 0), so interval + grace must stay well under 10 minutes unless the
+    # Lago side has an invoice grace period; `lago-sync --status` checks it.
+    interval: Duration = Field(default=timedelta(minutes=1), gt=timedelta(0))
+    # Usage is read up to now - grace: 0 sends everything acknowledged so far; an
+    # hourly set-up (interval 1h, grace 15m) sends each window about once, complete.
+    grace: Duration = Field(default=timedelta(0), ge=timedelta(0))
+    # One Lago event per window (and subscription, in the customer's time zone).
     window: Literal["HOUR", "DAY"] = "HOUR"
+    # Events per POST /api/v1/events/batch (Lago's LAGO_EVENTS_BATCH_MAX_LENGTH).
+    batch_size: int = Field(default=100, ge=1, le=10_000, alias="batchSize")
     mappings: list[LagoMapping] = Field(default_factory=list)
     # subject -> external_subscription_id; subjects not listed map to themselves.
     subjects: dict[str, str] = Field(default_factory=dict)
