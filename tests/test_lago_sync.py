@@ -417,14 +417,14 @@ def test_rows_from_before_subscription_splits_are_not_billed_again(pipeline: tup
     stored = ingest(app, settings, events, 0)
     sync(settings, lago, NOW - timedelta(minutes=30))  # the 07:00 window is open
 
-    async def as_if_written_before_migration_010() -> None:
+    async def as_if_written_before_migration_007() -> None:
         conn = await asyncpg.connect(settings.postgres.url)
         try:
             await conn.execute("UPDATE lago_outbox SET lago_subscription_id = ''")
         finally:
             await conn.close()
 
-    asyncio.run(as_if_written_before_migration_010())
+    asyncio.run(as_if_written_before_migration_007())
     late = [api_call(6000 + n, "tpp-1", BASE + timedelta(hours=2, minutes=n), 3) for n in range(3)]
     ingest(app, settings, late, stored)
     sync(settings, lago, NOW)  # the open window grows, a closed one gets late events

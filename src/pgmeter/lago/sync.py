@@ -303,7 +303,7 @@ async def _refusals_to_retry(conn: asyncpg.Connection, config: LagoConfig, meter
 
 def _adopt_legacy_rows(pieces: dict[tuple[str, datetime, str], Piece],
                        history: dict[tuple[str, datetime, str], list[Sent]]) -> None:
-    """Rows sent before windows were split by subscription (migration 010) have no
+    """Rows sent before windows were split by subscription (migration 007) have no
     Lago record; what they billed counts for the window's first owned piece, so an
     upgraded pgmeter sends only the difference, never the window again."""
     for (subject, window_start, record), rows in list(history.items()):
