@@ -85,8 +85,10 @@ def test_every_role_loads_its_settings(render, load) -> None:
         assert [m.slug for m in settings.meters] == ["api_calls", "api_latency"], role
         # Only lago-sync runs the sync (and holds the key); the file says enabled.
         assert settings.lago.enabled is (role == "lago-sync"), role
-        assert settings.lago.interval.total_seconds() == 3600
-        assert settings.lago.grace.total_seconds() == 900
+        # The chart's defaults deliver running usage ahead of Lago's hourly invoicing clock.
+        assert settings.lago.interval.total_seconds() == 60
+        assert settings.lago.grace.total_seconds() == 0
+        assert settings.lago.batch_size == 100
         assert [(m.meter, m.code) for m in settings.lago.mappings] == [("api_calls", "api_calls")]
         if role == "api":
             assert settings.postgres.query_url == "postgresql://pgmeter:s3cret@pgmeter-pg-pooler.metering.svc:5432/pgmeter"
