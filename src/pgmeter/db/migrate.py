@@ -40,8 +40,10 @@ def known_migrations() -> list[Migration]:
             found.append(Migration(int(match[1]), match[2], entry.read_text()))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise SchemaError(f"migrations must be numbered 001, 002, ... without gaps; found {versions}")
+    # Numbers are handed out per piece of work, so a branch may skip some (another
+    # branch's); what must hold is that no number is used twice.
+    if len(set(versions)) != len(versions):
+        raise SchemaError(f"migration numbers must be unique; found {versions}")
     return found
 
 
