@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -344,7 +343,7 @@ def test_v2_customer_routes(api: httpx.Client, settings: Settings) -> None:
     usage(settings.postgres.url, "tpp-9", (t0 + H + 10 * M, 20))
     got = value(api, f"{base}/{ent['id']}/value", t0 + H + 30 * M)
     assert (got["hasAccess"], got["balance"], got["overage"]) == (True, 0, 15)  # soft limit keeps access
-    assert value(api, f"/api/v2/customers/tpp-9/entitlements/nothing/value") == {"hasAccess": False}
+    assert value(api, "/api/v2/customers/tpp-9/entitlements/nothing/value") == {"hasAccess": False}
     listed = api.get("/api/v2/entitlements", params={"customerKeys": "tpp-9"}).json()
     assert listed["totalCount"] == 1 and listed["items"][0]["id"] == ent["id"]
     assert api.get(f"/api/v2/entitlements/{ent['id']}").json()["id"] == ent["id"]

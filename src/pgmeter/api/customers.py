@@ -8,6 +8,7 @@ never by key, and refuses updates and a second delete with 412.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,6 @@ from pgmeter.api.entitlements import V1_ADMIN, at_param, customer_of_path, value
 from pgmeter.api.meters import json_body, runtime_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements import balance, service, store
-from pgmeter.entitlements.service import Refused
 from pgmeter.meters.ulid import new_ulid
 
 CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -87,10 +87,7 @@ def customer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 async def create_customer(request: Request) -> Response:
     fields, keys = customer_fields(await json_body(request))
     async with runtime_of(request).pool.acquire() as conn:
-        try:
-            customer = await service.create_customer(conn, namespace_of(request), fields, keys)
-        except Refused as exc:
-            raise shapes.refused(exc) from None
+        customer = await service.create_customer(conn, namespace_of(request), fields, keys)
     return JSONResponse(customer_json(customer), status_code=201)
 
 
@@ -122,10 +119,7 @@ async def update_customer(request: Request) -> Response:
         raise Problem(412, f"customer {customer.id} is deleted: update after delete")
     fields, keys = customer_fields(await json_body(request))
     async with runtime_of(request).pool.acquire() as conn:
-        try:
-            updated = await service.update_customer(conn, customer, fields, keys)
-        except Refused as exc:
-            raise shapes.refused(exc) from None
+        updated = await service.update_customer(conn, customer, fields, keys)
     return JSONResponse(customer_json(updated))
 
 
@@ -134,10 +128,7 @@ async def delete_customer(request: Request) -> Response:
     if customer.deleted_at is not None:
         raise Problem(412, f"customer {customer.id} is already deleted")
     async with runtime_of(request).pool.acquire() as conn:
-        try:
-            await service.delete_customer(conn, customer)
-        except Refused as exc:
-            raise shapes.refused(exc) from None
+        await service.delete_customer(conn, customer)
     return Response(status_code=204)
 
 
@@ -156,10 +147,7 @@ async def customer_value(request: Request) -> Response:
     async with runtime_of(request).pool.acquire() as conn:
         ent = await store.entitlement_for_feature_at(conn, customer.namespace, customer.id,
                                                      request.path_params["featureKey"], at)
-    try:
-        return JSONResponse(await value_json(request, ent, at, V1_ADMIN))
-    except Refused as exc:
-        raise shapes.refused(exc) from None
+    return JSONResponse(await value_json(request, ent, at, V1_ADMIN))
 
 
 # -- deprecated subjects ---------------------------------------------------------
@@ -168,24 +156,16 @@ def subject_json(row: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"id": row["id"], "key": row["key"]}
     if row["display_name"] is not None:
         body["displayName"] = row["display_name"]
-    body["metadata"] = shapes_load(row["metadata"])
+    body["metadata"] = json.loads(row["metadata"]) if row["metadata"] is not None else None
     if row["stripe_customer_id"] is not None:
         body["stripeCustomerId"] = row["stripe_customer_id"]
     return body
-
-
-def shapes_load(text: str | None) -> Any:
-    import json
-
-    return None if text is None else json.loads(text)
 
 
 _SUBJECT = "id, key, display_name, metadata::text AS metadata, stripe_customer_id"
 
 
 async def upsert_subjects(request: Request) -> Response:
-    import json
-
     raw = await request.body()
     try:
         items = json.loads(raw)
@@ -259,15 +239,16 @@ async def delete_subject(request: Request) -> Response:
 
 
 routes = [
-    Route("/api/v1/customers", create_customer, methods=["POST"]),
-    Route("/api/v1/customers", list_customers, methods=["GET"]),
-    Route("/api/v1/customers/{customerIdOrKey}", get_customer, methods=["GET"]),
-    Route("/api/v1/customers/{customerIdOrKey}", update_customer, methods=["PUT"]),
-    Route("/api/v1/customers/{customerIdOrKey}", delete_customer, methods=["DELETE"]),
-    Route("/api/v1/customers/{customerIdOrKey}/access", customer_access, methods=["GET"]),
-    Route("/api/v1/customers/{customerIdOrKey}/entitlements/{featureKey}/value", customer_value, methods=["GET"]),
-    Route("/api/v1/subjects", upsert_subjects, methods=["POST"]),
-    Route("/api/v1/subjects", list_subjects, methods=["GET"]),
-    Route("/api/v1/subjects/{subjectIdOrKey}", get_subject, methods=["GET"]),
-    Route("/api/v1/subjects/{subjectIdOrKey}", delete_subject, methods=["DELETE"]),
+    Route("/api/v1/customers", shapes.guarded(create_customer), methods=["POST"]),
+    Route("/api/v1/customers", shapes.guarded(list_customers), methods=["GET"]),
+    Route("/api/v1/customers/{customerIdOrKey}", shapes.guarded(get_customer), methods=["GET"]),
+    Route("/api/v1/customers/{customerIdOrKey}", shapes.guarded(update_customer), methods=["PUT"]),
+    Route("/api/v1/customers/{customerIdOrKey}", shapes.guarded(delete_customer), methods=["DELETE"]),
+    Route("/api/v1/customers/{customerIdOrKey}/access", shapes.guarded(customer_access), methods=["GET"]),
+    Route("/api/v1/customers/{customerIdOrKey}/entitlements/{featureKey}/value", shapes.guarded(customer_value),
+          methods=["GET"]),
+    Route("/api/v1/subjects", shapes.guarded(upsert_subjects), methods=["POST"]),
+    Route("/api/v1/subjects", shapes.guarded(list_subjects), methods=["GET"]),
+    Route("/api/v1/subjects/{subjectIdOrKey}", shapes.guarded(get_subject), methods=["GET"]),
+    Route("/api/v1/subjects/{subjectIdOrKey}", shapes.guarded(delete_subject), methods=["DELETE"]),
 ]

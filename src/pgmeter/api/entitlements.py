@@ -27,7 +27,7 @@ from pgmeter.api.meters import format_time, json_body, runtime_of, time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements import balance, service, store
 from pgmeter.entitlements.periods import IntervalError, floor_minute, parse_interval
-from pgmeter.entitlements.service import EntitlementInput, GrantInput, Refused
+from pgmeter.entitlements.service import EntitlementInput, GrantInput
 from pgmeter.meters.ulid import is_ulid
 from pgmeter.query.params import QueryError, WindowSize, zone
 
@@ -301,17 +301,6 @@ def at_param(request: Request, name: str = "time") -> datetime:
 
 # -- handlers --------------------------------------------------------------------
 
-def _handler(fn):  # type: ignore[no-untyped-def]
-    """Turn the room's refusals into problem documents."""
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await fn(request)  # type: ignore[no-any-return]
-        except Refused as exc:
-            raise shapes.refused(exc) from None
-    wrapped.__name__ = fn.__name__
-    return wrapped
-
-
 def _routes(api: Api) -> list[Route]:
     base = "/api/v1/subjects/{subjectIdOrKey}/entitlements" if api.subject else \
         "/api/v2/customers/{customerIdOrKey}/entitlements"
@@ -488,16 +477,16 @@ def _routes(api: Api) -> list[Route]:
 
     value_ref = "{entitlementIdOrFeatureKey}"
     return [
-        Route(base, _handler(create), methods=["POST"]),
-        Route(base, _handler(list_), methods=["GET"]),
-        Route(f"{base}/{ref}", _handler(get), methods=["GET"]),
-        Route(f"{base}/{ref}", _handler(delete), methods=["DELETE"]),
-        Route(f"{base}/{value_ref}/value", _handler(value), methods=["GET"]),
-        Route(f"{base}/{ref}/history", _handler(history), methods=["GET"]),
-        Route(f"{base}/{ref}/reset", _handler(reset), methods=["POST"]),
-        Route(f"{base}/{value_ref}/override", _handler(override), methods=["PUT"]),
-        Route(f"{base}/{value_ref}/grants", _handler(create_grant), methods=["POST"]),
-        Route(f"{base}/{value_ref}/grants", _handler(list_grants), methods=["GET"]),
+        Route(base, shapes.guarded(create), methods=["POST"]),
+        Route(base, shapes.guarded(list_), methods=["GET"]),
+        Route(f"{base}/{ref}", shapes.guarded(get), methods=["GET"]),
+        Route(f"{base}/{ref}", shapes.guarded(delete), methods=["DELETE"]),
+        Route(f"{base}/{value_ref}/value", shapes.guarded(value), methods=["GET"]),
+        Route(f"{base}/{ref}/history", shapes.guarded(history), methods=["GET"]),
+        Route(f"{base}/{ref}/reset", shapes.guarded(reset), methods=["POST"]),
+        Route(f"{base}/{value_ref}/override", shapes.guarded(override), methods=["PUT"]),
+        Route(f"{base}/{value_ref}/grants", shapes.guarded(create_grant), methods=["POST"]),
+        Route(f"{base}/{value_ref}/grants", shapes.guarded(list_grants), methods=["GET"]),
     ]
 
 
@@ -615,11 +604,11 @@ V1_ADMIN = Api(v2=False, subject=False)
 routes = [
     *_routes(V1),
     *_routes(V2),
-    Route("/api/v1/entitlements", _handler(_admin_entitlements(V1_ADMIN)), methods=["GET"]),
-    Route("/api/v1/entitlements/{entitlementId}", _handler(_admin_get(V1_ADMIN)), methods=["GET"]),
-    Route("/api/v2/entitlements", _handler(_admin_entitlements(V2)), methods=["GET"]),
-    Route("/api/v2/entitlements/{entitlementId}", _handler(_admin_get(V2)), methods=["GET"]),
-    Route("/api/v1/grants", _handler(_admin_grants(V1_ADMIN)), methods=["GET"]),
-    Route("/api/v2/grants", _handler(_admin_grants(V2)), methods=["GET"]),
-    Route("/api/v1/grants/{grantId}", _handler(void_grant), methods=["DELETE"]),
+    Route("/api/v1/entitlements", shapes.guarded(_admin_entitlements(V1_ADMIN)), methods=["GET"]),
+    Route("/api/v1/entitlements/{entitlementId}", shapes.guarded(_admin_get(V1_ADMIN)), methods=["GET"]),
+    Route("/api/v2/entitlements", shapes.guarded(_admin_entitlements(V2)), methods=["GET"]),
+    Route("/api/v2/entitlements/{entitlementId}", shapes.guarded(_admin_get(V2)), methods=["GET"]),
+    Route("/api/v1/grants", shapes.guarded(_admin_grants(V1_ADMIN)), methods=["GET"]),
+    Route("/api/v2/grants", shapes.guarded(_admin_grants(V2)), methods=["GET"]),
+    Route("/api/v1/grants/{grantId}", shapes.guarded(void_grant), methods=["DELETE"]),
 ]

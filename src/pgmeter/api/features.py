@@ -18,7 +18,6 @@ from pgmeter.api.auth import namespace_of
 from pgmeter.api.meters import json_body, runtime_of
 from pgmeter.api.problems import Problem
 from pgmeter.entitlements import service, store
-from pgmeter.entitlements.service import Refused
 
 KEY = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 
@@ -75,11 +74,8 @@ async def create_feature(request: Request) -> Response:
     if unit_cost is not None:
         raise shapes.field_error("unitCost", "is not supported")
     async with runtime_of(request).pool.acquire() as conn:
-        try:
-            feature = await service.create_feature(conn, namespace_of(request), key, name, meter_slug,
-                                                   _filters(body), shapes.metadata(body))
-        except Refused as exc:
-            raise shapes.refused(exc) from None
+        feature = await service.create_feature(conn, namespace_of(request), key, name, meter_slug,
+                                               _filters(body), shapes.metadata(body))
     return JSONResponse(feature_json(feature), status_code=201)
 
 
@@ -127,8 +123,8 @@ async def delete_feature(request: Request) -> Response:
 
 
 routes = [
-    Route("/api/v1/features", create_feature, methods=["POST"]),
-    Route("/api/v1/features", list_features, methods=["GET"]),
-    Route("/api/v1/features/{featureId}", get_feature, methods=["GET"]),
-    Route("/api/v1/features/{featureId}", delete_feature, methods=["DELETE"]),
+    Route("/api/v1/features", shapes.guarded(create_feature), methods=["POST"]),
+    Route("/api/v1/features", shapes.guarded(list_features), methods=["GET"]),
+    Route("/api/v1/features/{featureId}", shapes.guarded(get_feature), methods=["GET"]),
+    Route("/api/v1/features/{featureId}", shapes.guarded(delete_feature), methods=["DELETE"]),
 ]

@@ -7,12 +7,15 @@ naming the field; the rules OpenMeter applies after the door are in
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from pgmeter.api.meters import format_time, time_param
 from pgmeter.api.problems import Problem, bad_request
@@ -191,3 +194,29 @@ def period(interval: str, anchor: datetime) -> dict[str, Any]:
 
 def times(**values: datetime | None) -> dict[str, str]:
     return {name: format_time(value) for name, value in values.items() if value is not None}
+
+
+MAX_PATH_PARAM = 256
+MAX_QUERY_VALUE = 1024
+
+
+def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Door checks shared by every route of this room, and refusals as problems.
+
+    Path and query values are text for Postgres: no NUL, bounded length. A path
+    parameter that breaks this can name nothing (404); a query value is a 400.
+    """
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        for name, value in request.path_params.items():
+            if "\x00" in value or len(value) > MAX_PATH_PARAM:
+                raise Problem(404, f"{name} names nothing here: at most {MAX_PATH_PARAM} characters, no NUL")
+        for name, value in request.query_params.multi_items():
+            if "\x00" in value or len(value) > MAX_QUERY_VALUE:
+                raise bad_request(f"{name[:64]} must be at most {MAX_QUERY_VALUE} characters without NUL",
+                                  parameter=name[:64])
+        try:
+            return await handler(request)
+        except Refused as exc:
+            raise refused(exc) from None
+    return wrapped
