@@ -64,7 +64,8 @@ def customer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     address = shapes.obj(body, "billingAddress")
     if address is not None:
         for name, value in address.items():
-            if name not in ADDRESS_FIELDS or not isinstance(value, str) or len(value) > 256:
+            if name not in ADDRESS_FIELDS or not isinstance(value, str) or len(value) > 256 \
+                    or not shapes.storable(value):
                 raise shapes.field_error(f"billingAddress.{name[:64]}", "unknown field or not a string of at most "
                                                                         "256 characters")
     fields["billing_address"] = address
@@ -76,7 +77,7 @@ def customer_fields(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         raise shapes.field_error("usageAttribution.subjectKeys",
                                  f"must be a list of at most {shapes.MAX_SUBJECT_KEYS} strings")
     for key in keys:
-        if not isinstance(key, str) or not 1 <= len(key) <= shapes.MAX_KEY or "\x00" in key:
+        if not isinstance(key, str) or not 1 <= len(key) <= shapes.MAX_KEY or not shapes.storable(key):
             raise shapes.field_error("usageAttribution.subjectKeys",
                                      f"subject key must be at least 1 character: {key!r}")
     if fields["key"] is None and not keys:
@@ -180,8 +181,10 @@ async def upsert_subjects(request: Request) -> Response:
             key = shapes.string(item, "key", required=True, max_len=shapes.MAX_KEY, path=f"[{index}].key")
             display = shapes.string(item, "displayName", max_len=shapes.MAX_NAME, path=f"[{index}].displayName")
             meta = item.get("metadata")
-            if meta is not None and (not isinstance(meta, dict) or len(json.dumps(meta)) > 16384):
-                raise shapes.field_error(f"[{index}].metadata", "must be an object of at most 16 KiB")
+            if meta is not None and (not isinstance(meta, dict) or len(json.dumps(meta)) > 16384
+                                     or not shapes.storable_json(meta)):
+                raise shapes.field_error(f"[{index}].metadata", "must be an object of at most 16 KiB of "
+                                                                "valid UTF-8 text without NUL characters")
             stripe = shapes.string(item, "stripeCustomerId", max_len=256, path=f"[{index}].stripeCustomerId")
             if stripe is not None and not stripe.startswith("cus_"):
                 raise shapes.field_error(f"[{index}].stripeCustomerId", "must start with cus_")

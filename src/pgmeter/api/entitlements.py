@@ -288,7 +288,7 @@ def entitlement_input(body: dict[str, Any], api: Api) -> EntitlementInput:
                 data.grants = [grant_input(g, api, f"grants[{i}].") for i, g in enumerate(grants)]
     if "config" in body and body["config"] is not None:
         config = body["config"]
-        if not isinstance(config, str) or len(config) > 64 * 1024:
+        if not isinstance(config, str) or len(config) > 64 * 1024 or not shapes.storable(config):
             raise shapes.field_error("config", "must be a JSON string of at most 65536 characters")
         data.config = config
     return data

@@ -46,7 +46,7 @@ def _filters(body: dict[str, Any]) -> dict[str, str] | None:
             raise shapes.field_error("advancedMeterGroupByFilters", "must be an object of at most 16 filters")
         for key, value in advanced.items():
             if not isinstance(value, dict) or set(value) != {"$eq"} or not isinstance(value["$eq"], str) \
-                    or not value["$eq"]:
+                    or not value["$eq"] or not shapes.storable(value["$eq"]) or not shapes.storable(key):
                 raise shapes.field_error(f"advancedMeterGroupByFilters.{key[:64]}",
                                          "only {\"$eq\": \"value\"} filters are supported")
             filters[key] = value["$eq"]
@@ -55,7 +55,8 @@ def _filters(body: dict[str, Any]) -> dict[str, str] | None:
         if not isinstance(legacy, dict) or len(legacy) > 16:
             raise shapes.field_error("meterGroupByFilters", "must be an object of at most 16 strings")
         for key, value in legacy.items():
-            if not isinstance(value, str) or len(value) > 1024 or len(key) > 256 or "\x00" in value:
+            if not isinstance(value, str) or len(value) > 1024 or len(key) > 256 or not shapes.storable(value) \
+                    or not shapes.storable(key):
                 raise shapes.field_error(f"meterGroupByFilters.{key[:64]}", "must be a string")
             filters[key] = value
     return filters or None
@@ -86,14 +87,13 @@ async def list_features(request: Request) -> Response:
     descending = shapes.choice(request, "order", ["ASC", "DESC"], "ASC") == "DESC"
     paged = shapes.single(request, "page") is not None
     page, size = shapes.pagination(request)
-    if paged:
+    limit = shapes.positive(request, "limit", 100, shapes.MAX_PAGE_SIZE)
+    offset_text = shapes.single(request, "offset") or "0"
+    if not (offset_text.isascii() and offset_text.isdigit()) or len(offset_text) > 9:
+        raise shapes.field_error("offset", "must be a non-negative integer of at most 9 digits")
+    offset = int(offset_text)
+    if paged:  # page wins over limit/offset, as OpenMeter
         limit, offset = size, (page - 1) * size
-    else:
-        limit = shapes.positive(request, "limit", 100, shapes.MAX_PAGE_SIZE)
-        offset_text = shapes.single(request, "offset") or "0"
-        if not (offset_text.isascii() and offset_text.isdigit()) or len(offset_text) > 9:
-            raise shapes.field_error("offset", "must be a non-negative integer")
-        offset = int(offset_text)
     async with runtime_of(request).pool.acquire() as conn:
         total, features = await store.list_features(conn, namespace_of(request), meter_slugs=meter_slugs,
                                                     include_archived=include_archived, order_by=order_by,

@@ -8,6 +8,7 @@ naming the field; the rules OpenMeter applies after the door are in
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -41,6 +42,23 @@ def field_error(name: str, message: str) -> Problem:
         "validationErrors": [{"field": name, "message": message, "code": "invalid", "severity": "critical"}]})
 
 
+def storable(value: str) -> bool:
+    """Text Postgres can hold: no NUL, no unpaired surrogates."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def storable_json(value: Any) -> bool:
+    """JSON jsonb accepts: storable text and no \u0000 escape."""
+    text = json.dumps(value, ensure_ascii=False)
+    return storable(text) and "\\u0000" not in text
+
+
 def string(body: dict[str, Any], name: str, *, required: bool = False, max_len: int = MAX_NAME,
            min_len: int = 1, path: str | None = None) -> str | None:
     value = body.get(name)
@@ -51,8 +69,8 @@ def string(body: dict[str, Any], name: str, *, required: bool = False, max_len: 
         return None
     if not isinstance(value, str):
         raise field_error(label, "must be a string")
-    if "\x00" in value:
-        raise field_error(label, "must not contain NUL characters")
+    if not storable(value):
+        raise field_error(label, "must be valid UTF-8 text without NUL characters")
     if not min_len <= len(value) <= max_len:
         raise field_error(label, f"must be {min_len} to {max_len} characters long")
     return value
@@ -77,8 +95,9 @@ def metadata(body: dict[str, Any], name: str = "metadata") -> dict[str, str] | N
         raise field_error(name, f"takes at most {MAX_METADATA_ENTRIES} entries")
     for key, item in value.items():
         if not isinstance(item, str) or len(key) > MAX_KEY or len(item) > MAX_METADATA_VALUE \
-                or "\x00" in key or "\x00" in item:
-            raise field_error(f"{name}.{key[:64]}", f"values must be strings of at most {MAX_METADATA_VALUE} "
+                or not storable(key) or not storable(item):
+            label = key[:64].encode("utf-8", "replace").decode()
+            raise field_error(f"{name}.{label}", f"values must be strings of at most {MAX_METADATA_VALUE} "
                                                     f"characters (keys at most {MAX_KEY})")
     return value
 
@@ -134,7 +153,7 @@ def strings(values: list[str], name: str, max_items: int = 100) -> list[str]:
     if len(values) > max_items:
         raise bad_request(f"{name} takes at most {max_items} items", parameter=name)
     for value in values:
-        if not value or len(value) > MAX_KEY:
+        if not value or len(value) > MAX_KEY or not storable(value):
             raise bad_request(f"{name} items must be 1 to {MAX_KEY} characters", parameter=name)
     return values
 
