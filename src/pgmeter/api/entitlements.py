@@ -12,6 +12,7 @@ returns ``grantBalances`` and rolls a grant's balance over up to its amount.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -44,6 +45,7 @@ class Api:
     subject: bool  # the v1 subject-scoped routes (404 for a missing value)
 
 
+Handler = Callable[[Request], Awaitable[Response]]
 V1 = Api(v2=False, subject=True)
 V2 = Api(v2=True, subject=False)
 
@@ -510,7 +512,7 @@ async def _customers_by_id(conn: Any, namespace: str, ids: set[str]) -> dict[str
     return out
 
 
-def _admin_entitlements(api: Api):  # type: ignore[no-untyped-def]
+def _admin_entitlements(api: Api) -> Handler:
     async def handler(request: Request) -> Response:
         namespace = namespace_of(request)
         types = _list_param(request, "entitlementType")
@@ -548,7 +550,7 @@ def _admin_entitlements(api: Api):  # type: ignore[no-untyped-def]
     return handler
 
 
-def _admin_get(api: Api):  # type: ignore[no-untyped-def]
+def _admin_get(api: Api) -> Handler:
     async def handler(request: Request) -> Response:
         ent = await entitlement_by_id(request, request.path_params["entitlementId"])
         async with runtime_of(request).pool.acquire() as conn:
@@ -560,7 +562,7 @@ def _admin_get(api: Api):  # type: ignore[no-untyped-def]
     return handler
 
 
-def _admin_grants(api: Api):  # type: ignore[no-untyped-def]
+def _admin_grants(api: Api) -> Handler:
     async def handler(request: Request) -> Response:
         namespace = namespace_of(request)
         include_deleted = shapes.flag(request, "includeDeleted")

@@ -20,10 +20,11 @@ Grants, voids, resets and subject changes drop the snapshots after their time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
+from typing import TypeVar
 
 import asyncpg
 
@@ -34,6 +35,8 @@ from pgmeter.meters import store as meter_store
 from pgmeter.meters.model import Aggregation
 from pgmeter.query.engine import run_query
 from pgmeter.query.params import QueryParams, WindowSize
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -352,11 +355,11 @@ async def history(pool: asyncpg.Pool, ent: store.Entitlement, lo: datetime, hi: 
     return History(out, [s for s in segments if s.end > lo or s.start >= lo], grants)
 
 
-async def gather_limited(coros: list, limit: int = 10) -> list:  # type: ignore[type-arg]
+async def gather_limited(coros: list[Awaitable[T]], limit: int = 10) -> list[T]:
     """Run at most ``limit`` at a time (the access endpoint's fan-out, as OpenMeter)."""
     semaphore = asyncio.Semaphore(limit)
 
-    async def one(coro):  # type: ignore[no-untyped-def]
+    async def one(coro: Awaitable[T]) -> T:
         async with semaphore:
             return await coro
 

@@ -366,10 +366,11 @@ async def entitlement_for_feature_at(conn: asyncpg.Connection, namespace: str, c
 async def scheduled_conflict(conn: asyncpg.Connection, namespace: str, customer_id: str, feature_key: str,
                              active_from: datetime) -> str | None:
     """An entitlement of the same customer and feature whose active span overlaps ``[active_from, ∞)``."""
-    return await conn.fetchval(  # type: ignore[no-any-return]
+    found: str | None = await conn.fetchval(
         "SELECT id FROM entitlements WHERE namespace = $1 AND customer_id = $2 AND feature_key = $3 "
         "AND coalesce(least(active_to, deleted_at), 'infinity') > $4 ORDER BY created_at LIMIT 1",
         namespace, customer_id, feature_key, active_from)
+    return found
 
 
 async def insert_entitlement(conn: asyncpg.Connection, values: dict[str, Any]) -> Entitlement:
