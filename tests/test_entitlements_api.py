@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import psycopg
@@ -514,3 +515,33 @@ def test_values_match_the_minute_oracle(api_module: tuple[httpx.Client, str], ca
         assert got == {"hasAccess": case["soft"] or want.balance > 0, "balance": want.balance,
                        "usage": want.usage, "overage": want.overage, "totalAvailableGrantAmount": want.total,
                        "grantBalances": dict(sorted(want.grants.items()))}, (offset, case)
+
+
+def test_history_windows_follow_the_time_zone(api: httpx.Client, settings: Settings) -> None:
+    kolkata = ZoneInfo("Asia/Kolkata")  # UTC+05:30: local midnights are 18:30 UTC
+    midnight = datetime.now(kolkata).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+    start = midnight.astimezone(UTC)
+    tpp(api, "tpp-k")
+    feature(api, "calls")
+    ent = api.post("/api/v2/customers/tpp-k/entitlements", json={
+        "type": "metered", "featureKey": "calls", "usagePeriod": {"interval": "YEAR", "anchor": iso(start)},
+        "measureUsageFrom": iso(start), "issueAfterReset": 100}).json()
+    backdate(settings.postgres.url, ent["id"], start)
+    usage(settings.postgres.url, "tpp-k", (start + H, 10), (start + D - M, 5), (start + D + 2 * H, 20))
+    response = api.get(f"/api/v2/customers/tpp-k/entitlements/{ent['id']}/history", params={
+        "windowSize": "DAY", "windowTimeZone": "Asia/Kolkata", "from": iso(start), "to": iso(start + 2 * D)})
+    assert response.status_code == 200, response.text
+    windows = response.json()["windowedHistory"]
+    assert windows == [
+        {"period": {"from": midnight.isoformat(), "to": (midnight + timedelta(days=1)).isoformat()},
+         "usage": 15, "balanceAtStart": 100},
+        {"period": {"from": (midnight + timedelta(days=1)).isoformat(),
+                    "to": (midnight + timedelta(days=2)).isoformat()},
+         "usage": 20, "balanceAtStart": 85}]
+    burndown = response.json()["burndownHistory"]
+    assert sum(s["usage"] for s in burndown) == 35
+    assert burndown[-1]["balanceAtEnd"] == 65
+    problem(api.get(f"/api/v2/customers/tpp-k/entitlements/{ent['id']}/history",
+                    params={"windowSize": "DAY", "windowTimeZone": "Mars/Olympus"}), 400)
+    problem(api.get(f"/api/v2/customers/tpp-k/entitlements/{ent['id']}/history",
+                    params={"windowSize": "MINUTE", "from": iso(start)}), 400)  # too many windows

@@ -526,8 +526,7 @@ def _admin_entitlements(api: Api) -> Handler:
         page, size = shapes.pagination(request)
         if not paged:
             size = shapes.positive(request, "limit", 1000, shapes.MAX_PAGE_SIZE)
-            offset = int(shapes.single(request, "offset") or 0) if (shapes.single(request, "offset") or "0").isdigit() \
-                else 0
+            offset = shapes.offset(request)
         else:
             offset = (page - 1) * size
         async with runtime_of(request).pool.acquire() as conn:

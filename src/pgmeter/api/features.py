@@ -88,10 +88,7 @@ async def list_features(request: Request) -> Response:
     paged = shapes.single(request, "page") is not None
     page, size = shapes.pagination(request)
     limit = shapes.positive(request, "limit", 100, shapes.MAX_PAGE_SIZE)
-    offset_text = shapes.single(request, "offset") or "0"
-    if not (offset_text.isascii() and offset_text.isdigit()) or len(offset_text) > 9:
-        raise shapes.field_error("offset", "must be a non-negative integer of at most 9 digits")
-    offset = int(offset_text)
+    offset = shapes.offset(request)
     if paged:  # page wins over limit/offset, as OpenMeter
         limit, offset = size, (page - 1) * size
     async with runtime_of(request).pool.acquire() as conn:

@@ -194,6 +194,15 @@ def positive(request: Request, name: str, default: int, hi: int | None = None) -
     return int(value)
 
 
+def offset(request: Request, name: str = "offset") -> int:
+    value = single(request, name)
+    if value is None:
+        return 0
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
+        raise bad_request(f"{name} must be a non-negative integer of at most 9 digits", parameter=name)
+    return int(value)
+
+
 def pagination(request: Request) -> tuple[int, int]:
     return positive(request, "page", 1), positive(request, "pageSize", 100, MAX_PAGE_SIZE)
 
