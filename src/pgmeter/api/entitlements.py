@@ -272,7 +272,7 @@ def entitlement_input(body: dict[str, Any], api: Api) -> EntitlementInput:
         if measure in ("CURRENT_PERIOD_START", "NOW"):
             data.measure_usage_from = measure
         elif measure is not None:
-            data.measure_usage_from = time_param("measureUsageFrom", measure)
+            data.measure_usage_from = shapes.bounded("measureUsageFrom", time_param("measureUsageFrom", measure))
         data.is_soft_limit = bool(shapes.boolean(body, "isSoftLimit"))
         data.issue_after_reset = shapes.amount(body.get("issueAfterReset"), "issueAfterReset", required=False)
         data.issue_after_reset_priority = shapes.integer(body.get("issueAfterResetPriority"),
@@ -297,7 +297,7 @@ def entitlement_input(body: dict[str, Any], api: Api) -> EntitlementInput:
 
 
 def at_param(request: Request, name: str = "time") -> datetime:
-    value = time_param(name, shapes.single(request, name))
+    value = shapes.query_time(request, name)
     return value if value is not None else datetime.now(UTC)
 
 
@@ -387,8 +387,8 @@ def _routes(api: Api) -> list[Route]:
             raise bad_request(str(exc), parameter="windowTimeZone") from None
         async with runtime_of(request).pool.acquire() as conn:
             resets = await store.resets_of(conn, ent.id)
-        lo = time_param("from", shapes.single(request, "from")) or balance.Timeline.of(ent, resets).last_reset
-        hi = time_param("to", shapes.single(request, "to")) or datetime.now(UTC)
+        lo = shapes.query_time(request, "from") or balance.Timeline.of(ent, resets).last_reset
+        hi = shapes.query_time(request, "to") or datetime.now(UTC)
         assert ent.measure_usage_from is not None
         if lo < ent.measure_usage_from:
             raise bad_request(f"from {format_time(lo)} cannot be before {format_time(ent.measure_usage_from)}",
@@ -591,7 +591,7 @@ def _admin_grants(api: Api) -> Handler:
 
 async def void_grant(request: Request) -> Response:
     grant_id = request.path_params["grantId"]
-    at = time_param("at", shapes.single(request, "at"))
+    at = shapes.query_time(request, "at")
     async with runtime_of(request).pool.acquire() as conn:
         grant = await store.grant_by_id(conn, namespace_of(request), grant_id)
         if grant is None:

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -102,13 +102,28 @@ def metadata(body: dict[str, Any], name: str = "metadata") -> dict[str, str] | N
     return value
 
 
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(3000, 1, 1, tzinfo=UTC)
+
+
+def bounded(name: str, value: datetime | None) -> datetime | None:
+    """Times between 1900 and 3000: every period, expiry and recurrence stays computable."""
+    if value is not None and not EARLIEST <= value < LATEST:
+        raise field_error(name, "must be between 1900-01-01 and 3000-01-01")
+    return value
+
+
 def timestamp(body: dict[str, Any], name: str, *, required: bool = False) -> datetime | None:
     value = body.get(name)
     if value is None:
         if required:
             raise field_error(name, "is required")
         return None
-    return time_param(name, value)
+    return bounded(name, time_param(name, value))
+
+
+def query_time(request: Request, name: str) -> datetime | None:
+    return bounded(name, time_param(name, single(request, name)))
 
 
 def amount(value: Any, name: str, *, required: bool = True) -> Decimal | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 MINUTE = timedelta(minutes=1)
+MAX_INTERVAL_YEARS = 100
 _ISO = re.compile(r"^P(?!$)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?"
                   r"(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
 NAMED = {"DAY": "P1D", "WEEK": "P1W", "MONTH": "P1M", "YEAR": "P1Y"}
@@ -63,6 +64,10 @@ def parse_interval(text: str) -> Interval:
     interval = Interval(*parts)
     if interval == Interval():
         raise IntervalError(f"invalid interval: {text!r}")
+    # A bound that keeps every boundary computable (and is far beyond any real plan).
+    if interval.years * 12 + interval.months > 12 * MAX_INTERVAL_YEARS or \
+            interval.fixed > timedelta(days=366 * MAX_INTERVAL_YEARS):
+        raise IntervalError(f"interval {text!r} is longer than {MAX_INTERVAL_YEARS} years")
     return interval
 
 
