@@ -545,3 +545,31 @@ def test_history_windows_follow_the_time_zone(api: httpx.Client, settings: Setti
                     params={"windowSize": "DAY", "windowTimeZone": "Mars/Olympus"}), 400)
     problem(api.get(f"/api/v2/customers/tpp-k/entitlements/{ent['id']}/history",
                     params={"windowSize": "MINUTE", "from": iso(start)}), 400)  # too many windows
+
+
+def test_unique_count_and_latest_meters(api: httpx.Client, settings: Settings) -> None:
+    url = settings.postgres.url
+    t0 = hour_start() - 2 * H
+    for slug, aggregation, prop in (("users", "UNIQUE_COUNT", "$.user"), ("seats", "LATEST", "$.seats")):
+        assert api.post("/api/v1/meters", json={"slug": slug, "eventType": slug, "aggregation": aggregation,
+                                                "valueProperty": prop}).status_code == 201
+        assert api.post("/api/v1/features", json={"key": slug, "name": slug, "meterSlug": slug}).status_code == 201
+    tpp(api, "tpp-u")
+    for slug in ("users", "seats"):
+        ent = api.post("/api/v2/customers/tpp-u/entitlements", json={
+            "type": "metered", "featureKey": slug, "usagePeriod": {"interval": "DAY", "anchor": iso(t0)},
+            "measureUsageFrom": iso(t0), "issueAfterReset": 10})
+        assert ent.status_code == 201, ent.text
+        backdate(url, ent.json()["id"], t0)
+    with psycopg.connect(url) as conn:
+        events_sql.insert(conn, [
+            Event(subject="tpp-u", time=t0 + 5 * M, data={"user": "a"}, type="users"),
+            Event(subject="tpp-u", time=t0 + H, data={"user": "b"}, type="users"),
+            Event(subject="tpp-u", time=t0 + H + M, data={"user": "a"}, type="users"),
+            Event(subject="tpp-u", time=t0 + 5 * M, data={"seats": 5}, type="seats"),
+            Event(subject="tpp-u", time=t0 + H, data={"seats": 3}, type="seats")])
+    users = value(api, "/api/v2/customers/tpp-u/entitlements/users/value", t0 + 2 * H)
+    assert (users["usage"], users["balance"]) == (2, 8)
+    # LATEST: grants are limits, the latest value is what is in use.
+    seats = value(api, "/api/v2/customers/tpp-u/entitlements/seats/value", t0 + 2 * H)
+    assert (seats["usage"], seats["balance"], seats["hasAccess"]) == (3, 7, True)
