@@ -136,6 +136,7 @@ class _Pending:
     """Snapshot bookkeeping decided during a read, written after it."""
 
     save: store.Snapshot | None = None
+    epoch: int = 0  # the cache epoch the read saw
     restamp: list[datetime] = field(default_factory=list)
     drop_from: datetime | None = None
 
@@ -207,7 +208,7 @@ async def _start(conn: asyncpg.Connection, ctx: Context, usage: Usage, at: datet
 
 async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: datetime, grace: timedelta,
                   history: list[Segment] | None = None, observe: list[datetime] | None = None,
-                  extra_reset: Reset | None = None) -> tuple[State, _Pending]:
+                  ) -> tuple[State, _Pending]:
     """The engine's state at ``at`` (minute-aligned), in the caller's snapshot."""
     ent = ctx.entitlement
     assert ent.measure_usage_from is not None
@@ -216,14 +217,12 @@ async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: 
     if at < ent.measure_usage_from:
         return engine.starting_state(grants, at), pending
     usage = Usage(conn, ctx)
-    epoch = await store.cache_epoch(conn, ctx.meter.namespace, ctx.meter.event_type)
+    epoch = pending.epoch = await store.cache_epoch(conn, ctx.meter.namespace, ctx.meter.event_type)
     start = await _start(conn, ctx, usage, at, epoch, pending)
     if history is not None:
         start = engine.starting_state(grants, ent.measure_usage_from) if start.at > min(observe or [at]) else start
     timeline = ctx.timeline
     resets = timeline.resets_between(start.at, at)
-    if extra_reset is not None:
-        resets = [r for r in resets if r.at != extra_reset.at] + [extra_reset]
     horizon = now - grace
     saved: list[State] = []
 
@@ -261,10 +260,10 @@ async def _write_back(pool: asyncpg.Pool, ent: store.Entitlement, pending: _Pend
             return  # a grant, void, reset or subject change came in meanwhile: its own invalidation wins
         if pending.drop_from is not None:
             await store.invalidate_snapshots(conn, [ent.id], pending.drop_from)
+        for at in pending.restamp:
+            await store.restamp_snapshot(conn, ent.id, at, pending.epoch)
         if pending.save is not None:
             await store.save_snapshot(conn, ent.id, pending.save)
-            for at in pending.restamp:
-                await store.restamp_snapshot(conn, ent.id, at, pending.save.epoch)
 
 
 async def metered_value(pool: asyncpg.Pool, ent: store.Entitlement, time: datetime, *, grace: timedelta) -> tuple[Value, Context]:
