@@ -27,7 +27,7 @@ from pgmeter.api.auth import namespace_of
 from pgmeter.api.meters import format_time, json_body, runtime_of, time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements import balance, service, store
-from pgmeter.entitlements.periods import IntervalError, floor_minute, parse_interval
+from pgmeter.entitlements.periods import IntervalError, ceil_minute, floor_minute, parse_interval
 from pgmeter.entitlements.service import EntitlementInput, GrantInput
 from pgmeter.meters.ulid import is_ulid
 from pgmeter.query.params import QueryError, WindowSize, zone
@@ -393,7 +393,7 @@ def _routes(api: Api) -> list[Route]:
         if lo < ent.measure_usage_from:
             raise bad_request(f"from {format_time(lo)} cannot be before {format_time(ent.measure_usage_from)}",
                               parameter="from")
-        lo, hi = floor_minute(lo), shapes_ceil(hi)
+        lo, hi = floor_minute(lo), ceil_minute(hi)
         if lo >= hi:
             raise bad_request("from must be before to", parameter="from")
         if len(balance.windows(lo, hi, size, tz)) > MAX_HISTORY_WINDOWS:
@@ -490,11 +490,6 @@ def _routes(api: Api) -> list[Route]:
         Route(f"{base}/{value_ref}/grants", shapes.guarded(create_grant), methods=["POST"]),
         Route(f"{base}/{value_ref}/grants", shapes.guarded(list_grants), methods=["GET"]),
     ]
-
-
-def shapes_ceil(t: datetime) -> datetime:
-    floored = floor_minute(t)
-    return floored if floored == t else floored + timedelta(minutes=1)
 
 
 # -- admin lists and grant void ----------------------------------------------------

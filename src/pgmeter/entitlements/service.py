@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -42,10 +42,6 @@ class Refused(Exception):
         self.status = status
         self.detail = detail
         self.extensions = extensions
-
-
-def now_minute() -> datetime:
-    return floor_minute(datetime.now(UTC))
 
 
 async def _lock(conn: asyncpg.Connection, key: str) -> None:
@@ -379,5 +375,3 @@ def v2_grant_defaults(amount: Decimal) -> tuple[Decimal, Decimal]:
     """v2 rolls the remaining balance over, capped at the amount."""
     return Decimal(0), amount
 
-
-HUNDRED_YEARS = timedelta(days=36525)
