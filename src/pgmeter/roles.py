@@ -14,9 +14,10 @@ from pgmeter.runtime import Runtime
 
 
 def api_routes() -> list[BaseRoute]:
-    from pgmeter.api import docs, events, meters, query
+    from pgmeter.api import docs, events, meters, portal, query
+    from pgmeter.console import routes as console
 
-    return [*events.routes, *meters.routes, *query.routes, *docs.routes]
+    return [*events.routes, *meters.routes, *query.routes, *docs.routes, *portal.routes, *console.routes]
 
 
 async def start(runtime: Runtime) -> None:

@@ -2,8 +2,9 @@
 
 With no tokens configured (the default, and ``pgmeter dev``), every request works
 in ``settings.namespace``. With tokens, every ``/api/v1`` route but the health
-probe, the OpenAPI document and the portal query (its own JWT) needs ``Authorization: Bearer <token>`` and works only in that token's
-namespace: handlers never take the namespace from the request itself, so a token
+probe, the OpenAPI document and the portal query (it checks its own JWT) needs
+``Authorization: Bearer <token>`` and works only in that token's namespace:
+handlers never take the namespace from the request itself, so a token
 cannot write or read another namespace's events, meters or usage.
 """
 
