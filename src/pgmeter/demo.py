@@ -143,7 +143,7 @@ def report(summary: Summary, url: str, elapsed: float) -> str:
         f"sent {summary.sent} events in {elapsed:.1f} s: {summary.sent - summary.duplicates} distinct, "
         f"{summary.duplicates} duplicates (stored once), {summary.late} late (2-5 days old), "
         f"{summary.invalid} a meter cannot read (see the console's Events screen)",
-        "per TPP: " + ", ".join(f"{tpp} {count}" for tpp, count in summary.per_tpp.most_common()),
+        "per TPP (as sent): " + ", ".join(f"{tpp} {count}" for tpp, count in summary.per_tpp.most_common()),
     ]
     if summary.retries:
         lines.append(f"{summary.retries} requests retried after 503/429")
