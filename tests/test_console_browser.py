@@ -99,7 +99,10 @@ def server(settings: Settings) -> Iterator[AppServer]:
         with app.client(headers={"Authorization": f"Bearer {ADMIN}"}) as client:
             for meter in METERS:
                 assert client.post("/api/v1/meters", json=meter).status_code == 201
-        events_sql.insert_committed(settings.postgres.url, demo_events(1500, seed=16))
+        # Plus one event a meter cannot read, among the newest: the Events screen must show its error.
+        unreadable = Event("tpp-sandbox", datetime.now(UTC) - timedelta(seconds=30),
+                           {"endpoint": "/aisp/accounts", "method": "GET", "response_time_ms": "n/a"}, type="api.call")
+        events_sql.insert_committed(settings.postgres.url, [*demo_events(1500, seed=16), unreadable])
         meter_env.refresh(settings.postgres.url)
         yield app
 
@@ -207,12 +210,13 @@ def test_console_query_chart_and_csv_match_the_api(server: AppServer, browser: W
     with admin_api(server) as api:
         listed = api.get("/api/v1/events", params={"limit": 100}).json()
     errors = [item["validationError"] for item in listed if "validationError" in item]
+    assert errors and "n/a" in errors[0]
     wait_for(browser, lambda d: [cell.text for cell in d.find_elements(By.CSS_SELECTOR, "#e-table td .error")]
              == errors)
+    screenshot(browser, "events")
     browser.find_element(By.CSS_SELECTOR, "#e-form [name=invalid]").click()
     browser.find_element(By.CSS_SELECTOR, "#e-form button[type=submit]").click()
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#e-table tbody tr")) == 100)
-    screenshot(browser, "events")
 
     # The API reference renders offline from /api/v1/openapi.json.
     browser.get(server.base_url + "/#/api")
