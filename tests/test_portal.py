@@ -172,3 +172,25 @@ def test_without_a_secret_the_portal_says_so(settings: Settings) -> None:
         response = client.post("/api/v1/portal/tokens", json={"subject": "a"})
         assert response.status_code == 501
         assert "PGMETER_PORTAL_TOKEN_SECRET" in response.json()["detail"]
+
+
+def test_openmeters_python_sdk_portal_calls(server: AppServer) -> None:
+    from corehttp.exceptions import HttpResponseError
+    from openmeter import Client
+
+    client = Client(endpoint=server.base_url)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    created = client.portal.portal_tokens.create({"subject": "tpp-a", "allowedMeterSlugs": ["calls"]}, headers=admin)
+    assert created.subject == "tpp-a" and created.token and created.allowed_meter_slugs == ["calls"]
+    portal = {"Authorization": f"Bearer {created.token}"}
+    result = client.portal.portal_meters.query_json(
+        "calls", from_parameter=datetime(2024, 3, 5, tzinfo=UTC), to=datetime(2024, 3, 6, tzinfo=UTC),
+        window_size="HOUR", group_by=["endpoint"], headers=portal)
+    assert [(r.subject, r.group_by, r.value) for r in result.data] == [
+        ("tpp-a", {"endpoint": "/accounts"}, 1), ("tpp-a", {"endpoint": "/accounts"}, 1),
+        ("tpp-a", {"endpoint": "/payments"}, 1)]
+    assert [token.id for token in client.portal.portal_tokens.list(headers=admin)] == [created.id]
+    client.portal.portal_tokens.invalidate({"id": created.id}, headers=admin)
+    with pytest.raises(HttpResponseError) as refused:
+        client.portal.portal_meters.query_json("calls", headers=portal)
+    assert refused.value.status_code == 401
