@@ -223,7 +223,12 @@ def test_console_query_chart_and_csv_match_the_api(server: AppServer, browser: W
     wait_for(browser, lambda d: d.execute_script(
         "const doc = document.querySelector('rapi-doc');"
         "return doc && doc.shadowRoot && doc.shadowRoot.textContent.includes('/api/v1/portal/meters/{meterSlug}/query');"))
-    time.sleep(0.3) if os.environ.get("PGMETER_SCREENSHOTS") else None  # let it paint for the picture
+    # Offline: every file the console and RapiDoc loaded came from pgmeter itself (no fonts, no CDN).
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    foreign = [url for url in loaded if not url.startswith(server.base_url + "/")]
+    assert loaded and not foreign, foreign
+    if os.environ.get("PGMETER_SCREENSHOTS"):
+        time.sleep(0.3)  # let it paint for the picture
     screenshot(browser, "api-reference")
 
 

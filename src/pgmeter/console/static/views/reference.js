@@ -12,10 +12,11 @@ export async function referenceView() {
     document.head.append(script);
   });
   await loading;
-  // System fonts: RapiDoc's defaults would be fetched from a font CDN.
+  // System fonts, and load-fonts="false": RapiDoc otherwise fetches Open Sans from a
+  // font CDN (the browser test checks that nothing leaves pgmeter).
   return h("rapi-doc", {
     id: "reference", "spec-url": "/api/v1/openapi.json", "render-style": "view", "show-header": "false",
-    "allow-try": "false", "allow-authentication": "false", theme: "light",
+    "allow-try": "false", "allow-authentication": "false", "load-fonts": "false", theme: "light",
     "regular-font": "system-ui, -apple-system, 'Segoe UI', sans-serif", "mono-font": "ui-monospace, monospace",
     "primary-color": "#2563eb", style: "height: calc(100vh - 80px); width: 100%;",
   });
