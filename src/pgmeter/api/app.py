@@ -40,11 +40,18 @@ def create_app(settings: Settings, roles: frozenset[str]) -> Starlette:
             await role_registry.start(runtime)
             yield
 
+    cors: list[Middleware] = []
+    if "api" in roles and settings.portal.cors_allowed_origins:
+        from pgmeter.api.portal import PortalCORS
+
+        # Outermost, so a browser's preflight (no token) is answered before auth.
+        cors.append(Middleware(PortalCORS, origins=settings.portal.cors_allowed_origins))
     return Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         middleware=[
+            *cors,
             Middleware(RequestContextMiddleware, max_body_bytes=settings.ingest.max_body_bytes),
             Middleware(AuthMiddleware, tokens=settings.auth_tokens, default_namespace=settings.namespace),
         ],
