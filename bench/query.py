@@ -333,7 +333,7 @@ async def cached_workload(workdir: Path, pool: asyncpg.Pool, meter: store.Meter,
     (an epoch bump, as the sink makes it) after every 50 queries."""
     import valkey.asyncio as valkey_asyncio
 
-    from pgmeter.api.query import result_json_bytes
+    from pgmeter.api.query import iter_json
     from pgmeter.config import Settings
     from pgmeter.query import cache as query_cache
 
@@ -359,7 +359,7 @@ async def cached_workload(workdir: Path, pool: asyncpg.Pool, meter: store.Meter,
             panel = panels[n % len(panels)]
             started = time.perf_counter()
             # As the API answers: the JSON body, cached whole when the panel is settled.
-            await cache.respond(pool, meter, panel, "json", partial(result_json_bytes, panel))
+            await query_cache.collect(await cache.respond(pool, meter, panel, "json", partial(iter_json, panel)))
             elapsed = time.perf_counter() - started
             times.append(elapsed)
             if hits() > before:
@@ -387,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         total, first = args.events, min(1_000_000, args.events)
         query_runs, raw_runs, rounds = 200, 5, 5
     asyncio.run(run(total, first, args.subjects, query_runs, raw_runs, rounds))
+    if args.quick:
+        # The ratios only mean something at size: at 200k events a raw GROUP BY is fast
+        # and the fixed costs of a refresh dominate, so several targets read MISSED.
+        print("\nnote: --quick is a smoke test; the targets above are sized for the full run "
+              "(10M events), so MISSED here says nothing about them.")
     return 0
 
 

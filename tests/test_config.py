@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_help_lists_every_role() -> None:
         assert role in result.stdout
 
 
-def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path) -> None:
+def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import timedelta
 
     path = write(tmp_path, "lago: {interval: 1h30m, grace: PT15M}\nnats: {maxAge: 768h}\ningest: {linger: 2ms}\n"
@@ -108,6 +109,10 @@ def test_durations_accept_go_style_iso_8601_and_seconds(tmp_path: Path) -> None:
     assert settings.refresher.interval == timedelta(seconds=5)
     with pytest.raises(ConfigError, match="lago.interval"):
         load_settings(write(tmp_path, "lago: {interval: hourly}\n"))
+    # Seconds as a string, in YAML and in the environment (once "day identifier" errors).
+    assert load_settings(write(tmp_path, 'refresher: {interval: "90"}\n')).refresher.interval == timedelta(seconds=90)
+    monkeypatch.setenv("PGMETER_REFRESHER_INTERVAL", "2.5")
+    assert load_settings(write(tmp_path, "{}\n")).refresher.interval == timedelta(seconds=2.5)
 
 
 def test_only_an_api_only_process_uses_the_pooler_url() -> None:
@@ -119,3 +124,40 @@ def test_only_an_api_only_process_uses_the_pooler_url() -> None:
     for roles in ({"sink"}, {"refresher"}, {"lago-sync"}, {"api", "sink", "refresher", "lago-sync"}):
         assert _dsn_for(settings, frozenset(roles)) == "postgresql://direct/db"
     assert _dsn_for(Settings(postgres={"url": "postgresql://direct/db"}), frozenset({"api"})) == "postgresql://direct/db"
+
+
+def test_readme_meters_are_the_built_in_example() -> None:
+    """The README's meters YAML and `make run`'s built-in meters are the same meters, so a
+    newcomer who copies one into ./pgmeter.yaml never conflicts with data the other made."""
+    import re
+    from importlib import resources
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)]
+    documented = next(block["meters"] for block in blocks if isinstance(block, dict) and "meters" in block)
+    built_in = yaml.safe_load(resources.files("pgmeter.devstack").joinpath("example.yaml").read_text())["meters"]
+    assert documented == built_in
+
+
+def test_outage_bounds_server_deadlines_and_tenant_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = load_settings(write(tmp_path, "{}\n"))
+    assert defaults.metrics.tenant_labels is False  # /metrics names no tenant unless asked
+    assert (defaults.postgres.statement_timeout, defaults.postgres.connect_timeout) == (
+        timedelta(seconds=10), timedelta(seconds=5))
+    assert (defaults.server.header_timeout, defaults.server.body_timeout, defaults.server.keep_alive) == (
+        timedelta(seconds=10), timedelta(seconds=30), timedelta(seconds=5))
+    path = write(tmp_path, "postgres: {statementTimeout: 2s, acquireTimeout: 500ms}\n"
+                           "server: {headerTimeout: 3s, bodyTimeout: 1m, keepAlive: 2s, limitConcurrency: 50}\n"
+                           "metrics: {tenantLabels: true}\n")
+    settings = load_settings(path)
+    assert settings.postgres.statement_timeout == timedelta(seconds=2)
+    assert settings.postgres.acquire_timeout == timedelta(milliseconds=500)
+    assert settings.server.body_timeout == timedelta(minutes=1) and settings.server.limit_concurrency == 50
+    assert settings.metrics.tenant_labels is True
+    monkeypatch.setenv("PGMETER_METRICS_TENANT_LABELS", "true")
+    assert load_settings(write(tmp_path, "{}\n")).metrics.tenant_labels is True
+    with pytest.raises(ConfigError, match="server"):
+        load_settings(write(tmp_path, "server: {headerTimeOut: 3s}\n"))

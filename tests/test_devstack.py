@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
+import httpx
 import psutil
 import psycopg
 import pytest
+import yaml
 
 from pgmeter.devstack.process import free_port
 from tests.support.app import wait_ready
@@ -63,7 +66,12 @@ def test_dev_starts_stops_cleanly_and_keeps_data(server_dir: Path, stop_signal: 
     print(f"pgmeter dev ready in {first.startup_seconds:.1f} s")
     names = {p.name() for p in first.children}
     assert {"postgres", "nats-server", "valkey-server"} <= names, names
-    assert "api" in first.url("api") or first.url("api").startswith("http://")
+    api = first.url("api")
+    assert api == f"http://127.0.0.1:{first.port}/api/v1"  # the banner names the address it serves
+    # It answers there, with the example meters pgmeter dev configures.
+    example = yaml.safe_load(resources.files("pgmeter.devstack").joinpath("example.yaml").read_text())
+    meters = httpx.get(f"{api}/meters", timeout=10).json()
+    assert sorted(m["slug"] for m in meters) == sorted(m["slug"] for m in example["meters"])
     with psycopg.connect(first.url("postgres"), autocommit=True) as conn:
         conn.execute("CREATE TABLE kept (v text)")
         conn.execute("INSERT INTO kept VALUES ('survives a restart')")
@@ -101,3 +109,27 @@ def test_second_dev_on_same_directory_is_refused(server_dir: Path) -> None:
     finally:
         assert first.stop(signal.SIGINT) == 0
     assert_all_gone(first.children)
+
+
+@pytest.mark.parametrize("command", [["dev", "--data-dir", "{dir}/data"], ["sink"]])
+def test_a_taken_port_fails_at_once_with_one_line_and_nothing_left(server_dir: Path, command: list[str]) -> None:
+    """Once, a taken port left `pgmeter dev` saying "up", then ignoring Ctrl-C for minutes."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
+        env["PGMETER_ADDRESS"] = f"127.0.0.1:{port}"
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "pgmeter", *(part.format(dir=server_dir) for part in command)],
+                                capture_output=True, text=True, env=env, cwd=server_dir, timeout=60)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"pgmeter: cannot listen on 127.0.0.1:{port}: Address already in use (another pgmeter, or set PGMETER_ADDRESS)"]
+    assert "is up" not in result.stdout
+    assert elapsed < 20, elapsed
+    # Nothing was started: no embedded server holds the data directory.
+    assert not (server_dir / "data" / "postgres").exists()

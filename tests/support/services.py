@@ -23,7 +23,7 @@ import psycopg
 from pytest_postgresql.executors.proc import PostgreSQLExecutor
 
 from pgmeter.devstack import binaries, services
-from pgmeter.devstack.process import ManagedProcess, free_port
+from pgmeter.devstack.process import ManagedProcess, free_port, wait_until
 
 
 @dataclass
@@ -90,7 +90,15 @@ def start_postgres(workdir: Path) -> PostgresServer:
         postgres_options="-c shared_buffers=256MB -c max_connections=300 -c fsync=off",
     )
     executor.start()
+    # pg_ctl -w can return while the server still answers "the database system is
+    # starting up" (seen on a loaded machine): wait until it takes a connection.
+    wait_until(lambda: _accepts_connections(port), timeout=60, what="PostgreSQL")
     return PostgresServer("127.0.0.1", port, "postgres", None, "postgres", executor)
+
+
+def _accepts_connections(port: int) -> bool:
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=2):
+        return True
 
 
 @dataclass

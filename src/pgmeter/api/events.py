@@ -25,18 +25,29 @@ from starlette.types import Receive, Scope, Send
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.problems import bad_request, problem_response
 from pgmeter.ingest import cloudevents, listing, metrics
+from pgmeter.ingest.limits import EventLimits
 from pgmeter.ingest.publisher import PublishUnavailable
 from pgmeter.ingest.publisher import of as publisher_of
 from pgmeter.ingest.wire import EventTooLarge
+from pgmeter.metric_labels import tenant
 
 RETRY_AFTER_SECONDS = "1"
 _ingested: dict[str, Counter] = {}
 
 
+def event_limits(runtime: Any) -> EventLimits:
+    """The process's event limits, resolved from the settings once."""
+    limits = runtime.extras.get("event_limits")
+    if limits is None:
+        limits = runtime.extras["event_limits"] = EventLimits.of(runtime.settings)
+    return limits
+
+
 def _ingested_counter(namespace: str) -> Counter:
-    counter = _ingested.get(namespace)
+    label = tenant(namespace)
+    counter = _ingested.get(label)
     if counter is None:
-        counter = _ingested[namespace] = metrics.EVENTS_INGESTED.labels(namespace)
+        counter = _ingested[label] = metrics.EVENTS_INGESTED.labels(label)
     return counter
 
 
@@ -44,6 +55,9 @@ class IngestEvents:
     """``POST /api/v1/events`` as an ASGI app."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The moment the request was received: an event's time window counts from
+        # here, not from when a slow body finished arriving.
+        now = cloudevents.now_micros()
         content_type = None
         for name, value in scope["headers"]:
             if name == b"content-type":
@@ -60,9 +74,10 @@ class IngestEvents:
         except cloudevents.BodyError as exc:
             await self._problem(scope, receive, send, 400, str(exc))
             return
-        events, errors = cloudevents.validate_events(raw)
+        runtime = scope["app"].state.runtime
+        events, errors = cloudevents.validate_events(raw, event_limits(runtime), now)
         if not errors and events:
-            publisher = publisher_of(scope["app"].state.runtime)
+            publisher = publisher_of(runtime)
             try:
                 chunks = publisher.encode(events)
             except UnicodeEncodeError:
@@ -141,7 +156,7 @@ async def list_events(request: Request) -> Response:
     if customers:
         # There are no customers in pgmeter yet, so every id is unknown (OpenMeter: 400).
         raise bad_request(f"customers not found in namespace {params.namespace}: {', '.join(customers)}")
-    items = await listing.list_events(request.app.state.runtime.pool, params)
+    items = await listing.list_events(request.app.state.runtime.api_pool, params)
     return JSONResponse(items)
 
 

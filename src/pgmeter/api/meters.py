@@ -19,14 +19,15 @@ from starlette.routing import Route
 
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.problems import Problem, bad_request
+from pgmeter.entitlements.service import Refused, check_meter_change
 from pgmeter.meters import store
-from pgmeter.meters.model import Aggregation, MeterSpec
+from pgmeter.meters.model import Aggregation, MeterSpec, check_limits
 from pgmeter.query.engine import distinct_values
-from pgmeter.query.params import QueryError, parse_time
+from pgmeter.query.params import QueryError, TooManyRows, parse_time
 from pgmeter.runtime import Runtime
 
 # {meterIdOrSlug}: a slug or a ULID, at most 64 characters (OpenMeter's validator).
-ID_OR_SLUG = re.compile(r"^(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})$")
+ID_OR_SLUG = re.compile(r"\A(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})\Z")
 GROUP_VALUES_MAX_AGE = timedelta(days=90)
 GROUP_VALUES_MAX_SPAN = timedelta(days=30)
 GROUP_VALUES_DEFAULT_SPAN = timedelta(hours=24)
@@ -67,6 +68,11 @@ def meter_json(meter: store.Meter) -> dict[str, Any]:
     body["updatedAt"] = format_time(meter.updated_at)
     if meter.deleted_at is not None:
         body["deletedAt"] = format_time(meter.deleted_at)
+    if meter.failure is not None:
+        # pgmeter's extension, present only while the refresher sets the meter aside.
+        body["pgmeterState"] = {
+            "status": "failing", "reason": meter.failure.reason, "since": format_time(meter.failure.since),
+            "nextAttempt": format_time(meter.failure.next_attempt), "failures": meter.failure.failures}
     return body
 
 
@@ -80,6 +86,18 @@ def validation_problem(exc: ValidationError) -> Problem:
     return Problem(400, detail, extensions={"validationErrors": errors})
 
 
+def limits_problem(request: Request, spec: MeterSpec) -> Problem | None:
+    """A 400 naming each configurable limit (``limits`` settings) the definition breaks."""
+    limits = runtime_of(request).settings.limits
+    problems = check_limits(spec, group_by_keys=limits.meter_group_by_keys,
+                            json_path_bytes=limits.json_path_bytes, json_path_depth=limits.json_path_depth)
+    if not problems:
+        return None
+    errors = [{"code": "limit", "field": field, "message": message} for field, message in problems]
+    return Problem(400, "; ".join(f"{field}: {message}" for field, message in problems),
+                   extensions={"validationErrors": errors})
+
+
 async def json_body(request: Request, *, empty: Any = None) -> Any:
     raw = await request.body()
     if not raw.strip():
@@ -90,6 +108,8 @@ async def json_body(request: Request, *, empty: Any = None) -> Any:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("request body is not valid JSON") from None
+    except RecursionError:  # thousands of nested arrays: the parser gives up (was a 500)
+        raise bad_request("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     return body
@@ -105,7 +125,7 @@ def id_or_slug(request: Request) -> str:
 async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
     """The meter named in the path, or a 404 problem. ``active``: deleted is 404 too."""
     key = id_or_slug(request)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meter = await store.get(conn, namespace_of(request), key)
     if meter is None or (active and meter.deleted):
         raise Problem(404, f"meter not found: {key}")
@@ -152,7 +172,7 @@ async def list_meters(request: Request) -> Response:
         value = _single(request, name)
         if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
             raise bad_request(f"{name} must be a positive integer", parameter=name)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
                                          descending=order == "DESC", include_deleted=include == "true")
     return JSONResponse([meter_json(meter) for meter in meters])
@@ -164,11 +184,23 @@ async def create_meter(request: Request) -> Response:
         spec = MeterSpec.model_validate(body)
     except ValidationError as exc:
         raise validation_problem(exc) from None
-    async with runtime_of(request).pool.acquire() as conn:
+    problem = limits_problem(request, spec)
+    if problem is not None:
+        raise problem
+    runtime = runtime_of(request)
+    namespace = namespace_of(request)
+    async with runtime.api_pool.acquire() as conn:
         try:
-            meter = await store.create(conn, namespace_of(request), spec)
+            meter = await store.create(conn, namespace, spec,
+                                       max_meters=runtime.settings.limits.meters_per_namespace)
         except store.SlugTaken:
             raise Problem(409, f"meter with the same slug already exists: {spec.slug}") from None
+        except store.TooManyMeters as exc:
+            # 409, not 400: the request is valid, the namespace's state refuses it, and
+            # deleting a meter resolves it.
+            raise Problem(409, f"namespace {namespace} already has {exc.limit} meters, the most allowed "
+                               "(limits.metersPerNamespace); delete one first",
+                          extensions={"limit": "metersPerNamespace"}) from None
     return JSONResponse(meter_json(meter), status_code=201,
                         headers={"Location": f"/api/v1/meters/{meter.id}"})
 
@@ -193,7 +225,13 @@ async def update_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
     try:
         update = MeterUpdate.model_validate(await json_body(request))
-        async with runtime_of(request).pool.acquire() as conn:
+        problem = limits_problem(request, store.updated_spec(
+            meter, name=update.name, description=update.description, group_by=update.group_by or {},
+            metadata=update.metadata))
+        if problem is not None:
+            raise problem
+        async with runtime_of(request).api_pool.acquire() as conn:
+            await _features_allow(conn, meter, update.group_by or {})
             # OpenMeter's PUT: groupBy and metadata are replaced (absent clears them),
             # an absent name resets to the slug, an absent description is kept.
             updated = await store.update(
@@ -206,9 +244,18 @@ async def update_meter(request: Request) -> Response:
     return JSONResponse(meter_json(updated))
 
 
+async def _features_allow(conn: Any, meter: store.Meter, group_by: dict[str, str] | None) -> None:
+    """Deletion (``group_by`` None) or a groupBy edit: 409 while a feature relies on the meter."""
+    try:
+        await check_meter_change(conn, meter.id, group_by)
+    except Refused as exc:
+        raise Problem(exc.status, exc.detail) from None
+
+
 async def delete_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
+        await _features_allow(conn, meter, None)
         await store.delete(conn, meter)
     return Response(status_code=204)
 
@@ -218,8 +265,17 @@ async def list_subjects(request: Request) -> Response:
     start, end = _time_param(request, "from"), _time_param(request, "to")
     if start is not None and end is not None and start >= end:
         raise bad_request("from must be before to", parameter="from")
-    subjects = await distinct_values(runtime_of(request).pool, meter, None, start, end)
-    return JSONResponse(subjects)
+    return JSONResponse(await _distinct(request, meter, None, start, end))
+
+
+async def _distinct(request: Request, meter: store.Meter, key: str | None, start: datetime | None,
+                    end: datetime | None) -> list[str]:
+    runtime = runtime_of(request)
+    max_rows = runtime.settings.limits.query_max_rows
+    try:
+        return await distinct_values(runtime.api_pool, meter, key, start, end, max_rows=max_rows)
+    except TooManyRows as exc:
+        raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None
 
 
 async def list_group_by_values(request: Request) -> Response:
@@ -239,8 +295,7 @@ async def list_group_by_values(request: Request) -> Response:
             raise bad_request("from must be before to", parameter="from")
         if end - start > GROUP_VALUES_MAX_SPAN:
             raise bad_request("from and to must be at most 30 days apart", parameter="to")
-    values = await distinct_values(runtime_of(request).pool, meter, key, start, end)
-    return JSONResponse(values)
+    return JSONResponse(await _distinct(request, meter, key, start, end))
 
 
 routes = [

@@ -12,20 +12,26 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of, time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
-from pgmeter.query.params import QueryError, QueryParams, QueryResult, WindowSize, validate
+from pgmeter.query.cache import Body
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, TooManyRows, WindowSize, validate
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
+# Rows rendered per chunk of a streamed answer: big enough that chunking costs
+# nothing measurable, small enough that the event loop runs every few milliseconds.
+CHUNK_ROWS = 1000
 _DEEP_OBJECT = re.compile(r"^filterGroupBy\[([^\[\]]+)\]$")
 _SCALARS = ("from", "to", "windowSize", "windowTimeZone", "clientId")
 
@@ -133,51 +139,80 @@ def wants_csv(request: Request) -> bool:
     return "," not in accept and accept.split(";")[0].strip().lower() == "text/csv"
 
 
-def json_number(value: Decimal) -> int | float:
-    """OpenMeter's values are float64; integers print without a decimal point."""
-    return int(value) if value == value.to_integral_value() else float(value)
+def json_number(value: Decimal) -> int | float | Decimal:
+    """OpenMeter's values are float64; integers print without a decimal point.
+
+    A sum past float64's range stays a Decimal, printed as its exact digits: an
+    infinity has no JSON form (it was a 500).
+    """
+    if value == value.to_integral_value():
+        return int(value)
+    number = float(value)
+    return number if math.isfinite(number) else value
 
 
-def result_json(params: QueryParams, result: QueryResult) -> dict[str, Any]:
-    body: dict[str, Any] = {}
+# Starlette's JSONResponse settings.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
+def _value_json(value: Decimal) -> str:
+    number = json_number(value)
+    return str(number) if isinstance(number, Decimal) else _ENCODER.encode(number)
+
+
+def _row_json(row: QueryRow) -> str:
+    return (f'{{"value":{_value_json(row.value)},"windowStart":"{format_time(row.window_start)}",'
+            f'"windowEnd":"{format_time(row.window_end)}","subject":{_ENCODER.encode(row.subject)},'
+            f'"groupBy":{_ENCODER.encode(row.group_by)}}}')
+
+
+def iter_json(params: QueryParams, result: QueryResult) -> Iterator[bytes]:
+    """The JSON body in chunks of :data:`CHUNK_ROWS` rows, byte for byte what
+    Starlette's JSONResponse would render for the whole document at once."""
+    head: dict[str, Any] = {}
     if params.from_ is not None:
-        body["from"] = format_time(params.from_)
+        head["from"] = format_time(params.from_)
     if params.to is not None:
-        body["to"] = format_time(params.to)
+        head["to"] = format_time(params.to)
     if params.window_size is not None:
-        body["windowSize"] = str(params.window_size)
-    body["data"] = [{
-        "value": json_number(row.value),
-        "windowStart": format_time(row.window_start),
-        "windowEnd": format_time(row.window_end),
-        "subject": row.subject,
-        "groupBy": row.group_by,
-    } for row in result.rows]
-    return body
+        head["windowSize"] = str(params.window_size)
+    opening = _ENCODER.encode(head)[:-1] + ("," if head else "") + '"data":['
+    rows = result.rows
+    yield opening.encode()
+    for start in range(0, len(rows), CHUNK_ROWS):
+        part = ",".join(_row_json(row) for row in rows[start:start + CHUNK_ROWS])
+        yield (("," if start else "") + part).encode()
+    yield b"]}"
 
 
-def result_json_bytes(params: QueryParams, result: QueryResult) -> bytes:
-    """The JSON body exactly as Starlette's JSONResponse renders it."""
-    return json.dumps(result_json(params, result), ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":")).encode()
-
-
-def result_csv(meter: Meter, params: QueryParams, result: QueryResult) -> bytes:
-    """OpenMeter's CSV: window bounds at whole seconds, values printed like Go's %f."""
+def iter_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Iterator[bytes]:
+    """OpenMeter's CSV in chunks: window bounds at whole seconds, values printed like Go's %f."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     keys = list(params.meter_keys)
     writer.writerow(["window_start", "window_end", *(["subject"] if params.groups_by_subject else []),
                      *keys, "value"])
-    for row in result.rows:
-        writer.writerow([
-            format_time(row.window_start.replace(microsecond=0)),
-            format_time(row.window_end.replace(microsecond=0)),
-            *([row.subject] if params.groups_by_subject else []),
-            *(row.group_by[key] for key in keys),
-            f"{float(row.value):f}",
-        ])
-    return out.getvalue().encode()
+    rows = result.rows
+    for start in range(0, len(rows), CHUNK_ROWS):
+        for row in rows[start:start + CHUNK_ROWS]:
+            writer.writerow([
+                format_time(row.window_start.replace(microsecond=0)),
+                format_time(row.window_end.replace(microsecond=0)),
+                *([row.subject] if params.groups_by_subject else []),
+                *(row.group_by[key] for key in keys),
+                f"{float(row.value):f}",
+            ])
+        yield out.getvalue().encode()
+        out.seek(0)
+        out.truncate()
+    if out.tell():
+        yield out.getvalue().encode()
+
+
+def _response(body: Body, media_type: str, headers: dict[str, str] | None = None) -> Response:
+    if isinstance(body, bytes):
+        return Response(body, media_type=media_type, headers=headers)
+    return StreamingResponse(body, media_type=media_type, headers=headers)
 
 
 async def _answer(request: Request, meter: Meter, params: QueryParams) -> Response:
@@ -187,15 +222,17 @@ async def _answer(request: Request, meter: Meter, params: QueryParams) -> Respon
         runtime = runtime_of(request)
         cache = runtime.extras["query_cache"]
         if wants_csv(request):
-            body = await cache.respond(runtime.pool, meter, params, "csv",
-                                       lambda result: result_csv(meter, params, result))
-            return Response(body, media_type="text/csv",
-                            headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
-        body = await cache.respond(runtime.pool, meter, params, "json",
-                                   lambda result: result_json_bytes(params, result))
+            body = await cache.respond(runtime.api_pool, meter, params, "csv",
+                                       lambda result: iter_csv(meter, params, result))
+            return _response(body, "text/csv",
+                             {"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
+        body = await cache.respond(runtime.api_pool, meter, params, "json",
+                                   lambda result: iter_json(params, result))
+    except TooManyRows as exc:
+        raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None
     except QueryError as exc:
         raise bad_request(str(exc), parameter=exc.parameter) from None
-    return Response(body, media_type="application/json")
+    return _response(body, "application/json")
 
 
 async def query_get(request: Request) -> Response:

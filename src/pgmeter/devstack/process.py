@@ -100,16 +100,34 @@ class ManagedProcess:
             self.process.wait(5)
 
 
-def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
-    """``preferred`` if it is free, otherwise any free port."""
-    for candidate in (preferred, 0) if preferred else (0,):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, candidate))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise RuntimeError("no free TCP port")
+def free_port(preferred: int = 0, host: str = "127.0.0.1", *, wait: float = 0) -> int:
+    """``preferred`` if it is free (waiting up to ``wait`` seconds for it), otherwise any free port.
+
+    The wait matters on a quick restart: a server that just stopped can hold its port
+    for a moment, and a saved psql URL should keep working across ``make run``s.
+    """
+    deadline = time.monotonic() + wait
+    while preferred:
+        if _bindable(host, preferred):
+            return preferred
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError:
+            raise RuntimeError("no free TCP port") from None
+        return int(sock.getsockname()[1])
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, what: str,

@@ -18,8 +18,14 @@ from pgmeter.devstack import services
 from pgmeter.devstack.process import ManagedProcess, free_port
 
 # Preferred ports, away from the standard ones so a system Postgres/NATS/Redis on
-# this machine never collides; any free port is taken when one is busy.
+# this machine never collides; any free port is taken when one stays busy longer
+# than PORT_WAIT seconds (a server that just stopped may hold it for a moment).
 PREFERRED_PORTS = {"postgres": 55432, "nats": 54222, "valkey": 56379}
+PORT_WAIT = 3.0
+
+
+def _port(service: str) -> int:
+    return free_port(PREFERRED_PORTS[service], wait=PORT_WAIT)
 
 
 class StackError(RuntimeError):
@@ -41,13 +47,13 @@ class DevStack:
         logs = self.data_dir / "logs"
         try:
             pg, self.postgres_url = services.start_postgres(
-                self.data_dir / "postgres", free_port(PREFERRED_PORTS["postgres"]), log_path=logs / "postgres.log")
+                self.data_dir / "postgres", _port("postgres"), log_path=logs / "postgres.log")
             self.processes.append(pg)
             nats, self.nats_url = services.start_nats(
-                self.data_dir / "nats", free_port(PREFERRED_PORTS["nats"]), log_path=logs / "nats.log")
+                self.data_dir / "nats", _port("nats"), log_path=logs / "nats.log")
             self.processes.append(nats)
             valkey, self.valkey_url = services.start_valkey(
-                self.data_dir / "valkey", free_port(PREFERRED_PORTS["valkey"]), log_path=logs / "valkey.log")
+                self.data_dir / "valkey", _port("valkey"), log_path=logs / "valkey.log")
             self.processes.append(valkey)
         except BaseException:
             self.stop()

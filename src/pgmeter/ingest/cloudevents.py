@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgmeter.ingest import jsonfast
+from pgmeter.ingest.limits import TEXT_FIELDS, EventLimits
 
 # OpenMeter's three content types; the media type is compared without parameters.
 CLOUDEVENT = "application/cloudevents+json"
@@ -38,6 +39,19 @@ _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})\Z", re.ASCII)
 # An escaped NUL in JSON text that is not itself an escaped backslash followed by "u0000".
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+# What the fast path needs from the limits, unpacked once per request: the character
+# counts under which id, source, type and subject are surely within their byte
+# limits (a quarter of them: UTF-8 takes at most 4 bytes a character), and the
+# accepted event times [lo, hi] in microseconds.
+Door = tuple[int, int, int, int, int, int]
+
+
+def door(limits: EventLimits, now: int) -> Door:
+    lo, hi = limits.window(now)
+    return (limits.id_bytes // 4, limits.source_bytes // 4, limits.type_bytes // 4,
+            limits.subject_bytes // 4, lo, hi)
 
 
 # One validated event as it travels to the sink:
@@ -185,12 +199,13 @@ def data_text(data: dict[str, Any]) -> str:
     return text
 
 
-def _fast(event: dict[str, Any], now: int) -> EventTuple | None:
+def _fast(event: dict[str, Any], now: int, bounds: Door) -> EventTuple | None:
     """The common case, checked with as little work as possible; ``None`` means "look closer".
 
     Strings are not checked for unpaired surrogates here: the request is encoded to
     UTF-8 as one piece before publishing, and only if that fails is each event
-    checked (:func:`find_unencodable`).
+    checked (:func:`find_unencodable`). Lengths are compared in characters only: a
+    string longer than a quarter of its byte limit goes the slow way, which encodes it.
     """
     get = event.get
     event_id, source, event_type, subject = get("id"), get("source"), get("type"), get("subject")
@@ -202,6 +217,10 @@ def _fast(event: dict[str, Any], now: int) -> EventTuple | None:
         return None
     if "\x00" in event_id or "\x00" in source or "\x00" in event_type or "\x00" in subject:
         return None
+    id_chars, source_chars, type_chars, subject_chars, lo, hi = bounds
+    if (len(event_id) > id_chars or len(source) > source_chars or len(event_type) > type_chars
+            or len(subject) > subject_chars):
+        return None
     raw_time = get("time")
     if raw_time is None:
         time = now
@@ -209,6 +228,8 @@ def _fast(event: dict[str, Any], now: int) -> EventTuple | None:
         try:
             time = parse_time(raw_time)
         except ValueError:
+            return None
+        if not lo <= time <= hi:
             return None
     else:
         return None
@@ -232,10 +253,18 @@ def _fast(event: dict[str, Any], now: int) -> EventTuple | None:
     return (event_id, source, event_type, subject, time, text)
 
 
-def validate_event(event: Any, index: int, now: int, errors: list[FieldError]) -> EventTuple | None:
-    """Check one raw event; append its problems to ``errors`` or return its tuple."""
+def validate_event(event: Any, index: int, now: int, errors: list[FieldError], limits: EventLimits,
+                   bounds: Door | None = None) -> EventTuple | None:
+    """Check one raw event; append its problems to ``errors`` or return its tuple.
+
+    ``now`` is when the request was received (microseconds): an event without a time
+    gets it, and the accepted time window is counted from it. ``bounds`` is
+    ``door(limits, now)``, passed in by :func:`validate_events` so a batch builds it once.
+    """
+    if bounds is None:
+        bounds = door(limits, now)
     if type(event) is dict:
-        fast = _fast(event, now)
+        fast = _fast(event, now, bounds)
         if fast is not None:
             return fast
     if not isinstance(event, dict):
@@ -250,6 +279,10 @@ def validate_event(event: Any, index: int, now: int, errors: list[FieldError]) -
                                  "use \"1.0\""))
     event_type = _check_string(event, "type", index, errors)
     subject = _check_string(event, "subject", index, errors)
+    for name, value in zip(TEXT_FIELDS, (event_id, source, event_type, subject), strict=True):
+        too_long = limits.check_text(name, value) if value else None
+        if too_long:
+            errors.append(FieldError(index, name, too_long))
 
     raw_time = event.get("time")
     if raw_time is None:
@@ -263,6 +296,10 @@ def validate_event(event: Any, index: int, now: int, errors: list[FieldError]) -
         except ValueError as exc:
             errors.append(FieldError(index, "time", str(exc)))
             time = 0
+        else:
+            outside = limits.check_time(time, now)
+            if outside:
+                errors.append(FieldError(index, "time", outside))
 
     content_type = event.get("datacontenttype")
     if content_type is not None and (not isinstance(content_type, str) or media_type(content_type) != JSON):
@@ -307,13 +344,18 @@ def find_unencodable(events: list[EventTuple]) -> list[FieldError]:
     return errors
 
 
-def validate_events(raw: list[Any], now: int | None = None) -> tuple[list[EventTuple], list[FieldError]]:
-    """Validate every event; the request is accepted only when ``errors`` is empty."""
+def validate_events(raw: list[Any], limits: EventLimits,
+                    now: int | None = None) -> tuple[list[EventTuple], list[FieldError]]:
+    """Validate every event; the request is accepted only when ``errors`` is empty.
+
+    ``now`` defaults to the current time: the moment the request was received.
+    """
     now = now_micros() if now is None else now
+    bounds = door(limits, now)
     errors: list[FieldError] = []
     valid: list[EventTuple] = []
     for index, event in enumerate(raw):
-        checked = validate_event(event, index, now, errors)
+        checked = validate_event(event, index, now, errors, limits, bounds)
         if checked is not None:
             valid.append(checked)
     return valid, errors

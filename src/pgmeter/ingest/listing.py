@@ -10,6 +10,7 @@ as they are.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,8 +18,14 @@ from typing import Any
 import asyncpg
 
 from pgmeter.ingest.validation import MeterRule, validation_error
+from pgmeter.query.params import TIME_MAX, TIME_MIN, TIME_RANGE_TEXT
 
 MAX_FROM_AGE = timedelta(days=32)
+# What Postgres cannot take as text: such a filter matches nothing and would fail the statement.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# The API's time range (query.params.TIME_MIN and TIME_MAX) in microseconds since the epoch.
+_MIN_MICROS = (TIME_MIN - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+_MAX_MICROS = (TIME_MAX - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 MAX_LIMIT = 100
 
 
@@ -46,9 +53,14 @@ def parse_datetime(name: str, raw: str) -> datetime:
     from pgmeter.ingest.cloudevents import micros_to_datetime, parse_time
 
     try:
-        return micros_to_datetime(parse_time(raw))
+        micros = parse_time(raw)
     except ValueError as exc:
         raise ListError(f"{name}: {exc}") from None
+    # Checked on the integer: converting a year-10000 instant back to a datetime is
+    # what used to overflow into a 500.
+    if not _MIN_MICROS <= micros < _MAX_MICROS:
+        raise ListError(f"{name} is out of range: {raw!r} (the API takes {TIME_RANGE_TEXT})")
+    return micros_to_datetime(micros)
 
 
 def validate(params: ListParams, now: datetime) -> None:
@@ -66,6 +78,9 @@ def validate(params: ListParams, now: datetime) -> None:
             and params.ingested_to < params.ingested_from):
         problems.append(f"ingestedAtTo date is before ingestedAtFrom date: {_rfc3339(params.ingested_to)} < "
                         f"{_rfc3339(params.ingested_from)}")
+    for name, value in (("id", params.id), ("subject", params.subject)):
+        if value is not None and _UNSTORABLE.search(value):
+            problems.append(f"{name} must not contain NUL characters or unpaired surrogates")
     if params.limit < 1:
         problems.append("limit must be greater than 0")
     if params.limit > MAX_LIMIT:

@@ -13,6 +13,13 @@ from jsonpath_ng import parse
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.jsonpath import Child, Fields, Index, JSONPath, Root
 
+# The most any configuration may allow (limits.jsonPathBytes and limits.jsonPathDepth
+# are capped at these). jsonpath-ng's parser recurses once per step and takes time
+# quadratic in the length, so both are checked on the raw text before it is parsed:
+# a megabyte path is refused in microseconds instead of blocking the event loop.
+MAX_PATH_BYTES = 4096
+MAX_PATH_DEPTH = 64
+
 
 class InvalidJSONPath(ValueError):
     """A path outside the supported subset."""
@@ -30,6 +37,18 @@ def _steps(node: JSONPath) -> list[str]:
     raise InvalidJSONPath(f"unsupported JSONPath step {node}")
 
 
+def check_size(path: str, max_bytes: int = MAX_PATH_BYTES, max_depth: int = MAX_PATH_DEPTH) -> None:
+    """Refuse a path too long or too deep to parse, without parsing it.
+
+    Every step starts with ``.`` or ``[``, so their count bounds the depth from above
+    (a quoted name containing them counts more, never less).
+    """
+    if len(path) > max_bytes or len(path.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise InvalidJSONPath(f"must be at most {max_bytes} bytes")
+    if path.count(".") + path.count("[") > max_depth:
+        raise InvalidJSONPath(f"must have at most {max_depth} steps")
+
+
 def compile_path(path: str) -> list[str]:
     """Return the jsonb path (``text[]`` elements) for a supported JSONPath.
 
@@ -38,6 +57,7 @@ def compile_path(path: str) -> list[str]:
     """
     if not path.startswith("$"):
         raise InvalidJSONPath("a JSONPath must start with $")
+    check_size(path)
     try:
         parsed = parse(path)
     except (JsonPathLexerError, JsonPathParserError, Exception) as exc:  # the lexer raises bare Exceptions too

@@ -2,23 +2,72 @@
 
 The model is shared by the config file and the API, so a meter declared in
 ``pgmeter.yaml`` is checked exactly like one sent to ``POST /api/v1/meters``.
+
+Two layers of rules. The model itself enforces what never changes: anchored slug
+and key patterns, no control characters or unpaired surrogates in any field,
+view-column names that cannot collide, and hard caps (see ``jsonpath``) that keep
+parsing cheap. :func:`check_limits` enforces the configurable ``limits`` section
+at the door (API and config file); a stored meter is never re-judged by it, so
+tightening a limit cannot break reading meters made under the old one.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pgmeter.meters.jsonpath import InvalidJSONPath, compile_path
+from pgmeter.meters.jsonpath import MAX_PATH_DEPTH, InvalidJSONPath, check_size, compile_path
 
-SLUG_PATTERN = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
-GROUP_BY_KEY_PATTERN = re.compile(r"^[a-zA-Z_][0-9a-zA-Z_]*$")
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, which made
+# look-alike meters ("calls\n") whose CSV header then broke the connection.
+SLUG_PATTERN = re.compile(r"\A[a-z0-9]+(?:_[a-z0-9]+)*\Z")
+GROUP_BY_KEY_PATTERN = re.compile(r"\A[a-zA-Z_][0-9a-zA-Z_]*\Z")
+# A key names a view column: Postgres truncates identifiers past 63 bytes.
+MAX_GROUP_BY_KEY = 63
+# The rollup's primary key is (subject, bucket, g1..gN) and an index holds at most
+# 32 columns; limits.meterGroupByKeys may not exceed this.
+MAX_GROUP_BY_KEYS = 30
 # Names the query API reserves for its own group-by dimensions.
 RESERVED_GROUP_BY_KEYS = frozenset({"subject", "customer_id"})
+# The fixed columns of a meter's view (rollup/objects.py, _view_columns): a key with
+# one of these names is presented as group_<key>.
+VIEW_FIXED_COLUMNS = frozenset({"window_start", "window_end", "subject", "value"})
+# eventFrom must be an instant every reader can do arithmetic around (a year-1 value
+# was stored as -infinity and broke every query of the meter).
+EVENT_FROM_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+EVENT_FROM_MAX = datetime(9999, 1, 1, tzinfo=UTC)
+# metadata: a label map, not a document store.
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY = 256
+MAX_METADATA_VALUE = 1024
+
+# Control characters (C0 and DEL) and unpaired UTF-16 surrogates (from \udXXX
+# escapes in JSON): Postgres cannot store NUL or surrogates, and the others break
+# headers, CSV and logs. A description may keep tabs and line breaks.
+_BAD_CHARS = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_BAD_CHARS_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def check_chars(value: str, *, text: bool = False) -> None:
+    """Raise ``ValueError`` naming the first character a meter field may not hold."""
+    found = (_BAD_CHARS_TEXT if text else _BAD_CHARS).search(value)
+    if found is None:
+        return
+    char = found.group()
+    if char == "\x00":
+        raise ValueError("must not contain NUL characters")
+    if "\ud800" <= char <= "\udfff":
+        raise ValueError("must not contain unpaired UTF-16 surrogates")
+    raise ValueError(f"must not contain control characters (found U+{ord(char):04X})")
+
+
+def view_column(key: str) -> str:
+    """The name group-by key ``key`` has as a column of the meter's view."""
+    return f"group_{key}" if key in VIEW_FIXED_COLUMNS else key
 
 
 class Aggregation(StrEnum):
@@ -56,11 +105,63 @@ class MeterSpec(BaseModel):
             raise ValueError("must match ^[a-z0-9]+(?:_[a-z0-9]+)*$")
         return value
 
+    @field_validator("name", "event_type", "value_property")
+    @classmethod
+    def _plain_text(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_chars(value)
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_chars(value, text=True)
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_METADATA_ENTRIES:
+            raise ValueError(f"must have at most {MAX_METADATA_ENTRIES} entries")
+        for key, item in value.items():
+            if not key or len(key) > MAX_METADATA_KEY:
+                raise ValueError(f"keys must be 1 to {MAX_METADATA_KEY} characters")
+            if len(item) > MAX_METADATA_VALUE:
+                raise ValueError(f"value of {key[:64]!r} must be at most {MAX_METADATA_VALUE} characters")
+            try:
+                check_chars(key)
+                check_chars(item)
+            except ValueError as exc:
+                raise ValueError(f"entry {key[:64]!r}: {exc}") from None
+        return value
+
+    @field_validator("group_by", mode="after")
+    @classmethod
+    def _group_by_size(cls, value: dict[str, str]) -> dict[str, str]:
+        # Before any path is parsed: a thousand keys or a megabyte path cost nothing here.
+        if len(value) > MAX_GROUP_BY_KEYS:
+            raise ValueError(f"must have at most {MAX_GROUP_BY_KEYS} keys")
+        for key, path in value.items():
+            if len(key) > MAX_GROUP_BY_KEY or not GROUP_BY_KEY_PATTERN.match(key):
+                raise ValueError(f"key {key[:80]!r} must match ^[a-zA-Z_][0-9a-zA-Z_]*$ "
+                                 f"and be at most {MAX_GROUP_BY_KEY} characters")
+            try:
+                check_chars(path)
+                check_size(path)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return value
+
     @field_validator("event_from")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("must carry a time zone offset")
+        if value is not None and not EVENT_FROM_MIN <= value < EVENT_FROM_MAX:
+            raise ValueError("must be from 1970-01-01T00:00:00Z up to (not including) 9999-01-01T00:00:00Z")
         # Event times compare at whole seconds (OpenMeter stores seconds); a fraction
         # here would count events in the tail that the merge then leaves out.
         return value.replace(microsecond=0) if value is not None else None
@@ -79,11 +180,15 @@ class MeterSpec(BaseModel):
             if not self.value_property:
                 raise ValueError(f"valueProperty is required for {self.aggregation} meters")
             _check_path("valueProperty", self.value_property)
+        columns: dict[str, str] = {}
         for key, path in self.group_by.items():
-            if not GROUP_BY_KEY_PATTERN.match(key):
-                raise ValueError(f"groupBy key {key!r} must match ^[a-zA-Z_][0-9a-zA-Z_]*$")
             if key in RESERVED_GROUP_BY_KEYS:
                 raise ValueError(f"groupBy key {key!r} is reserved by the query API")
+            column = view_column(key)
+            if column in columns:
+                raise ValueError(f"groupBy keys {columns[column]!r} and {key!r} would both be the view "
+                                 f"column {column!r}; rename one")
+            columns[column] = key
             _check_path(f"groupBy.{key}", path)
             if path == self.value_property:
                 raise ValueError(f"groupBy.{key} must not be the valueProperty")
@@ -117,3 +222,22 @@ def _check_path(field: str, path: str) -> None:
         compile_path(path)
     except InvalidJSONPath as exc:
         raise ValueError(f"{field}: invalid JSONPath: {exc}") from None
+
+
+def check_limits(spec: MeterSpec, *, group_by_keys: int, json_path_bytes: int,
+                 json_path_depth: int = MAX_PATH_DEPTH) -> list[tuple[str, str]]:
+    """The configurable limits (the ``limits`` settings) a definition breaks, as (field, message).
+
+    Takes numbers rather than the settings: config.py imports this module.
+    """
+    problems: list[tuple[str, str]] = []
+    if len(spec.group_by) > group_by_keys:
+        problems.append(("groupBy", f"must have at most {group_by_keys} keys (limits.meterGroupByKeys)"))
+    paths = [("valueProperty", spec.value_property)] if spec.value_property else []
+    paths += [(f"groupBy.{key}", path) for key, path in spec.group_by.items()]
+    for field, path in paths:
+        try:
+            check_size(path, json_path_bytes, json_path_depth)
+        except InvalidJSONPath as exc:
+            problems.append((field, f"{exc} (limits.jsonPathBytes, limits.jsonPathDepth)"))
+    return problems

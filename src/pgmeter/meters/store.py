@@ -24,6 +24,25 @@ class SlugTaken(Exception):
     """Another active meter of the namespace has this slug."""
 
 
+class TooManyMeters(Exception):
+    """The namespace already has its quota of active meters (limits.metersPerNamespace)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The refresher set this meter aside after its merge failed (see
+    pgmeter.rollup.refresher); its data is still exact, served from raw events."""
+
+    reason: str
+    since: datetime
+    next_attempt: datetime
+    failures: int
+
+
 @dataclass(frozen=True)
 class Meter:
     id: str
@@ -41,6 +60,7 @@ class Meter:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    failure: Failure | None = None
 
     @property
     def deleted(self) -> bool:
@@ -48,16 +68,21 @@ class Meter:
 
     @property
     def spec(self) -> MeterSpec:
-        return MeterSpec(
+        """The stored definition, taken as it is: it was validated when written, and a
+        rule added since must not make an existing meter unreadable."""
+        return MeterSpec.model_construct(
             slug=self.slug, name=self.name, description=self.description, aggregation=self.aggregation,
-            eventType=self.event_type, eventFrom=self.event_from, valueProperty=self.value_property,
-            groupBy=self.group_by, metadata=self.metadata,
+            event_type=self.event_type, event_from=self.event_from, value_property=self.value_property,
+            group_by=self.group_by, metadata=self.metadata,
         )
 
 
 _COLUMNS = ("id, namespace, slug, name, description, aggregation, event_type, event_from, value_property, "
             "group_by::text AS group_by, metadata::text AS metadata, annotations::text AS annotations, "
-            "created_at, updated_at, deleted_at")
+            "created_at, updated_at, deleted_at, "
+            "(SELECT json_build_object('reason', r.failure_reason, 'since', r.failing_since, "
+            "'next_attempt', r.next_attempt, 'failures', r.failures)::text "
+            "FROM meter_rollups r WHERE r.meter_id = meters.id AND r.failures > 0) AS failure")
 
 # orderBy values of GET /api/v1/meters and the columns they sort by ("key" is the slug).
 ORDER_COLUMNS = {"key": "slug", "name": "name", "aggregation": "aggregation",
@@ -68,15 +93,34 @@ def _json(text: str | None) -> Any:
     return json.loads(text) if text is not None else None
 
 
+def _event_from(value: datetime | None) -> datetime | None:
+    """A stored eventFrom as readers can use it.
+
+    asyncpg reads timestamptz '-infinity' as a naive ``datetime.min``. Earlier
+    versions stored it for an eventFrom of 0001-01-01T00:00:00Z (now refused at the
+    door); "from before all time" means "no eventFrom", which every reader handles,
+    while the value itself broke the meter's queries with a 500 for ever after.
+    """
+    return None if value is not None and value.tzinfo is None and value == datetime.min else value
+
+
 def _meter(row: asyncpg.Record) -> Meter:
     return Meter(
         id=row["id"], namespace=row["namespace"], slug=row["slug"], name=row["name"],
         description=row["description"], aggregation=Aggregation(row["aggregation"]),
-        event_type=row["event_type"], event_from=row["event_from"], value_property=row["value_property"],
+        event_type=row["event_type"], event_from=_event_from(row["event_from"]), value_property=row["value_property"],
         group_by=_json(row["group_by"]) or {}, metadata=_json(row["metadata"]),
         annotations=_json(row["annotations"]), created_at=row["created_at"],
-        updated_at=row["updated_at"], deleted_at=row["deleted_at"],
+        updated_at=row["updated_at"], deleted_at=row["deleted_at"], failure=_failure(row["failure"]),
     )
+
+
+def _failure(text: str | None) -> Failure | None:
+    if text is None:
+        return None
+    found = json.loads(text)
+    return Failure(reason=found["reason"], since=datetime.fromisoformat(found["since"]),
+                   next_attempt=datetime.fromisoformat(found["next_attempt"]), failures=found["failures"])
 
 
 async def get_by_id(conn: asyncpg.Connection, namespace: str, meter_id: str) -> Meter | None:
@@ -123,13 +167,23 @@ async def active_meters(conn: asyncpg.Connection) -> list[Meter]:
     return [_meter(row) for row in rows]
 
 
-async def create(conn: asyncpg.Connection, namespace: str, spec: MeterSpec) -> Meter:
+async def create(conn: asyncpg.Connection, namespace: str, spec: MeterSpec, *,
+                 max_meters: int | None = None) -> Meter:
     """Insert a meter and build its (empty) rollup; the refresher backfills it.
 
-    Raises :class:`SlugTaken` when an active meter of the namespace has the slug.
+    Raises :class:`SlugTaken` when an active meter of the namespace has the slug, and
+    :class:`TooManyMeters` when the namespace already has ``max_meters`` active ones.
     """
     meter_id = new_ulid()
     async with conn.transaction():
+        if max_meters is not None:
+            # Serialise creates per namespace so two concurrent ones cannot both pass the count.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('pgmeter.meters:' || $1, 0))",
+                               namespace)
+            active = await conn.fetchval(
+                "SELECT count(*) FROM meters WHERE namespace = $1 AND deleted_at IS NULL", namespace)
+            if active >= max_meters:
+                raise TooManyMeters(max_meters)
         try:
             row = await conn.fetchrow(
                 f"""
@@ -148,6 +202,18 @@ async def create(conn: asyncpg.Connection, namespace: str, spec: MeterSpec) -> M
     return _meter(row)
 
 
+def updated_spec(meter: Meter, *, name: str | None, description: str | None,
+                 group_by: dict[str, str], metadata: dict[str, str] | None) -> MeterSpec:
+    """The meter's definition after an update, validated (raises pydantic's ValidationError).
+
+    eventFrom cannot change and is kept as stored, unjudged: a meter created before
+    a rule about it existed stays updatable.
+    """
+    fields = replace(meter, name=name or meter.slug, description=description, group_by=group_by,
+                     metadata=metadata, event_from=None).spec.model_dump(by_alias=True)
+    return MeterSpec.model_validate(fields).model_copy(update={"event_from": meter.event_from})
+
+
 async def update(conn: asyncpg.Connection, meter: Meter, *, name: str | None, description: str | None,
                  group_by: dict[str, str], metadata: dict[str, str] | None) -> Meter:
     """Apply a ``MeterUpdate`` (already merged by the caller's rules).
@@ -155,8 +221,7 @@ async def update(conn: asyncpg.Connection, meter: Meter, *, name: str | None, de
     A changed group-by changes the rollup's key, so the rollup is rebuilt as a new
     version and backfilled; everything else is catalog data only.
     """
-    spec = replace(meter, name=name or meter.slug, description=description, group_by=group_by,
-                   metadata=metadata).spec  # validates the new groupBy against the meter
+    spec = updated_spec(meter, name=name, description=description, group_by=group_by, metadata=metadata)
     async with conn.transaction():
         row = await conn.fetchrow(
             f"""

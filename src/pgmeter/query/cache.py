@@ -16,6 +16,10 @@ windows is cached only when it lies wholly in settled time.
 
 Valkey being down or slow never fails a query: each call has a short timeout,
 failures are counted as bypasses and Valkey is left alone for a second after one.
+
+Answers are bounded: at most ``limits.queryMaxRows`` rows (more is a
+:class:`~pgmeter.query.params.TooManyRows`), rendered in chunks as they are sent,
+and stored only when the rendering is at most ``limits.cacheMaxEntryBytes``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -38,13 +42,15 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 from pgmeter.config import Settings
 from pgmeter.meters.store import Meter
 from pgmeter.query.engine import run_query
-from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, WindowSize
+from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, TooManyRows, WindowSize
 
 log = logging.getLogger(__name__)
 
 CACHE_REQUESTS = Counter("pgmeter_cache_requests_total", "Meter queries that could use the cache, by outcome",
                          ["result"])
 CACHE_HITS = Counter("pgmeter_cache_hits_total", "Meter queries whose settled part came from Valkey")
+CACHE_TOO_LARGE = Counter("pgmeter_cache_too_large_total",
+                          "Meter query answers not cached because they exceed limits.cacheMaxEntryBytes")
 CACHE_BYPASS = Counter("pgmeter_cache_bypass_total", "Meter queries answered without Valkey because it failed",
                        ["reason"])
 
@@ -52,6 +58,17 @@ _TRUNC_UNIT = {WindowSize.MINUTE: "minute", WindowSize.HOUR: "hour", WindowSize.
                WindowSize.MONTH: "month"}
 # After a Valkey failure, skip it for this long rather than pay its timeout on every query.
 _BACKOFF_SECONDS = 1.0
+
+
+# A rendered answer: the cached bytes, or chunks rendered while they are sent.
+Body = bytes | AsyncIterator[bytes]
+
+
+async def collect(body: Body) -> bytes:
+    """The whole answer as bytes (for callers that do not stream)."""
+    if isinstance(body, bytes):
+        return body
+    return b"".join([chunk async for chunk in body])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +86,25 @@ class QueryCache:
         self.timeout = settings.valkey.timeout
         self.settle_after = settings.valkey.settle_after
         self.ttl = int(settings.valkey.ttl.total_seconds())
+        self.max_rows = settings.limits.query_max_rows
+        self.max_entry_bytes = settings.limits.cache_max_entry_bytes
         self._skip_until = 0.0
 
     async def respond(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams, variant: str,
-                      render: Callable[[QueryResult], bytes]) -> bytes:
+                      render: Callable[[QueryResult], Iterable[bytes]]) -> Body:
         """The rendered answer (``variant`` names the rendering, e.g. json or csv).
 
         A query wholly in settled time is cached as the rendered bytes, so a hit
         costs one Valkey GET and no decoding, however many rows the answer has.
+        Otherwise the answer is computed here (so a bad or too big query raises
+        before anything is sent) and rendered chunk by chunk as the caller iterates.
         """
         if self.valkey is None:
-            return render(await run_query(pool, meter, params))
+            return self._stream(render(await self._run(pool, meter, params)), None)
         moment = await self._moment(pool, meter, params)
         settled, live = _split(params, moment)
         if settled is None or live is not None:
-            return render(await self._answer(pool, meter, params, moment, settled, live))
+            return self._stream(render(await self._answer(pool, meter, params, moment, settled, live)), None)
         key = f"{self._key(meter, params, moment)}:{variant}"
         found = await self._valkey_call("get", key)
         if isinstance(found, bytes):
@@ -91,20 +112,43 @@ class QueryCache:
             CACHE_HITS.inc()
             return found
         CACHE_REQUESTS.labels("miss" if found is None else "bypass").inc()
-        body = render(await run_query(pool, meter, params))
-        if found is None:
-            await self._valkey_call("set", key, body, ex=self.ttl)
-        return body
+        result = await self._run(pool, meter, params)
+        return self._stream(render(result), key if found is None else None)
+
+    async def _run(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams) -> QueryResult:
+        return await run_query(pool, meter, params, max_rows=self.max_rows)
+
+    async def _stream(self, chunks: Iterable[bytes], key: str | None) -> AsyncIterator[bytes]:
+        """Yield the rendered chunks; then store them under ``key`` if they fit an entry.
+
+        Each chunk is rendered when the response asks for it, so the event loop runs
+        between chunks and a large answer is never held twice.
+        """
+        kept: list[bytes] = []
+        size = 0
+        for chunk in chunks:
+            if key is not None:
+                size += len(chunk)
+                if size <= self.max_entry_bytes:
+                    kept.append(chunk)
+                else:
+                    CACHE_TOO_LARGE.inc()
+                    key, kept = None, []
+            yield chunk
+        if key is not None:
+            await self._valkey_call("set", key, b"".join(kept), ex=self.ttl)
 
     async def _answer(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams, moment: _Moment,
                       settled: QueryParams | None, live: QueryParams | None) -> QueryResult:
         if settled is None:
             CACHE_REQUESTS.labels("live").inc()
-            return await run_query(pool, meter, params)
+            return await self._run(pool, meter, params)
         cached = await self._cached(pool, meter, settled, moment)
         if live is None:
             return cached
-        fresh = await run_query(pool, meter, live)
+        fresh = await self._run(pool, meter, live)
+        if len(cached.rows) + len(fresh.rows) > self.max_rows:
+            raise TooManyRows(self.max_rows)
         return QueryResult(rows=[*cached.rows, *fresh.rows], watermark=fresh.watermark)
 
     async def _moment(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams) -> _Moment:
@@ -134,9 +178,13 @@ class QueryCache:
             CACHE_HITS.inc()
             return _decode(found)
         CACHE_REQUESTS.labels("miss" if found is None else "bypass").inc()
-        result = await run_query(pool, meter, params)
+        result = await self._run(pool, meter, params)
         if found is None:  # Valkey answered "not there": worth filling
-            await self._valkey_call("set", key, _encode(result), ex=self.ttl)
+            encoded = _encode(result)
+            if len(encoded) <= self.max_entry_bytes:
+                await self._valkey_call("set", key, encoded, ex=self.ttl)
+            else:
+                CACHE_TOO_LARGE.inc()
         return result
 
     def _key(self, meter: Meter, params: QueryParams, moment: _Moment) -> str:

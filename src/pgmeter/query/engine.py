@@ -28,7 +28,17 @@ from prometheus_client import Histogram
 from psycopg import sql
 
 from pgmeter.meters.store import Meter
-from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, WindowSize, validate, zone
+from pgmeter.metric_labels import tenant
+from pgmeter.query.params import (
+    QueryError,
+    QueryParams,
+    QueryResult,
+    QueryRow,
+    TooManyRows,
+    WindowSize,
+    validate,
+    zone,
+)
 from pgmeter.query.plan import Plan, carve, usable_levels
 from pgmeter.rollup import objects
 from pgmeter.rollup.objects import Rollup
@@ -104,15 +114,19 @@ def _effective_from(meter: Meter, params: QueryParams) -> datetime | None:
     return params.from_
 
 
-async def run_query(db: Db, meter: Meter, params: QueryParams) -> QueryResult:
-    """Answer an OpenMeter meter query exactly; raises :class:`QueryError` on bad params."""
+async def run_query(db: Db, meter: Meter, params: QueryParams, *, max_rows: int | None = None) -> QueryResult:
+    """Answer an OpenMeter meter query exactly; raises :class:`QueryError` on bad params.
+
+    With ``max_rows``, an answer of more rows raises :class:`TooManyRows`; at most
+    ``max_rows + 1`` rows ever leave Postgres.
+    """
     validate(params, meter.group_by)
     started = time.perf_counter()
     try:
         for attempt in range(3):
             try:
                 async with _snapshot(db) as conn:
-                    return await _run(conn, meter, params)
+                    return await _run(conn, meter, params, max_rows)
             except asyncpg.UndefinedTableError:
                 # The meter's rollup was rebuilt (groupBy changed) between reading its
                 # version and reading its tables; the next snapshot sees the new one.
@@ -125,10 +139,10 @@ async def run_query(db: Db, meter: Meter, params: QueryParams) -> QueryResult:
                 raise
         raise AssertionError("unreachable")
     finally:
-        QUERY_LATENCY.labels(meter.slug).observe(time.perf_counter() - started)
+        QUERY_LATENCY.labels(tenant(meter.slug)).observe(time.perf_counter() - started)
 
 
-async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams) -> QueryResult:
+async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_rows: int | None) -> QueryResult:
     rollup, tables = await _rollup_of(conn, meter)
     for key in (*params.meter_keys, *params.filter_group_by):
         if key not in rollup.group_keys:  # the meter changed since the caller read it
@@ -149,7 +163,11 @@ async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams) -> Q
             plan = carve(lo, hi, usable) if tables else Plan()
             statement = _Statement(rollup, params)
             text = statement.aggregate(plan, lo, hi)
+            if max_rows is not None:
+                text += f"\nLIMIT {statement.param(max_rows + 1, 'bigint')}"
             records = await conn.fetch(text, *statement.args)
+            if max_rows is not None and len(records) > max_rows:
+                raise TooManyRows(max_rows)
     return QueryResult(rows=_rows(meter, rollup, params, records), watermark=rollup.last_seq)
 
 
@@ -220,12 +238,22 @@ class _Statement:
         return ", ".join(prefix + column for column in columns)
 
     def filters(self, prefix: str) -> list[str]:
+        """Subject and group-value filters; on rollup rows (``hashed``) also by the
+        texts' md5, which the rollup's unique index holds (the text comparison
+        stays: it is what makes the answer exact)."""
+        hashed = prefix == "r."
         conditions = []
-        if self.subject_filter:
-            conditions.append(f"{prefix}subject = ANY({self.subject_filter})")
-        for column, placeholder in self.group_filters.items():
+        filters = ([("subject", self.subject_filter)] if self.subject_filter else []) + list(self.group_filters.items())
+        for column, placeholder in filters:
+            if hashed:
+                conditions.append(f"{objects.text_key(prefix + column)} = ANY({self.hashes(placeholder)})")
             conditions.append(f"{prefix}{column} = ANY({placeholder})")
         return conditions
+
+    def hashes(self, placeholder: str) -> str:
+        """The md5 keys of a text[] parameter, computed once per statement (an
+        InitPlan), so the index can be searched for them."""
+        return f"ARRAY(SELECT md5(v)::uuid FROM unnest({placeholder}) v)"
 
     def time_range(self, column: str, lo: datetime | None, hi: datetime | None) -> list[str]:
         conditions = []
@@ -373,9 +401,10 @@ def _rows(meter: Meter, rollup: Rollup, params: QueryParams, records: list[async
 
 
 async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime | None,
-                          to: datetime | None) -> list[str]:
+                          to: datetime | None, *, max_rows: int | None = None) -> list[str]:
     """The distinct subjects (``key`` None) or values of group-by ``key`` among the
-    meter's events in ``[from_, to)``, sorted.
+    meter's events in ``[from_, to)``, sorted. More than ``max_rows`` raises
+    :class:`TooManyRows`.
 
     OpenMeter ignores eventFrom here, while rollups only hold events from eventFrom
     on, so the part of the range before it is read from raw events.
@@ -405,11 +434,13 @@ async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime
         common = [f"namespace = {param(rollup.namespace, 'text')}", f"type = {param(rollup.event_type, 'text')}"]
         merged_lo = lo
         branches = []
-        if rollup.event_from is not None and (lo is None or lo < rollup.event_from):
-            before = rollup.event_from if hi is None else min(hi, rollup.event_from)
+        # The meter's eventFrom, as read by the catalog (a stored -infinity is None there).
+        event_from = meter.event_from
+        if event_from is not None and (lo is None or lo < event_from):
+            before = event_from if hi is None else min(hi, event_from)
             branches.append(f"SELECT {raw_value} FROM events WHERE "
                             + " AND ".join(common + bounds("time", lo, before)))
-            merged_lo = rollup.event_from
+            merged_lo = event_from
         if merged_lo is None or hi is None or merged_lo < hi:
             last_seq = param(rollup.last_seq, "bigint")
             plan = carve(merged_lo, hi, {"m1", "q15", "d1"}) if tables else Plan()
@@ -424,5 +455,9 @@ async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime
                                 + " AND ".join(common + [f"seq <= {last_seq}"] + bounds("time", a, b)))
             branches.append(f"SELECT {raw_value} FROM events WHERE "
                             + " AND ".join(common + [f"seq > {last_seq}"] + bounds("time", merged_lo, hi)))
-        records = await conn.fetch("SELECT DISTINCT v FROM (" + "\nUNION ALL\n".join(branches) + ") x (v)", *args)
+        limit = f" LIMIT {param(max_rows + 1, 'bigint')}" if max_rows is not None else ""
+        records = await conn.fetch("SELECT DISTINCT v FROM (" + "\nUNION ALL\n".join(branches) + f") x (v){limit}",
+                                   *args)
+    if max_rows is not None and len(records) > max_rows:
+        raise TooManyRows(max_rows, "narrow the range (from, to)")
     return sorted(record["v"] for record in records)

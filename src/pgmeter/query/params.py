@@ -33,6 +33,16 @@ class QueryError(ValueError):
         self.parameter = parameter
 
 
+class TooManyRows(QueryError):
+    """The answer would have more rows than ``limits.queryMaxRows`` (the API answers 400)."""
+
+    QUERY_ADVICE = "narrow the range (from, to), use a coarser windowSize, or filter by subject or filterGroupBy"
+
+    def __init__(self, limit: int, advice: str = QUERY_ADVICE) -> None:
+        super().__init__("windowSize", f"the answer has more than {limit} rows (limits.queryMaxRows); {advice}")
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class QueryParams:
     from_: datetime | None = None
@@ -77,6 +87,26 @@ class QueryResult:
     watermark: int = 0
 
 
+# The instants a time parameter may name (from, to, ingestedAtFrom...): years 1 to
+# 9999 in UTC, less a day at each end so that shifting into any zone (offsets are
+# under a day) and rounding to a window stay representable. Beyond them Python
+# overflows and asyncpg turns year 1 into -infinity: both used to be 500s.
+TIME_MIN = datetime(1, 1, 2, tzinfo=UTC)
+TIME_MAX = datetime(9999, 12, 31, tzinfo=UTC)
+TIME_RANGE_TEXT = "0001-01-02T00:00:00Z to 9999-12-31T00:00:00Z"
+
+
+def check_range(parameter: str, value: datetime, text: str) -> datetime:
+    """``value`` if it lies in ``[TIME_MIN, TIME_MAX)``, else a :class:`QueryError` naming the parameter."""
+    try:
+        inside = TIME_MIN <= value < TIME_MAX
+    except OverflowError:  # comparing converts to UTC, which can leave Python's range
+        inside = False
+    if not inside:
+        raise QueryError(parameter, f"{parameter} is out of range: {text!r} (the API takes {TIME_RANGE_TEXT})")
+    return value
+
+
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$")
 
@@ -99,9 +129,20 @@ def parse_time(parameter: str, text: Any) -> datetime:
             raise QueryError(parameter, f"{parameter} has an invalid offset: {text!r}")
         tz = UTC if hours == minutes == 0 else timezone(sign * timedelta(hours=hours, minutes=minutes))
     try:
-        return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
+        value = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
     except ValueError:
         raise QueryError(parameter, f"{parameter} is not a valid date-time: {text!r}") from None
+    return check_range(parameter, value, text)
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_text(parameter: str, value: str) -> None:
+    """Refuse a value Postgres cannot take as text (NUL, unpaired surrogates): it could
+    match nothing, and sending it would fail the statement (a 500)."""
+    if _UNSTORABLE.search(value):
+        raise QueryError(parameter, f"{parameter} must not contain NUL characters or unpaired surrogates")
 
 
 def zone(name: str) -> zoneinfo.ZoneInfo:
@@ -117,6 +158,8 @@ def validate(params: QueryParams, group_keys: list[str] | dict[str, str]) -> Non
         raise QueryError("from", "from must be before to" if params.from_ > params.to
                          else "from and to must differ")
     zone(params.window_time_zone)
+    for subject in params.subjects:
+        check_text("subject", subject)
     for key in params.group_by:
         if key == "customer_id":
             raise QueryError("groupBy", "invalid group by: customer_id (needs filterCustomerId; "
@@ -129,3 +172,5 @@ def validate(params: QueryParams, group_keys: list[str] | dict[str, str]) -> Non
                                                       "(not a group-by key of the meter)")
         if not values:
             raise QueryError(f"filterGroupBy[{key}]", f"filterGroupBy[{key}] needs at least one value")
+        for value in values:
+            check_text(f"filterGroupBy[{key}]", value)
