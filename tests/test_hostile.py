@@ -138,7 +138,7 @@ class Attacker(threading.Thread):
 
     def run(self) -> None:
         try:
-            with self.server.client(headers=bearer(TOKEN_A), timeout=60) as a:
+            with self.server.client(headers=bearer(TOKEN_A)) as a:
                 self.attack(a)
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
             self.error = exc
@@ -149,7 +149,7 @@ class Attacker(threading.Thread):
             "slug": "evil", "eventType": "evil", "aggregation": "COUNT", "groupBy": {"blob": "$.blob"}}))
         # Fields far over their limits: the btree row limit is ~2.7 KB.
         for field in ("id", "source", "type", "subject"):
-            record(f"long {field}", post_events(a, make_event(type="evil", **{field: "x" * 5000})))
+            record(f"long {field}", post_events(a, make_event(**{"type": "evil", field: "x" * 5000})))
         # Times outside the window, alone and as a partition bomb (one event a day, 1970 to 9999).
         for when in ("0001-01-01T00:00:00Z", "1970-01-01T00:00:00Z", "9999-12-31T23:59:59Z",
                      rfc3339(NOW + timedelta(days=3)), rfc3339(NOW - timedelta(days=3 * 365))):
@@ -181,7 +181,7 @@ class Attacker(threading.Thread):
         # Queries with out-of-range or unbounded parameters.
         for params in ({"from": "0001-01-01T00:00:00+01:00"}, {"to": "10000-01-01T00:00:00Z"},
                        {"from": "1970-01-01T00:00:00Z", "to": "9999-12-31T00:00:00Z", "windowSize": "MINUTE"},
-                       {"windowTimeZone": "Mars/Olympus"}, {"groupBy": "x" * 100_000}):
+                       {"windowTimeZone": "Mars/Olympus"}, {"groupBy": "x" * 6000}):
             record(f"query {sorted(params)}", a.get("/api/v1/meters/evil/query", params=params))
             record(f"subjects {sorted(params)}", a.get("/api/v1/meters/evil/subjects", params=params))
         record("events list", a.get("/api/v1/events", params={"from": "0001-01-01T00:00:00+01:00"}))
