@@ -49,7 +49,7 @@ def create_app(settings: Settings, roles: frozenset[str]) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         middleware=[
             *cors,
             Middleware(RequestContextMiddleware, max_body_bytes=settings.ingest.max_body_bytes),

@@ -105,7 +105,7 @@ class IngestEvents:
         message = await receive()
         body = message.get("body", b"")
         if not message.get("more_body", False):
-            return body  # type: ignore[no-any-return]
+            return body
         parts = [body]
         while message.get("more_body", False):
             message = await receive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import nats
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -78,7 +79,7 @@ def _outcome(result: BaseException | None) -> str:
 
 async def readiness(runtime: Runtime) -> dict[str, str]:
     """Each dependency's check: "ok" or "failed: <what>" (never an address or a server message)."""
-    checks = {"postgres": _check_postgres(runtime), "nats": _check_nats(runtime)}
+    checks: dict[str, Awaitable[None]] = {"postgres": _check_postgres(runtime), "nats": _check_nats(runtime)}
     if runtime.valkey is not None:
         checks["valkey"] = _check_valkey(runtime)
     for name, check in runtime.readiness.items():

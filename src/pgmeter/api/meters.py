@@ -34,7 +34,7 @@ GROUP_VALUES_DEFAULT_SPAN = timedelta(hours=24)
 
 
 def runtime_of(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    return request.app.state.runtime
 
 
 def format_time(value: datetime) -> str:
@@ -119,7 +119,7 @@ def id_or_slug(request: Request) -> str:
     value = request.path_params["meterIdOrSlug"]
     if len(value) > 64 or not ID_OR_SLUG.match(value):
         raise bad_request(f"meterIdOrSlug must be a meter slug or ULID: {value!r}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 async def find_meter(request: Request, *, active: bool = False) -> store.Meter:

@@ -78,7 +78,7 @@ class BodyError(ValueError):
 def media_type(content_type: str | None) -> str:
     """``application/json; charset=utf-8`` -> ``application/json``."""
     if content_type in CONTENT_TYPES:
-        return content_type  # type: ignore[return-value]
+        return content_type
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 

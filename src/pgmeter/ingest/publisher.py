@@ -274,4 +274,4 @@ async def _close_on_shutdown(publisher: Publisher) -> None:
 
 
 def of(runtime: Runtime) -> Publisher:
-    return runtime.extras[EXTRAS_KEY]  # type: ignore[no-any-return]
+    return runtime.extras[EXTRAS_KEY]
