@@ -25,6 +25,7 @@ from pgmeter.meters.model import Aggregation, MeterSpec, check_limits
 from pgmeter.query.engine import distinct_values
 from pgmeter.query.params import QueryError, TooManyRows, parse_time
 from pgmeter.runtime import Runtime
+from pgmeter.times import format_rfc3339
 
 # {meterIdOrSlug}: a slug or a ULID, at most 64 characters (OpenMeter's validator).
 ID_OR_SLUG = re.compile(r"\A(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})\Z")
@@ -38,15 +39,8 @@ def runtime_of(request: Request) -> Runtime:
 
 
 def format_time(value: datetime) -> str:
-    """RFC 3339 as Go prints it: ``Z`` for UTC, fraction without trailing zeros."""
-    text = value.isoformat()
-    if value.microsecond:
-        head, _, rest = text.partition(".")
-        digits, offset = rest[:6].rstrip("0"), rest[6:]
-        text = f"{head}.{digits}{offset}"
-    if text.endswith("+00:00"):
-        text = text[:-6] + "Z"
-    return text
+    """RFC 3339 as Go prints it, in the value's own offset (see :mod:`pgmeter.times`)."""
+    return format_rfc3339(value)
 
 
 def meter_json(meter: store.Meter) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pgmeter.ingest import jsonfast
 from pgmeter.ingest.limits import TEXT_FIELDS, EventLimits
+from pgmeter.times import parse_rfc3339
 
 # OpenMeter's three content types; the media type is compared without parameters.
 CLOUDEVENT = "application/cloudevents+json"
@@ -32,11 +33,6 @@ SPEC_VERSIONS = frozenset({"1.0", "0.3"})
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MICROSECOND = timedelta(microseconds=1)
 
-# RFC 3339 date-time as Go's time.RFC3339Nano parser accepts it: a "T", any number
-# of fractional digits, and "Z" or a numeric offset. Python's fromisoformat alone
-# would also take dates without a time, week dates and naive times.
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})\Z", re.ASCII)
 # An escaped NUL in JSON text that is not itself an escaped backslash followed by "u0000".
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -135,21 +131,9 @@ def parse_time(value: str) -> int:
     """RFC 3339 (any offset, any fractional digits) -> microseconds since the epoch, UTC.
 
     Digits beyond microseconds are dropped (truncated, as Go truncates to seconds).
-    Raises ``ValueError`` for anything else.
+    Raises ``ValueError`` for anything else (see :func:`pgmeter.times.parse_rfc3339`).
     """
-    if not _RFC3339.match(value):
-        raise ValueError("must be an RFC 3339 date-time, e.g. 2024-01-01T00:00:00Z")
-    # fromisoformat (3.11) takes any number of fractional digits, truncating past 6,
-    # but only an upper-case "T" and "Z".
-    if value[10] == "t":
-        value = f"{value[:10]}T{value[11:]}"
-    if value[-1] == "z":
-        value = value[:-1] + "Z"
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ValueError(f"is not a valid date-time: {exc}") from None
-    return (parsed - EPOCH) // ONE_MICROSECOND
+    return (parse_rfc3339(value) - EPOCH) // ONE_MICROSECOND
 
 
 def now_micros() -> int:

@@ -19,6 +19,7 @@ import asyncpg
 
 from pgmeter.ingest.validation import MeterRule, validation_error
 from pgmeter.query.params import TIME_MAX, TIME_MIN, TIME_RANGE_TEXT
+from pgmeter.times import format_rfc3339
 
 MAX_FROM_AGE = timedelta(days=32)
 # What Postgres cannot take as text: such a filter matches nothing and would fail the statement.
@@ -94,12 +95,8 @@ def _second(value: datetime) -> datetime:
 
 
 def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC; fractional digits only as far as they are non-zero (as Go prints)."""
-    value = value.astimezone(UTC)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
-    if value.microsecond:
-        text += f".{value.microsecond:06d}".rstrip("0")
-    return text + "Z"
+    """RFC 3339 in UTC, as Go prints it (see :mod:`pgmeter.times`)."""
+    return format_rfc3339(value, utc=True)
 
 
 async def load_meters(conn: asyncpg.Connection, namespace: str) -> list[MeterRule]:

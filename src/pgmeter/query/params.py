@@ -12,10 +12,12 @@ import re
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
+
+from pgmeter.times import parse_rfc3339
 
 
 class WindowSize(StrEnum):
@@ -107,31 +109,14 @@ def check_range(parameter: str, value: datetime, text: str) -> datetime:
     return value
 
 
-_RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$")
-
-
 def parse_time(parameter: str, text: Any) -> datetime:
-    """An RFC 3339 date-time with an offset; the fraction is kept to microseconds."""
+    """An RFC 3339 date-time with an offset (:func:`pgmeter.times.parse_rfc3339`), in range."""
     if not isinstance(text, str):
         raise QueryError(parameter, f"{parameter} must be an RFC 3339 date-time string")
-    match = _RFC3339.match(text)
-    if not match:
-        raise QueryError(parameter, f"{parameter} is not an RFC 3339 date-time: {text!r}")
-    year, month, day, hour, minute, second, fraction, offset = match.groups()
-    micros = int((fraction or "0")[:6].ljust(6, "0"))
-    if offset in ("Z", "z"):
-        tz = UTC
-    else:
-        sign = 1 if offset[0] == "+" else -1
-        hours, minutes = int(offset[1:3]), int(offset[4:6])
-        if hours > 23 or minutes > 59:
-            raise QueryError(parameter, f"{parameter} has an invalid offset: {text!r}")
-        tz = UTC if hours == minutes == 0 else timezone(sign * timedelta(hours=hours, minutes=minutes))
     try:
-        value = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
+        value = parse_rfc3339(text)
     except ValueError:
-        raise QueryError(parameter, f"{parameter} is not a valid date-time: {text!r}") from None
+        raise QueryError(parameter, f"{parameter} is not an RFC 3339 date-time: {text!r}") from None
     return check_range(parameter, value, text)
 
 
