@@ -29,10 +29,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pgmeter.api.auth import namespace_of
-from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of, time_param
+from pgmeter.api.http import json_body, runtime_of, time_param
+from pgmeter.api.meters import find_meter
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.api.query import _answer, params_from_query
 from pgmeter.config import Settings
+from pgmeter.times import format_rfc3339
 
 ISSUER = "openmeter"  # what OpenMeter signs and checks; a token reads the same in both
 ALGORITHM = "HS256"
@@ -63,9 +65,9 @@ def _token_json(row: Any, now: datetime, token: str | None = None) -> dict[str, 
     body: dict[str, Any] = {
         "id": str(row["id"]),
         "subject": row["subject"],
-        "expiresAt": format_time(row["expires_at"]),
+        "expiresAt": format_rfc3339(row["expires_at"]),
         "expired": row["invalidated_at"] is not None or row["expires_at"] <= now,
-        "createdAt": format_time(row["created_at"]),
+        "createdAt": format_rfc3339(row["created_at"]),
     }
     if row["allowed_meter_slugs"] is not None:
         body["allowedMeterSlugs"] = list(row["allowed_meter_slugs"])

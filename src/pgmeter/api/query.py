@@ -22,11 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of, time_param
+from pgmeter.api.http import json_body, runtime_of, time_param
+from pgmeter.api.meters import find_meter
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
 from pgmeter.query.cache import Body
 from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, TooManyRows, WindowSize, validate
+from pgmeter.times import format_rfc3339
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
 # Rows rendered per chunk of a streamed answer: big enough that chunking costs
@@ -161,8 +163,8 @@ def _value_json(value: Decimal) -> str:
 
 
 def _row_json(row: QueryRow) -> str:
-    return (f'{{"value":{_value_json(row.value)},"windowStart":"{format_time(row.window_start)}",'
-            f'"windowEnd":"{format_time(row.window_end)}","subject":{_ENCODER.encode(row.subject)},'
+    return (f'{{"value":{_value_json(row.value)},"windowStart":"{format_rfc3339(row.window_start)}",'
+            f'"windowEnd":"{format_rfc3339(row.window_end)}","subject":{_ENCODER.encode(row.subject)},'
             f'"groupBy":{_ENCODER.encode(row.group_by)}}}')
 
 
@@ -171,9 +173,9 @@ def iter_json(params: QueryParams, result: QueryResult) -> Iterator[bytes]:
     Starlette's JSONResponse would render for the whole document at once."""
     head: dict[str, Any] = {}
     if params.from_ is not None:
-        head["from"] = format_time(params.from_)
+        head["from"] = format_rfc3339(params.from_)
     if params.to is not None:
-        head["to"] = format_time(params.to)
+        head["to"] = format_rfc3339(params.to)
     if params.window_size is not None:
         head["windowSize"] = str(params.window_size)
     opening = _ENCODER.encode(head)[:-1] + ("," if head else "") + '"data":['
@@ -196,8 +198,8 @@ def iter_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Iterator
     for start in range(0, len(rows), CHUNK_ROWS):
         for row in rows[start:start + CHUNK_ROWS]:
             writer.writerow([
-                format_time(row.window_start.replace(microsecond=0)),
-                format_time(row.window_end.replace(microsecond=0)),
+                format_rfc3339(row.window_start.replace(microsecond=0)),
+                format_rfc3339(row.window_end.replace(microsecond=0)),
                 *([row.subject] if params.groups_by_subject else []),
                 *(row.group_by[key] for key in keys),
                 f"{float(row.value):f}",
