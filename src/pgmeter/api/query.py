@@ -2,11 +2,14 @@
 
 Parsing only: both forms become one :class:`QueryParams` and go to
 :func:`pgmeter.query.engine.run_query`. ``advancedMeterGroupByFilters`` is JSON in
-the query string and an object in the body (:mod:`pgmeter.query.filters`). A POST
-without a body is a 400, as OpenMeter. One deliberate difference: a bare
-``filterGroupBy=`` key holding an object of strings (what the Python SDK sends for
-``filter_group_by``: the dict's Python repr) filters, where OpenMeter silently
-ignores it and answers unfiltered usage; any other bare value is a 400.
+the query string and an object in the body (:mod:`pgmeter.query.filters`).
+
+Two deliberate differences, both so that every call of OpenMeter's Python SDK
+works: a POST without a body means ``{}`` (the SDK's ``query_csv_post`` can send
+no body; OpenMeter answers it 400), and a bare ``filterGroupBy=`` key holding an
+object of strings (what the SDK sends for ``filter_group_by``: the dict's Python
+repr) filters, where OpenMeter silently ignores it and answers unfiltered usage;
+any other bare value is a 400.
 """
 
 from __future__ import annotations
@@ -289,7 +292,7 @@ async def query_get(request: Request) -> Response:
 
 async def query_post(request: Request) -> Response:
     meter = await find_meter(request)
-    body = await json_body(request)
+    body = await json_body(request, empty={})  # no body: {} (module docstring)
     return await _answer(request, meter, params_from_body(body))
 
 
