@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,23 @@ def start_postgres(workdir: Path) -> PostgresServer:
         postgres_options="-c shared_buffers=256MB -c max_connections=300 -c fsync=off",
     )
     executor.start()
-    return PostgresServer("127.0.0.1", port, "postgres", None, "postgres", executor)
+    server = PostgresServer("127.0.0.1", port, "postgres", None, "postgres", executor)
+    _wait_accepting(server)
+    return server
+
+
+def _wait_accepting(server: PostgresServer, timeout: float = 60) -> None:
+    """Wait until the server takes connections: on a loaded machine the executor can
+    return while Postgres still answers "the database system is starting up"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(server.url(server.maintenance_db), connect_timeout=5).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 @dataclass
