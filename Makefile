@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTEST_ARGS ?=
 CONFIG ?=
 
-.PHONY: run test check bench bench-ingest bench-query clean
+.PHONY: run test check bench bench-ingest bench-query bench-chaos clean
 
 # A venv made by an unsuitable Python (or left half-built) is rebuilt, not reused.
 $(VENV)/.python: pyproject.toml
@@ -46,6 +46,11 @@ bench-ingest: $(VENV)/.installed-run
 
 bench-query: $(VENV)/.installed-run
 	$(VENV)/bin/python -m bench.query
+
+# kill -9 and restart every component at random under load, then verify exactly-once
+# (CHAOS_ARGS=--quick for 45 s of faults)
+bench-chaos: $(VENV)/.installed-test
+	$(VENV)/bin/python -m bench.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pgmeter

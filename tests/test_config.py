@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,24 @@ def test_readme_meters_are_the_built_in_example() -> None:
     documented = next(block["meters"] for block in blocks if isinstance(block, dict) and "meters" in block)
     built_in = yaml.safe_load(resources.files("pgmeter.devstack").joinpath("example.yaml").read_text())["meters"]
     assert documented == built_in
+
+
+def test_outage_bounds_server_deadlines_and_tenant_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = load_settings(write(tmp_path, "{}\n"))
+    assert defaults.metrics.tenant_labels is False  # /metrics names no tenant unless asked
+    assert (defaults.postgres.statement_timeout, defaults.postgres.connect_timeout) == (
+        timedelta(seconds=10), timedelta(seconds=5))
+    assert (defaults.server.header_timeout, defaults.server.body_timeout, defaults.server.keep_alive) == (
+        timedelta(seconds=10), timedelta(seconds=30), timedelta(seconds=5))
+    path = write(tmp_path, "postgres: {statementTimeout: 2s, acquireTimeout: 500ms}\n"
+                           "server: {headerTimeout: 3s, bodyTimeout: 1m, keepAlive: 2s, limitConcurrency: 50}\n"
+                           "metrics: {tenantLabels: true}\n")
+    settings = load_settings(path)
+    assert settings.postgres.statement_timeout == timedelta(seconds=2)
+    assert settings.postgres.acquire_timeout == timedelta(milliseconds=500)
+    assert settings.server.body_timeout == timedelta(minutes=1) and settings.server.limit_concurrency == 50
+    assert settings.metrics.tenant_labels is True
+    monkeypatch.setenv("PGMETER_METRICS_TENANT_LABELS", "true")
+    assert load_settings(write(tmp_path, "{}\n")).metrics.tenant_labels is True
+    with pytest.raises(ConfigError, match="server"):
+        load_settings(write(tmp_path, "server: {headerTimeOut: 3s}\n"))

@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
+import httpx
 import psutil
 import psycopg
 import pytest
+import yaml
 
 from pgmeter.devstack.process import free_port
 from tests.support.app import wait_ready
@@ -63,7 +66,12 @@ def test_dev_starts_stops_cleanly_and_keeps_data(server_dir: Path, stop_signal: 
     print(f"pgmeter dev ready in {first.startup_seconds:.1f} s")
     names = {p.name() for p in first.children}
     assert {"postgres", "nats-server", "valkey-server"} <= names, names
-    assert "api" in first.url("api") or first.url("api").startswith("http://")
+    api = first.url("api")
+    assert api == f"http://127.0.0.1:{first.port}/api/v1"  # the banner names the address it serves
+    # It answers there, with the example meters pgmeter dev configures.
+    example = yaml.safe_load(resources.files("pgmeter.devstack").joinpath("example.yaml").read_text())
+    meters = httpx.get(f"{api}/meters", timeout=10).json()
+    assert sorted(m["slug"] for m in meters) == sorted(m["slug"] for m in example["meters"])
     with psycopg.connect(first.url("postgres"), autocommit=True) as conn:
         conn.execute("CREATE TABLE kept (v text)")
         conn.execute("INSERT INTO kept VALUES ('survives a restart')")

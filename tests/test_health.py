@@ -11,6 +11,7 @@ from pgmeter.config import Settings
 from pgmeter.devstack import services
 from pgmeter.devstack.process import free_port
 from tests.support.app import AppServer
+from tests.support.metrics import delta, scrape
 
 
 def wait_for_status(client: httpx.Client, path: str, status: int, timeout: float = 20) -> httpx.Response:
@@ -30,10 +31,12 @@ def test_liveness_smoke_probe_and_metrics(settings: Settings) -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"] == {"postgres": "ok", "nats": "ok", "valkey": "ok"}
-        metrics = client.get("/metrics")
-        assert metrics.status_code == 200
-        assert "http_server_request_duration_seconds_bucket" in metrics.text
-        assert 'http_route="/api/v1/health"' in metrics.text
+        before = scrape(client)
+        assert client.get("/api/v1/health").status_code == 200
+        after = scrape(client)
+        route = {"http_route": "/api/v1/health"}
+        assert delta(before, after, "http_server_request_duration_seconds_count", **route) == 1
+        assert delta(before, after, "http_server_request_duration_seconds_bucket", le="+Inf", **route) == 1
 
 
 def test_unknown_route_and_wrong_method_are_problems(settings: Settings) -> None:
@@ -72,20 +75,33 @@ def test_readiness_follows_nats_valkey_and_postgres(settings: Settings, server_d
             nats.stop()
             down = wait_for_status(client, "/readyz", 503)
             assert down.status_code == 503 and down.json()["checks"]["nats"] != "ok"
+            assert down.json()["status"] == "unavailable"
+            assert str(nats_port) not in down.text and "127.0.0.1" not in down.text
             assert down.json()["checks"]["postgres"] == "ok"
             assert client.get("/healthz").status_code == 200  # liveness does not follow dependencies
             nats, _ = services.start_nats(server_dir / "nats", nats_port, log_path=server_dir / "nats.log")
             assert wait_for_status(client, "/readyz", 200).status_code == 200
 
+            # "Valkey down slows queries, never fails them": degraded, still ready.
             valkey.stop()
-            down = wait_for_status(client, "/readyz", 503)
-            assert down.status_code == 503 and down.json()["checks"]["valkey"] != "ok"
+            deadline = time.monotonic() + 20
+            while (degraded := client.get("/readyz")).json()["status"] != "degraded" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert degraded.status_code == 200 and degraded.json()["status"] == "degraded"
+            assert degraded.json()["checks"]["valkey"].startswith("failed: ")
+            assert {k: v for k, v in degraded.json()["checks"].items() if k != "valkey"} == {"postgres": "ok", "nats": "ok"}
             valkey, _ = services.start_valkey(server_dir / "valkey", valkey_port, log_path=server_dir / "valkey.log")
-            assert wait_for_status(client, "/readyz", 200).status_code == 200
+            deadline = time.monotonic() + 20
+            while client.get("/readyz").json()["status"] != "ok" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.get("/readyz").json() == {"status": "ok", "checks": {"postgres": "ok", "nats": "ok",
+                                                                                 "valkey": "ok"}}
 
             pg.stop()
             down = wait_for_status(client, "/readyz", 503)
             assert down.status_code == 503 and down.json()["checks"]["postgres"] != "ok"
+            # Which dependency failed, never where it lives.
+            assert str(pg_port) not in down.text and "127.0.0.1" not in down.text
             pg, _ = services.start_postgres(server_dir / "pg", pg_port, log_path=server_dir / "pg.log")
             assert wait_for_status(client, "/readyz", 200).status_code == 200
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from pgmeter.config import Settings
+from tests.support import events_sql
 from tests.support.app import AppServer
 from tests.support.ingest import (
     BATCH,
@@ -31,6 +32,7 @@ from tests.support.ingest import (
     stored_count,
     wait_until_stored,
 )
+from tests.support.metrics import delta, scrape
 
 CONTENT_TYPES = [CLOUDEVENT, BATCH, JSON]
 MAX_BODY = 64 * 1024
@@ -67,6 +69,15 @@ def stored(settings: Settings, *ids: str) -> dict[str, tuple[Any, ...]]:
     return {row[0]: row for row in rows}
 
 
+def wait_for_ids(settings: Settings, *ids: str, timeout: float = 30) -> dict[str, tuple[Any, ...]]:
+    """The stored rows of exactly these events, once all are committed."""
+    deadline = time.monotonic() + timeout
+    while len(found := stored(settings, *ids)) < len(ids):
+        assert time.monotonic() < deadline, f"only {len(found)} of {len(ids)} events stored"
+        time.sleep(0.05)
+    return found
+
+
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -79,17 +90,21 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def test_single_event_is_204_with_empty_body_and_stored(client: httpx.Client, module_settings: Settings) -> None:
-    event = make_event(time="2024-05-01T10:00:00.123456+02:00", data={"tokens": 5, "model": "gpt"})
+    # Within limits.eventMaxAge of now (the sink judges event times against it).
+    day = datetime.now(UTC).date() - timedelta(days=10)
+    event = make_event(time=f"{day:%Y-%m-%d}T10:00:00.123456+02:00", data={"tokens": 5, "model": "gpt"})
+    sent_at = datetime.now(UTC)
     response = post_events(client, event, CLOUDEVENT)
     assert response.status_code == 204, response.text
     assert response.content == b""
-    wait_until_stored(module_settings.postgres.url, 1)
-    row = stored(module_settings, event["id"])[event["id"]]
+    row = wait_for_ids(module_settings, event["id"])[event["id"]]
+    seen_at = datetime.now(UTC)
     assert row[1:4] == ("pgmeter-tests", "api.call", "customer-1")
     # Any offset is accepted and stored in UTC with its microseconds.
-    assert row[4] == datetime(2024, 5, 1, 8, 0, 0, 123456, tzinfo=UTC)
+    assert row[4] == datetime(day.year, day.month, day.day, 8, 0, 0, 123456, tzinfo=UTC)
     assert row[5] == {"tokens": 5, "model": "gpt"}
-    assert row[6] <= row[7]  # ingested before stored
+    # Ingested while the request was served, stored (committed) after that, before we saw it.
+    assert sent_at <= row[6] <= row[7] <= seen_at
 
 
 @pytest.mark.parametrize("content_type", [BATCH, JSON])
@@ -97,16 +112,15 @@ def test_batches_are_204_and_every_event_is_stored(client: httpx.Client, module_
                                                    content_type: str) -> None:
     events = [make_event(subject=f"s{i}", data={"i": i}) for i in range(25)]
     assert post_events(client, events, content_type).status_code == 204
-    wait_until_stored(module_settings.postgres.url, 0)
-    deadline = time.monotonic() + 30
-    while len(stored(module_settings, *(e["id"] for e in events))) < 25 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(stored(module_settings, *(e["id"] for e in events))) == 25
+    found = wait_for_ids(module_settings, *(e["id"] for e in events))
+    assert {row[0]: (row[3], row[5]) for row in found.values()} == {
+        e["id"]: (e["subject"], e["data"]) for e in events}
 
 
 def test_application_json_takes_a_single_object(client: httpx.Client, module_settings: Settings) -> None:
-    event = make_event()
+    event = make_event(data={"single": True})
     assert post_events(client, event, JSON).status_code == 204
+    assert wait_for_ids(module_settings, event["id"])[event["id"]][5] == {"single": True}
 
 
 def test_empty_batch_is_204_but_empty_json_array_is_400(client: httpx.Client) -> None:
@@ -126,11 +140,13 @@ def test_application_json_that_is_neither_event_nor_array_is_no_events_found(cli
 @pytest.mark.parametrize("content_type", [
     "application/cloudevents+json; charset=utf-8", "application/json; charset=UTF-8",
     "Application/CloudEvents-Batch+JSON"])
-def test_media_type_parameters_and_case_are_ignored(client: httpx.Client, content_type: str) -> None:
-    event = make_event()
+def test_media_type_parameters_and_case_are_ignored(client: httpx.Client, module_settings: Settings,
+                                                    content_type: str) -> None:
+    event = make_event(data={"type": content_type})
     body = event if "batch" not in content_type.lower() else [event]
     response = client.post("/api/v1/events", content=json.dumps(body), headers={"content-type": content_type})
     assert response.status_code == 204, response.text
+    assert wait_for_ids(module_settings, event["id"])[event["id"]][5] == {"type": content_type}
 
 
 def test_optional_attributes_and_extensions_are_accepted(client: httpx.Client, module_settings: Settings) -> None:
@@ -257,13 +273,17 @@ def test_bad_time_is_400(client: httpx.Client, content_type: str, value: Any) ->
     assert [e["field"] for e in errors] == ["time"]
 
 
+# A recent midnight: event times must be within limits.eventMaxAge of now.
+_DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=10)
+
+
 @pytest.mark.parametrize("value,expected", [
-    ("2024-01-01T00:00:00Z", datetime(2024, 1, 1, tzinfo=UTC)),
-    ("2024-01-01t00:00:00z", datetime(2024, 1, 1, tzinfo=UTC)),
-    ("2024-01-01T00:00:00.1Z", datetime(2024, 1, 1, 0, 0, 0, 100000, tzinfo=UTC)),
-    ("2024-01-01T00:00:00.123456789Z", datetime(2024, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)),
-    ("2024-01-01T05:45:00+05:45", datetime(2024, 1, 1, tzinfo=UTC)),
-    ("2023-12-31T19:00:00-05:00", datetime(2024, 1, 1, tzinfo=UTC)),
+    (f"{_DAY:%Y-%m-%d}T00:00:00Z", _DAY),
+    (f"{_DAY:%Y-%m-%d}t00:00:00z", _DAY),
+    (f"{_DAY:%Y-%m-%d}T00:00:00.1Z", _DAY.replace(microsecond=100000)),
+    (f"{_DAY:%Y-%m-%d}T00:00:00.123456789Z", _DAY.replace(microsecond=123456)),
+    (f"{_DAY:%Y-%m-%d}T05:45:00+05:45", _DAY),
+    (f"{_DAY - timedelta(days=1):%Y-%m-%d}T19:00:00-05:00", _DAY),
 ])
 def test_rfc3339_times_are_stored_in_utc_at_microseconds(client: httpx.Client, module_settings: Settings,
                                                          value: str, expected: datetime) -> None:
@@ -362,7 +382,7 @@ def test_ingested_counter_counts_acknowledged_events(client: httpx.Client) -> No
     def ingested() -> float:
         text = client.get("/metrics").text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('openmeter_events_ingested_total{namespace="default"}'))
+                   if line.startswith('openmeter_events_ingested_total{namespace=""}'))
 
     before = ingested()
     assert post_events(client, [make_event() for _ in range(7)]).status_code == 204
@@ -394,9 +414,17 @@ def test_nats_down_is_503_with_retry_after_and_recovers(tmp_path: Path, pg_serve
 
 
 def test_stored_count_helper_sees_namespace(module_settings: Settings, client: httpx.Client) -> None:
+    url = module_settings.postgres.url
     assert post_events(client, make_event()).status_code == 204
-    assert wait_until_stored(module_settings.postgres.url, 1, namespace="default") >= 1
-    assert stored_count(module_settings.postgres.url, namespace="elsewhere") == 0
+    assert wait_until_stored(url, 1, namespace="default") >= 1
+    # Nothing but this test writes namespace "elsewhere" (on a day no other test of the
+    # module uses, so the partition is ours to create): its count is exact.
+    assert stored_count(url, namespace="elsewhere") == 0
+    with psycopg.connect(url) as conn:
+        events_sql.insert(conn, [events_sql.Event("x", datetime(2019, 7, 14, tzinfo=UTC), None) for _ in range(3)],
+                          namespace="elsewhere")
+    assert stored_count(url, namespace="elsewhere") == 3
+    assert wait_until_stored(url, 3, namespace="elsewhere") == 3
 
 
 def test_a_request_larger_than_one_broker_message_is_split_and_fully_stored(pg_server: Any, nats_server: Any) -> None:
@@ -405,11 +433,12 @@ def test_a_request_larger_than_one_broker_message_is_split_and_fully_stored(pg_s
             AppServer(settings, {"api", "sink"}) as app, app.client() as http:
         events = [make_event(source="big", data={"blob": "x" * 3000, "n": n}) for n in range(1000)]
         assert len(json.dumps(events)) > 3 * 1024 * 1024
+        before = scrape(http)
         assert post_events(http, events).status_code == 204
         wait_until_stored(settings.postgres.url, 1000)
-        text = http.get("/metrics").text
-        messages = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("pgmeter_ingest_messages_total"))
-        assert messages >= 3
+        messages = delta(before, scrape(http), "pgmeter_ingest_messages_total")
         with psycopg.connect(settings.postgres.url) as conn:
-            assert conn.execute("SELECT count(DISTINCT batch_seq), count(*) FROM events").fetchone()[0] >= 3  # type: ignore[index]
+            [(batches, stored)] = conn.execute("SELECT count(DISTINCT batch_seq), count(*) FROM events").fetchall()
+        # Each message is one stream sequence: the messages this request published are
+        # exactly the batches its events were stored from.
+        assert (stored, messages) == (1000, batches) and batches >= 3

@@ -161,17 +161,34 @@ def test_messages_respect_the_servers_max_payload() -> None:
 @pytest.mark.parametrize("error", [nats.errors.TimeoutError(), TimeoutError(), NoStreamResponseError(),
                                    nats.errors.ConnectionClosedError()])
 def test_a_failed_message_fails_every_request_in_it(error: BaseException) -> None:
+    """Requests group-committed into shared messages; the last message fails.
+
+    Both requests with events in it fail - the one spanning an acknowledged message
+    and the failed one, and the one wholly in the failed message - and only those.
+    """
     async def run() -> None:
         js = FakeJS()
         publisher = make(js, maxBatchEvents=3)
         publisher._resync = lambda: None  # type: ignore[method-assign]
-        spanning = asyncio.ensure_future(publisher.publish("default", publisher.encode(events("span", 5))))
+
+        def request(name: str, count: int) -> asyncio.Future[None]:
+            return asyncio.ensure_future(publisher.publish("default", publisher.encode(events(name, count))))
+
+        lead = request("lead", 1)  # published at once; the rest gathers behind it
         await settle()
-        assert len(js.published) == 2
+        rest = [request("ok", 2), request("span", 4), request("after", 1)]
+        await settle()
         js.ack(0)
-        js.ack(1, error)
-        with pytest.raises(PublishUnavailable):
-            await spanning
+        await settle()
+        assert [[e[0] for e in js.events(i)] for i in range(len(js.published))] == [
+            ["lead-0"], ["ok-0", "ok-1"], ["span-0", "span-1", "span-2"], ["span-3", "after-0"]]
+        js.ack(1)
+        js.ack(2)
+        js.ack(3, error)
+        await lead
+        ok, span, after = await asyncio.gather(*rest, return_exceptions=True)
+        assert ok is None
+        assert isinstance(span, PublishUnavailable) and isinstance(after, PublishUnavailable)
 
     asyncio.run(run())
 

@@ -7,8 +7,9 @@ events exactly on window edges (UTC, Berlin, Kolkata, Kathmandu, the Berlin DST
 change), and late events arriving after their windows were refreshed. Meters
 are created before and after ingest (backfill). Between stages, answers are
 checked while nothing, part, or all of the data is merged, and the last refresh
-runs two refreshers at once. Then every aggregation x window size x zone x filter
-shape x range is compared with tests/support/oracle.py.
+runs two refreshers at once. Then, for every aggregation, every zone x filter shape x
+range combination and every window size is compared with tests/support/oracle.py
+(see ``combinations`` for how window sizes share the combinations).
 """
 
 from __future__ import annotations
@@ -259,16 +260,73 @@ def test_everything_merged(dataset: Dataset) -> None:
     assert behind == []
 
 
+# strconv.ParseFloat(s, 64) cases, from Go's documentation and its atof tests: the
+# oracle's number rule must read strings exactly as OpenMeter's Go code does.
+GO_FLOAT_READS = [
+    ("100", "100"), ("0.456", "0.456"), ("1e3", "1e3"), ("+4", "4"), ("-2.5", "-2.5"), (".5", "0.5"),
+    ("5.", "5"), ("007", "7"), ("1E+2", "100"), ("1_23.50_0_0e+1_2", "1.235e14"), ("1_000", "1000"),
+    ("0x1p3", "8"), ("0X1.8P1", "3"), ("0x.8p1", "1"), ("0x_1_2.3_4_5p+1_2", "74565"),
+    ("1e00003", "1000"), ("0" * 1500 + "1", "1"), ("1.7976931348623157e308", "1.7976931348623157e308"),
+    ("1e-400", "1e-400"),  # underflow is no error in Go (it gives 0); the oracle keeps the exact value
+]
+GO_FLOAT_ERRORS = [
+    "", " 7", "7 ", "abc", "1,5", "+-1", "e3", ".", "1e", "1e+", "1e5.0", "0x10", "0x1p", "0b101", "\u0661",
+    "-_123.5e+12", "_123.5e+12", "1__23.5e+12", "123_.5e+12", "123._5e+12", "123.5_e+12", "123.5e_+12",
+    "123.5e+_12", "123.5e+12_", "-_0x12.345p+12", "1_",
+    "1e400", "1.8e308", "0x1p1024", "0x1.fffffffffffff8p1023",  # ErrRange: past float64's largest value
+    "NaN", "nan", "Inf", "-Inf", "+Infinity", "infinity",  # parsed by Go, skipped as not finite
+]
+
+
+@pytest.mark.parametrize(("text", "value"), GO_FLOAT_READS)
+def test_oracle_reads_numeric_strings_as_go_does(text: str, value: str) -> None:
+    assert oracle.number({"v": text}, "$.v") == Decimal(value)
+
+
+@pytest.mark.parametrize("text", GO_FLOAT_ERRORS)
+def test_oracle_skips_what_go_cannot_read_as_a_finite_number(text: str) -> None:
+    assert oracle.number({"v": text}, "$.v") is None
+
+
+def combinations(window: str | None) -> list[tuple[str, dict[str, Any], tuple[datetime | None, datetime | None]]]:
+    """The (zone, filter shape, range) queries a meter gets at one window size.
+
+    Every window size meets every zone, filter shape and range, and across a meter's
+    four window sizes every zone x filter x range combination is queried once: window
+    size ``w`` takes range ``(zone + filter + w) mod 4``. Without a window the zone only
+    names the answer's time zone, so those queries cycle through the zones while
+    covering every filter x range.
+    """
+    if window is None:
+        return [(ZONES[(f + r) % len(ZONES)], FILTERS[f], RANGES[r])
+                for f in range(len(FILTERS)) for r in range(len(RANGES))]
+    w = WINDOWS.index(window)
+    return [(zone, FILTERS[f], RANGES[(z + f + w) % len(RANGES)])
+            for z, zone in enumerate(ZONES) for f in range(len(FILTERS))]
+
+
+def test_every_zone_filter_range_combination_is_queried() -> None:
+    def key(combo: tuple[str, dict[str, Any], tuple[datetime | None, datetime | None]]) -> tuple[int, int, int]:
+        zone, shape, bounds = combo
+        return ZONES.index(zone), FILTERS.index(shape), RANGES.index(bounds)
+
+    full = {(z, f, r) for z in range(len(ZONES)) for f in range(len(FILTERS)) for r in range(len(RANGES))}
+    windowed = [key(c) for window in WINDOWS if window for c in combinations(window)]
+    assert sorted(windowed) == sorted(full)  # each exactly once
+    assert {(f, r) for _, f, r in map(key, combinations(None))} == {(f, r) for _, f, r in full}
+    for window in WINDOWS:
+        keys = [key(c) for c in combinations(window)]
+        for position, size in enumerate((len(ZONES), len(FILTERS), len(RANGES))):
+            assert {k[position] for k in keys} == set(range(size)), window
+
+
 @pytest.mark.parametrize("window", WINDOWS, ids=lambda w: w or "NONE")
 @pytest.mark.parametrize("slug", [a.lower() for a in AGGREGATIONS] + ["sum_from"])
 def test_matches_oracle(dataset: Dataset, slug: str, window: str | None) -> None:
-    zones = ("UTC", "Asia/Kathmandu") if window is None else ZONES
     failures = []
-    for z, zone in enumerate(zones):
-        for f, shape in enumerate(FILTERS):
-            lo, hi = RANGES[(z + f) % len(RANGES)]
-            query = oracle.Query(from_=lo, to=hi, window_size=window, zone=zone, **shape)
-            problem = dataset.mismatch(slug, query, post=(z + f) % 3 == 0)
-            if problem:
-                failures.append(problem)
+    for n, (zone, shape, (lo, hi)) in enumerate(combinations(window)):
+        query = oracle.Query(from_=lo, to=hi, window_size=window, zone=zone, **shape)
+        problem = dataset.mismatch(slug, query, post=n % 3 == 0)
+        if problem:
+            failures.append(problem)
     assert failures == []

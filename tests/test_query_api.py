@@ -18,6 +18,7 @@ from pgmeter.config import Settings
 from tests.support import events_sql, meter_env
 from tests.support.app import AppServer
 from tests.support.events_sql import Event
+from tests.support.metrics import delta, scrape
 
 DAY = datetime(2024, 1, 10, tzinfo=UTC)
 
@@ -176,9 +177,12 @@ def test_csv(api: httpx.Client) -> None:
 
 def test_read_your_writes_and_latency_metric(api: httpx.Client, settings: Settings) -> None:
     events_sql.insert_committed(settings.postgres.url, [Event("c", DAY, {"tokens": 100}, type="call")])
+    before = scrape(api)
     assert query(api, "tokens", subject="c").json()["data"][0]["value"] == 100  # not merged yet
-    metrics = api.get("/metrics").text
-    assert 'openmeter_query_latency_seconds_count{meter="tokens"}' in metrics
+    after = scrape(api)
+    # One query, counted once, under no meter name (metrics name no tenant by default).
+    assert delta(before, after, "openmeter_query_latency_seconds_count", meter="") == 1
+    assert delta(before, after, "openmeter_query_latency_seconds_count") == 1
 
 
 def test_empty_and_local_window_time_zones_are_utc(api: httpx.Client) -> None:

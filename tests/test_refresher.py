@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from pgmeter.config import Settings
 from pgmeter.db.pool import create_pool
@@ -21,7 +23,7 @@ from pgmeter.meters import store
 from pgmeter.meters.model import MeterSpec
 from pgmeter.rollup import refresher as refresher_module
 from pgmeter.rollup.refresher import Refresher
-from tests.support import events_sql, oracle
+from tests.support import events_sql, metrics, oracle
 from tests.support.app import AppServer
 from tests.support.events_sql import Event
 from tests.support.meter_env import query_string
@@ -164,8 +166,12 @@ def test_batches_are_bounded_and_progress_is_logged(url: str, caplog: pytest.Log
         batches = asyncio.run(run())
     for meter in METERS:
         assert [(lo, hi) for slug, lo, hi in batches if slug == meter["slug"]] == [(0, 10), (10, 20), (20, 30), (30, 35)]
-    # Meters take turns: no meter gets two batches in a row while others wait.
-    assert [slug for slug, _, _ in batches[:len(METERS)]] != [batches[0][0]] * len(METERS)
+    # Meters take turns: each round of len(METERS) batches serves every meter once, so no
+    # meter gets a second batch while another still waits for its first.
+    slugs = [slug for slug, _, _ in batches]
+    assert len(slugs) == 4 * len(METERS)
+    for start in range(0, len(slugs), len(METERS)):
+        assert sorted(slugs[start:start + len(METERS)]) == sorted(m["slug"] for m in METERS), slugs
     messages = [r.getMessage() for r in caplog.records]
     assert "backfilling meter" in messages and "meter caught up" in messages
     assert set(rollup_totals(url).values()) == {(35, 35, 35)}
@@ -249,9 +255,12 @@ def iso_in(t: datetime, zone: str | None) -> str:
 
 def test_the_refresher_role_runs_on_its_schedule(settings: Settings, url: str) -> None:
     rng = random.Random(3)
-    fast = settings.model_copy(update={"refresher": settings.refresher.model_copy(
-        update={"interval": timedelta(milliseconds=200)})})
+    # Tenant labels on, so each meter's merges are counted under its own name.
+    fast = settings.model_copy(update={
+        "refresher": settings.refresher.model_copy(update={"interval": timedelta(milliseconds=200)}),
+        "metrics": settings.metrics.model_copy(update={"tenant_labels": True})})
     with AppServer(fast, {"api", "refresher"}) as server, server.client() as client:
+        before = metrics.scrape(client)
         events_sql.insert_committed(url, [event(rng) for _ in range(50)])
         deadline = time.monotonic() + 20
         while True:
@@ -260,6 +269,152 @@ def test_the_refresher_role_runs_on_its_schedule(settings: Settings, url: str) -
                 break
             time.sleep(0.05)
         assert watermarks == [head] * len(METERS)
-        metrics = client.get("/metrics").text
-    assert 'pgmeter_meter_events_merged_total{meter="calls"}' in metrics
-    assert "pgmeter_refresher_lag_events" in metrics and "pgmeter_refresher_lag_seconds" in metrics
+        after = metrics.scrape(client)
+    # Every meter merged each of the 50 events once (all are of the meters' type).
+    for body in METERS:
+        assert metrics.delta(before, after, "pgmeter_meter_events_merged_total", meter=body["slug"]) == 50
+
+
+def m1_table(url: str, slug: str) -> str:
+    with psycopg.connect(url) as conn:
+        meter_id, version = conn.execute(
+            "SELECT r.meter_id, r.version FROM meter_rollups r JOIN meters m ON m.id = r.meter_id "
+            "WHERE m.slug = %s", (slug,)).fetchone()
+    return f"rollup.m1_{meter_id.lower()}_v{version}"
+
+
+def progress(url: str, slug: str) -> dict[str, object]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT r.last_seq, r.failures, r.failure_reason, r.next_attempt - r.merged_at "
+            "FROM meter_rollups r JOIN meters m ON m.id = r.meter_id WHERE m.slug = %s", (slug,)).fetchone()
+    return dict(zip(("last_seq", "failures", "reason", "backoff"), row, strict=True))
+
+
+def retry_now(url: str) -> None:
+    """Time passes: every set-aside meter's next attempt is due."""
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE meter_rollups SET next_attempt = now() WHERE next_attempt IS NOT NULL")
+
+
+def test_a_failing_meter_is_set_aside_while_the_others_merge_and_recovers(url: str, settings: Settings) -> None:
+    """A real failure: someone holds a lock on the meter's rollup table. The merge
+    gives up after the lock timeout, the meter is set aside with backoff and a
+    visible reason, every other meter merges in the same cycle, its answers stay
+    exact (read raw), and once the lock is gone it catches up exactly."""
+    rng = random.Random(5)
+    first = [event(rng) for _ in range(40)]
+    events_sql.insert_committed(url, first)
+    others = [m["slug"] for m in METERS if m["slug"] != "total"]
+    blocker = psycopg.connect(url)
+    blocker.execute(f"LOCK TABLE {m1_table(url, 'total')} IN ACCESS EXCLUSIVE MODE")  # held: no commit
+
+    async def cycle() -> refresher_module.CycleReport:
+        pool = await create_pool(url, size=2)
+        try:
+            return await Refresher(pool, max_batch=1000, merge_lock_timeout_ms=100, backoff_min_s=60,
+                                   backoff_max_s=100).run_cycle()
+        finally:
+            await pool.close()
+
+    def failing_gauge() -> float | None:
+        return REGISTRY.get_sample_value("pgmeter_refresher_meters_failing")
+
+    try:
+        report = asyncio.run(cycle())
+        assert sorted((b.slug, b.events) for b in report.batches if b.failure is None) == [
+            (s, 40) for s in sorted(others)]
+        assert [b.slug for b in report.failures] == ["total"]
+        assert "LockNotAvailable" in (report.failures[0].failure or "")
+        state = progress(url, "total")
+        assert state["last_seq"] == 0 and state["failures"] == 1 and state["backoff"] == timedelta(seconds=60)
+        assert "lock timeout" in str(state["reason"])
+        assert failing_gauge() == 1
+        assert head_and_watermarks(url)[1].count(40) == len(others)
+
+        # Set aside: the next cycles merge the others' new events and leave it alone.
+        second = [event(rng) for _ in range(7)]
+        events_sql.insert_committed(url, second)
+        report = asyncio.run(cycle())
+        assert sorted(b.slug for b in report.batches) == sorted(others) and report.failures == []
+        # Still failing when retried: the backoff doubles (60 s, then 120 s capped at 100 s).
+        retry_now(url)
+        report = asyncio.run(cycle())
+        assert [b.slug for b in report.failures] == ["total"]
+        assert progress(url, "total")["failures"] == 2
+        assert progress(url, "total")["backoff"] == timedelta(seconds=100)
+
+        with AppServer(settings, {"api"}) as server, server.client() as client:
+            meter = client.get("/api/v1/meters/total").json()
+            assert meter["pgmeterState"]["status"] == "failing"
+            assert "lock timeout" in meter["pgmeterState"]["reason"]
+            assert meter["pgmeterState"]["failures"] == 2
+            since = datetime.fromisoformat(meter["pgmeterState"]["since"])
+            assert since < datetime.fromisoformat(meter["pgmeterState"]["nextAttempt"])
+            assert all("pgmeterState" not in client.get(f"/api/v1/meters/{s}").json() for s in others)
+            assert [m["slug"] for m in client.get("/api/v1/meters").json() if "pgmeterState" in m] == ["total"]
+            # Its answers stay exact meanwhile (everything read raw).
+            stored = stored_events(url)
+            got = client.get("/api/v1/meters/total/query", params={"groupBy": ["subject", "k"]}).json()["data"]
+            meter_def = oracle.MeterDef("total", "SUM", "call", "$.n", {"k": "$.k"})
+            want = oracle.answer(meter_def, stored, oracle.Query(group_by=("subject", "k")))
+            assert [(r["value"], r["subject"], r["groupBy"]["k"]) for r in got] == [
+                (float(w.value), w.subject, dict(w.group_by)["k"]) for w in want]
+    finally:
+        blocker.close()  # the lock goes away
+
+    retry_now(url)
+    report = asyncio.run(cycle())
+    assert [(b.slug, b.lo, b.events) for b in report.batches] == [("total", 0, 47)]
+    assert progress(url, "total") == {"last_seq": 47, "failures": 0, "reason": None, "backoff": None}
+    assert failing_gauge() == 0
+    assert set(rollup_totals(url).values()) == {(47, 47, 47)}
+    with AppServer(settings, {"api"}) as server, server.client() as client:
+        assert "pgmeterState" not in client.get("/api/v1/meters/total").json()
+
+
+def test_meters_without_new_events_of_their_type_are_advanced_without_a_merge(url: str) -> None:
+    rng = random.Random(6)
+
+    async def run() -> list[refresher_module.CycleReport]:
+        pool = await create_pool(url, size=2)
+        try:
+            async with pool.acquire() as conn:
+                await store.create(conn, "other", MeterSpec.model_validate(
+                    {"slug": "calls", "aggregation": "COUNT", "eventType": "call"}))
+                await store.create(conn, "default", MeterSpec.model_validate(
+                    {"slug": "pings", "aggregation": "COUNT", "eventType": "ping"}))
+            reports = []
+            refresher = Refresher(pool, max_batch=1000)
+            events_sql.insert_committed(url, [event(rng) for _ in range(5)])
+            reports.append(await refresher.run_cycle())
+            events_sql.insert_committed(url, [Event("s1", T0, {}, type="ping")])
+            reports.append(await refresher.run_cycle())
+            reports.append(await refresher.run_cycle())  # nothing new at all
+            return reports
+        finally:
+            await pool.close()
+
+    calls, ping, idle = asyncio.run(run())
+    # Only the namespace and type of the new events decide who merges.
+    assert sorted(b.slug for b in calls.batches) == sorted(m["slug"] for m in METERS)
+    assert calls.advanced == 2 and calls.events == 5 * len(METERS)
+    assert [(b.slug, b.events) for b in ping.batches] == [("pings", 1)]
+    assert ping.advanced == len(METERS) + 1
+    assert idle.batches == [] and idle.advanced == 0
+    head, watermarks = head_and_watermarks(url)
+    assert watermarks == [head] * (len(METERS) + 2)
+
+
+def test_only_the_meters_own_errors_set_it_aside() -> None:
+    """Errors of the connection or the server abort the cycle (the next one retries);
+    anything else is the meter's own and sets only that meter aside."""
+    assert refresher_module.blames_meter(asyncpg.LockNotAvailableError("lock timeout"))
+    assert refresher_module.blames_meter(asyncpg.ProgramLimitExceededError("index row size exceeds"))
+    assert refresher_module.blames_meter(asyncpg.UndefinedTableError("relation does not exist"))
+    assert refresher_module.blames_meter(asyncpg.QueryCanceledError("statement timeout"))
+    assert not refresher_module.blames_meter(asyncpg.AdminShutdownError("terminating connection"))
+    assert not refresher_module.blames_meter(asyncpg.DiskFullError("no space left"))
+    assert refresher_module.blames_meter(asyncpg.OutOfMemoryError("out of memory"))
+    assert not refresher_module.blames_meter(asyncpg.ConnectionFailureError("lost"))
+    assert not refresher_module.blames_meter(ConnectionResetError())

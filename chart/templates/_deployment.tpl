@@ -98,6 +98,11 @@ spec:
             # The root filesystem is read-only; Python and the app write only here.
             - name: tmp
               mountPath: /tmp
+            {{- if eq $v.nats.credentials.type "credsFile" }}
+            - name: nats-creds
+              mountPath: {{ include "pgmeter.natsCredsDir" $root }}
+              readOnly: true
+            {{- end }}
       volumes:
         - name: config
           configMap:
@@ -105,4 +110,14 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 256Mi
+        {{- if eq $v.nats.credentials.type "credsFile" }}
+        # Only the .creds key, owner-readable (the pod's fsGroup owns it).
+        - name: nats-creds
+          secret:
+            secretName: {{ $v.nats.credentials.secretName }}
+            defaultMode: 0440
+            items:
+              - key: {{ $v.nats.credentials.credsKey }}
+                path: nats.creds
+        {{- end }}
 {{- end -}}

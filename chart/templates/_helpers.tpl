@@ -188,6 +188,25 @@ alphanumeric, so they need no URL escaping.
 {{- end }}
 - name: PGMETER_NATS_URL
   value: {{ $v.nats.url | quote }}
+{{- /* Migrations never connect to NATS, so they need no credentials. */}}
+{{- if ne .role "migrate" }}
+{{- $nc := $v.nats.credentials }}
+{{- if eq $nc.type "userPassword" }}
+- name: PGMETER_NATS_USER
+  valueFrom:
+    secretKeyRef: {name: {{ $nc.secretName }}, key: {{ $nc.userKey }}}
+- name: PGMETER_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ $nc.secretName }}, key: {{ $nc.passwordKey }}}
+{{- else if eq $nc.type "token" }}
+- name: PGMETER_NATS_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ $nc.secretName }}, key: {{ $nc.tokenKey }}}
+{{- else if eq $nc.type "credsFile" }}
+- name: PGMETER_NATS_CREDS_FILE
+  value: {{ include "pgmeter.natsCredsPath" $root }}
+{{- end }}
+{{- end }}
 {{- /* Migrations never use Valkey, and a hook must not wait on a Secret the release creates later. */}}
 {{- if and $v.valkey.url (ne .role "migrate") }}
 - name: PGMETER_VALKEY_URL
@@ -200,11 +219,12 @@ alphanumeric, so they need no URL escaping.
       key: {{ $v.valkey.passwordSecret.key }}
 {{- end }}
 {{- end }}
-{{- if and (eq .role "api") $v.auth.tokensSecret.name }}
+{{- if and (eq .role "api") $v.auth.enabled }}
+# Not optional: without its tokens the api does not start (auth is on by default).
 - name: PGMETER_AUTH_TOKENS
   valueFrom:
     secretKeyRef:
-      name: {{ $v.auth.tokensSecret.name }}
+      name: {{ include "pgmeter.authTokensSecret" $root }}
       key: {{ $v.auth.tokensSecret.key }}
 {{- end }}
 {{- if and $v.lago.enabled (ne .role "lago-sync") }}
@@ -227,6 +247,20 @@ alphanumeric, so they need no URL escaping.
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The Secret of api tokens: auth.tokensSecret.name, or "<fullname>-auth". Auth is
+on by default, so an install that names no Secret still requires one: the api
+pods wait (CreateContainerConfigError naming the Secret) until it exists, and
+NOTES say how to create it. Only auth.enabled=false runs the api without tokens.
+*/}}
+{{- define "pgmeter.authTokensSecret" -}}
+{{- default (include "pgmeter.componentName" (dict "root" . "suffix" "auth")) .Values.auth.tokensSecret.name -}}
+{{- end -}}
+
+{{/* Where the NATS .creds file is mounted (nats.credentials.type=credsFile). */}}
+{{- define "pgmeter.natsCredsDir" -}}/etc/pgmeter-nats{{- end -}}
+{{- define "pgmeter.natsCredsPath" -}}{{ include "pgmeter.natsCredsDir" . }}/nats.creds{{- end -}}
 
 {{/* pgmeter.yaml: meters, lago (minus the secret ref) and `config` merged on top. */}}
 {{- define "pgmeter.configFile" -}}

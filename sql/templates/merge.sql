@@ -4,8 +4,9 @@
 -- x reads each event once and extracts its values in Postgres (jsonb operators,
 -- paths as bind parameters); e turns them into per-event state; m1 combines the
 -- state per minute key; the coarse levels combine the m1 rows. Every upsert feeds
--- its keys in primary-key order. Per-aggregation fragments come from
--- pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
+-- its keys in subject and bucket order and names its unique index by {key}
+-- ("(md5(subject)::uuid), bucket, (md5(g1)::uuid), ...", see rollup_tables.sql).
+-- Per-aggregation fragments come from pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
 -- {state_names}; the key fragments {group_values} (", pgmeter_group_value(...) AS g1")
 -- and {group_key} (", g1, ..."); {subject_ctes} is subject_merge.sql (meters with
 -- group-by keys) or nothing, {unique_ctes} is unique_merge.sql or nothing.
@@ -33,7 +34,7 @@ up_m1 AS (
     SELECT subject, bucket {group_key}, cnt {state_names}
       FROM m1
      ORDER BY subject, bucket {group_key}
-    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+    ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt {merge}
 ),
 up_q15 AS (
@@ -43,7 +44,7 @@ up_q15 AS (
       FROM m1
      GROUP BY subject, b {group_key}
      ORDER BY subject, b {group_key}
-    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+    ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}
@@ -55,7 +56,7 @@ up_d1 AS (
       FROM m1
      GROUP BY subject, b {group_key}
      ORDER BY subject, b {group_key}
-    ON CONFLICT (subject, bucket {group_key}) DO UPDATE
+    ON CONFLICT ({key}) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}

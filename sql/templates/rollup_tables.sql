@@ -8,12 +8,20 @@
 -- totals and DAY/MONTH windows in zones at UTC+0. Coarse rows also keep the first
 -- and last minute they saw, which a windowless query reports as its bounds.
 --
--- Text keys sort bytewise (COLLATE "C"): cheaper to index and sort than a
--- linguistic collation, and the same order on every server.
+-- Text keys sort bytewise (COLLATE "C"): cheaper to sort than a linguistic
+-- collation, and the same order on every server.
+--
+-- The key is unique on the md5 of each text key (subject first, then bucket, then
+-- the group values) rather than on the texts: subjects and group-by values come
+-- from event data and may be of any length, while a btree entry must stay under
+-- ~2.7 KB. The texts are kept whole in the row (TOASTed when long) and read from
+-- there; the 16-byte hashes live only in the index. Subject first keeps queries
+-- filtered by subject (a portal, billing per customer) to their own rows; the
+-- bucket index serves the time-range reads.
 --
 -- Placeholders (filled with psycopg.sql, identifiers quoted): {m1} {q15} {d1}
 -- {group_columns} ('g1 text COLLATE "C" NOT NULL, ...' with a trailing comma, or nothing),
--- {group_key} (", g1, ..." or nothing), {state_columns} (", sum numeric" ...).
+-- {key} ("(md5(subject)::uuid), bucket, (md5(g1)::uuid), ..."), {state_columns} (", sum numeric" ...).
 -- fillfactor leaves room for HOT updates: merges update the state in place.
 
 CREATE TABLE {m1} (
@@ -21,9 +29,9 @@ CREATE TABLE {m1} (
     bucket  timestamptz      NOT NULL,
     {group_columns}
     cnt     bigint           NOT NULL
-    {state_columns},
-    PRIMARY KEY (subject, bucket {group_key})
+    {state_columns}
 ) WITH (fillfactor = 90);
+CREATE UNIQUE INDEX ON {m1} ({key});
 CREATE INDEX ON {m1} (bucket);
 
 CREATE TABLE {q15} (
@@ -33,9 +41,9 @@ CREATE TABLE {q15} (
     cnt     bigint           NOT NULL
     {state_columns},
     t_min   timestamptz      NOT NULL,
-    t_max   timestamptz      NOT NULL,
-    PRIMARY KEY (subject, bucket {group_key})
+    t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
+CREATE UNIQUE INDEX ON {q15} ({key});
 CREATE INDEX ON {q15} (bucket);
 
 CREATE TABLE {d1} (
@@ -45,7 +53,7 @@ CREATE TABLE {d1} (
     cnt     bigint           NOT NULL
     {state_columns},
     t_min   timestamptz      NOT NULL,
-    t_max   timestamptz      NOT NULL,
-    PRIMARY KEY (subject, bucket {group_key})
+    t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
+CREATE UNIQUE INDEX ON {d1} ({key});
 CREATE INDEX ON {d1} (bucket);

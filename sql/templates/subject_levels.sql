@@ -2,7 +2,7 @@
 --
 -- Most reads group by subject alone (billing: usage per customer per hour or
 -- day); without these they would add up every group's row. Same state as
--- rollup_tables.sql, keyed by (subject, bucket) only. Placeholders: {q15s} {d1s}
+-- rollup_tables.sql, keyed by (hash of subject, bucket) only. Placeholders: {q15s} {d1s}
 -- {state_columns}.
 
 CREATE TABLE {q15s} (
@@ -11,9 +11,9 @@ CREATE TABLE {q15s} (
     cnt     bigint           NOT NULL
     {state_columns},
     t_min   timestamptz      NOT NULL,
-    t_max   timestamptz      NOT NULL,
-    PRIMARY KEY (subject, bucket)
+    t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
+CREATE UNIQUE INDEX ON {q15s} ((md5(subject)::uuid), bucket);
 CREATE INDEX ON {q15s} (bucket);
 
 CREATE TABLE {d1s} (
@@ -22,7 +22,7 @@ CREATE TABLE {d1s} (
     cnt     bigint           NOT NULL
     {state_columns},
     t_min   timestamptz      NOT NULL,
-    t_max   timestamptz      NOT NULL,
-    PRIMARY KEY (subject, bucket)
+    t_max   timestamptz      NOT NULL
 ) WITH (fillfactor = 90);
+CREATE UNIQUE INDEX ON {d1s} ((md5(subject)::uuid), bucket);
 CREATE INDEX ON {d1s} (bucket);

@@ -8,7 +8,7 @@
       FROM m1
      GROUP BY subject, b
      ORDER BY subject, b
-    ON CONFLICT (subject, bucket) DO UPDATE
+    ON CONFLICT ((md5(subject)::uuid), bucket) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}
@@ -20,7 +20,7 @@ up_d1s AS (
       FROM m1
      GROUP BY subject, b
      ORDER BY subject, b
-    ON CONFLICT (subject, bucket) DO UPDATE
+    ON CONFLICT ((md5(subject)::uuid), bucket) DO UPDATE
        SET cnt = r.cnt + excluded.cnt,
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}

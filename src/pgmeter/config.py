@@ -68,6 +68,17 @@ class PostgresConfig(Section):
     # that needs a session (COPY, advisory locks, LISTEN) uses ``url``.
     query_url: str | None = Field(default=None, alias="queryUrl")
     pool_size: int = Field(default=10, ge=1, alias="poolSize")
+    # How long opening a connection may take, and waiting for a free one in the pool.
+    # Past either, an api request answers 503 with Retry-After instead of hanging.
+    connect_timeout: Duration = Field(default=timedelta(seconds=5), alias="connectTimeout")
+    acquire_timeout: Duration = Field(default=timedelta(seconds=5), alias="acquireTimeout")
+    # The longest statement the api runs: past it the statement is cancelled on the
+    # server and the request answers 503. Meter queries take tens of milliseconds and
+    # the largest allowed answer about a second; 10 s stays below the 30 s that HTTP
+    # clients and Grafana give up after, so the server never works for a caller that
+    # left. Background roles (sink, refresher, Lago) are not bound by it: a backfill
+    # may legitimately run for minutes.
+    statement_timeout: Duration = Field(default=timedelta(seconds=10), alias="statementTimeout")
 
 
 class NatsConfig(Section):
@@ -82,9 +93,38 @@ class NatsConfig(Section):
     # time, never from CloudEvent time, so late events are never expired unread.
     max_age: Duration = Field(default=timedelta(days=7), alias="maxAge")
     # How long a message delivered to a sink may stay unacknowledged before JetStream
-    # hands it to another sink. A sink that is alive but waiting for Postgres keeps
-    # extending it, so this only bounds how long a crashed sink's messages wait.
-    ack_wait: Duration = Field(default=timedelta(seconds=60), alias="ackWait")
+    # hands it to another sink. A live sink extends it for every message it holds
+    # (in-progress acks every third of it, also while it waits for Postgres), so this
+    # only bounds how long a crashed sink's messages stay hidden: failover time.
+    ack_wait: Duration = Field(default=timedelta(seconds=5), gt=timedelta(0), alias="ackWait")
+    # Credentials, at most one kind: user + password, a token, or a creds file
+    # (NKey seed + user JWT, as `nsc` writes it). They come from the environment
+    # (PGMETER_NATS_USER, _PASSWORD, _TOKEN, _CREDS_FILE), which the chart fills from a
+    # Secret; repr=False keeps them out of logs and error messages.
+    user: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    token: str | None = Field(default=None, repr=False)
+    creds_file: str | None = Field(default=None, alias="credsFile")
+
+    @model_validator(mode="after")
+    def _one_kind_of_credentials(self) -> NatsConfig:
+        if bool(self.user) != bool(self.password):
+            raise ValueError("nats.user and nats.password go together")
+        kinds = [name for name, used in (("user/password", self.user), ("token", self.token),
+                                         ("credsFile", self.creds_file)) if used]
+        if len(kinds) > 1:
+            raise ValueError(f"nats: use one kind of credentials, not {' and '.join(kinds)}")
+        return self
+
+    def credentials(self) -> dict[str, str]:
+        """Keyword arguments for ``nats.connect`` (nats-py names)."""
+        if self.user and self.password:
+            return {"user": self.user, "password": self.password}
+        if self.token:
+            return {"token": self.token}
+        if self.creds_file:
+            return {"user_credentials": self.creds_file}
+        return {}
 
 
 class ValkeyConfig(Section):
@@ -158,19 +198,63 @@ class LimitsConfig(Section):
     cache_max_entry_bytes: int = Field(default=1024 * 1024, ge=1024, alias="cacheMaxEntryBytes")
 
 
+class ServerConfig(Section):
+    """The HTTP server's defences against slow or idle clients (every role's listener)."""
+
+    # A connection must deliver a request's complete headers this long after it opened
+    # (or after the first byte of a kept-alive connection's next request); otherwise it
+    # is closed with 408.
+    header_timeout: Duration = Field(default=timedelta(seconds=10), alias="headerTimeout")
+    # A request's whole body must arrive this long after its headers; otherwise 408.
+    body_timeout: Duration = Field(default=timedelta(seconds=30), alias="bodyTimeout")
+    # An idle keep-alive connection is closed after this long without a new request.
+    keep_alive: Duration = Field(default=timedelta(seconds=5), alias="keepAlive")
+    # Connections plus requests in progress; beyond it new requests get 503. With
+    # ingest.maxBodyBytes it bounds the memory held by request bodies.
+    limit_concurrency: int = Field(default=1000, ge=1, alias="limitConcurrency")
+
+
+class MetricsConfig(Section):
+    # Label Prometheus series with namespace and meter slug values. Off by default:
+    # /metrics needs no token, and tenant names, slugs and volumes are not public.
+    # Turn it on for single-tenant installs; when off the labels stay, with "" values.
+    tenant_labels: bool = Field(default=False, alias="tenantLabels")
+
+
 class LagoMapping(Section):
     meter: str
     code: str
     property: str = "value"
 
 
+def lago_base_url(value: Any) -> Any:
+    """``http://lago:3000``, ``http://lago:3000/`` and ``http://lago:3000/api/v1`` all
+    name the same API: the client adds ``/api/v1/...`` itself."""
+    if isinstance(value, str):
+        value = value.strip().rstrip("/")
+        if value.endswith("/api/v1"):
+            value = value[: -len("/api/v1")].rstrip("/")
+    return value
+
+
 class LagoConfig(Section):
+    """The Lago hand-off (pgmeter.lago). docs: the README's Lago section."""
+
     enabled: bool = False
-    url: str = "http://lago-api-svc.lago.svc:3000"
+    url: Annotated[str, BeforeValidator(lago_base_url)] = "http://lago-api-svc.lago.svc:3000"
     api_key: str | None = Field(default=None, alias="apiKey")
-    interval: Duration = timedelta(hours=1)
-    grace: Duration = timedelta(minutes=15)
+    # How often usage is pushed, running totals of open windows included. Lago
+    # invoices at hh:10 after a period ends (final at once with its default grace
+    # period of 0), so interval + grace must stay well under 10 minutes unless the
+    # Lago side has an invoice grace period; `lago-sync --status` checks it.
+    interval: Duration = Field(default=timedelta(minutes=1), gt=timedelta(0))
+    # Usage is read up to now - grace: 0 sends everything acknowledged so far; an
+    # hourly set-up (interval 1h, grace 15m) sends each window about once, complete.
+    grace: Duration = Field(default=timedelta(0), ge=timedelta(0))
+    # One Lago event per window (and subscription, in the customer's time zone).
     window: Literal["HOUR", "DAY"] = "HOUR"
+    # Events per POST /api/v1/events/batch (Lago's LAGO_EVENTS_BATCH_MAX_LENGTH).
+    batch_size: int = Field(default=100, ge=1, le=10_000, alias="batchSize")
     mappings: list[LagoMapping] = Field(default_factory=list)
     # subject -> external_subscription_id; subjects not listed map to themselves.
     subjects: dict[str, str] = Field(default_factory=dict)
@@ -208,6 +292,8 @@ class Settings(BaseSettings):
     refresher: RefresherConfig = Field(default_factory=RefresherConfig)
     lago: LagoConfig = Field(default_factory=LagoConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     # Bearer token -> namespace. Empty means auth is off.
     auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens",
                                         validation_alias=AliasChoices("authTokens", "auth_tokens"))
@@ -271,10 +357,19 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+NAMESPACE_MAX_LENGTH = 64
+
+
+def is_namespace(value: str) -> bool:
+    """1 to 64 ASCII letters, digits, '-' or '_': a namespace becomes a NATS subject token
+    and a SQL value (the sink applies the same rule to the subjects it reads)."""
+    return 0 < len(value) <= NAMESPACE_MAX_LENGTH and all(c.isascii() and (c.isalnum() or c in "-_")
+                                                          for c in value)
+
+
 def _check_namespace(value: str) -> str:
-    # A namespace becomes a NATS subject token and a SQL value.
-    if not value or not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
-        raise ValueError(f"namespace {value!r} must be letters, digits, '-' or '_'")
+    if not is_namespace(value):
+        raise ValueError(f"namespace {value!r} must be 1 to {NAMESPACE_MAX_LENGTH} letters, digits, '-' or '_'")
     return value
 
 

@@ -36,6 +36,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one record per message through every ``interval`` seconds.
+
+    For loggers whose warnings a client controls: uvicorn warns once per request that
+    exceeds ``limitConcurrency`` and once per malformed request, so an overload or a
+    hostile client would otherwise write a line per request. Repeats are counted on
+    the next line that passes (``repeated``).
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            return True  # errors carry their own traceback: never hidden
+        key = str(record.msg)
+        last, suppressed = self._last.get(key, (0.0, 0))
+        if record.created - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = (record.created, 0)
+        if suppressed:
+            record.repeated = suppressed
+        return True
+
+
 def configure(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
@@ -50,3 +80,6 @@ def configure(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    server_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RepeatFilter) for f in server_log.filters):
+        server_log.addFilter(RepeatFilter())

@@ -14,9 +14,10 @@ from pgmeter.runtime import Runtime
 
 
 def api_routes() -> list[BaseRoute]:
-    from pgmeter.api import docs, events, meters, query
+    from pgmeter.api import customers, docs, entitlements, events, features, meters, query
 
-    return [*events.routes, *meters.routes, *query.routes, *docs.routes]
+    return [*events.routes, *meters.routes, *query.routes, *customers.routes, *features.routes,
+            *entitlements.routes, *docs.routes]
 
 
 async def start(runtime: Runtime) -> None:

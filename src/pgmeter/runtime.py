@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,22 +19,34 @@ from typing import Any
 
 import asyncpg
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from pgmeter import metric_labels
 from pgmeter.config import Settings
 from pgmeter.db.pool import create_pool
+from pgmeter.dependencies import DEPENDENCY_ERRORS, Dependency, describe
 
 log = logging.getLogger(__name__)
 
 ROLES = ("api", "sink", "refresher", "lago-sync")
+
+NATS_WATCH_INTERVAL = 1.0  # how often a dead NATS read loop is looked for
+PING_TIMEOUT = 2.0  # the Postgres recovery probe's bound
 
 
 @dataclass
 class Runtime:
     settings: Settings
     roles: frozenset[str]
+    # The pool background roles (sink, refresher, Lago) and start-up work use: no
+    # statement bound, since a merge or a backfill may run for minutes.
     pool: asyncpg.Pool
+    # The pool api requests use: every wait bounded (postgres.statementTimeout,
+    # connectTimeout, acquireTimeout), so an unwell Postgres gives a prompt 503. The
+    # same pool as ``pool`` in a process that only serves the api, or runs no api.
+    api_pool: asyncpg.Pool
     nats: NATS
     js: JetStreamContext
     valkey: Any | None = None  # valkey.asyncio.Valkey when configured
@@ -41,6 +54,14 @@ class Runtime:
     # Filled by roles that want to be checked by /readyz: name -> async check.
     readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    dependencies: dict[str, Dependency] = field(default_factory=dict)
+
+    def dependency(self, name: str) -> Dependency:
+        """The state of ``postgres``, ``nats`` or ``valkey`` in this process."""
+        found = self.dependencies.get(name)
+        if found is None:
+            found = self.dependencies[name] = Dependency(name)
+        return found
 
     def spawn(self, name: str, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -54,8 +75,46 @@ def _log_crash(task: asyncio.Task[None]) -> None:
         log.error("background task %s crashed", task.get_name(), exc_info=task.exception())
 
 
-async def connect_nats(url: str) -> NATS:
-    """A NATS connection that keeps reconnecting for as long as the process lives."""
+# Errors the NATS client reports while the server is away: expected during an
+# outage, so they move the state (and count), never log a traceback per attempt.
+_NATS_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError,
+    nats.errors.NoServersError, nats.errors.ConnectionClosedError, nats.errors.TimeoutError,
+)
+
+
+async def connect_nats(url: str, state: Dependency | None = None, **credentials: str) -> NATS:
+    """A NATS connection that keeps reconnecting for as long as the process lives.
+
+    ``credentials`` are nats-py's (user/password, token or user_credentials), from
+    :meth:`pgmeter.config.NatsConfig.credentials`. Its callbacks keep ``state`` (the ``nats`` dependency) and the logs to one line
+    per change: nats-py's default error callback logs a traceback for every failed
+    reconnect attempt, twice a second for as long as the server is away.
+    """
+    state = state or Dependency("nats")
+    logged: dict[str, float] = {}  # error kind -> when last logged
+
+    async def on_error(exc: Exception) -> None:
+        if isinstance(exc, _NATS_OUTAGE_ERRORS):
+            # Reported before the disconnect callback runs, so this is the outage's line.
+            lost = isinstance(exc, nats.errors.UnexpectedEOF | nats.errors.StaleConnectionError)
+            state.failed(f"disconnected ({'connection lost' if lost else describe(exc)})")
+        else:
+            # Not an outage (a slow consumer, a permissions error): worth a line, but a
+            # recurring one (a slow consumer on every message) only once a minute.
+            DEPENDENCY_ERRORS.labels(state.name).inc()
+            kind = describe(exc)
+            now = time.monotonic()
+            if now - logged.get(kind, -60.0) >= 60.0:
+                logged[kind] = now
+                log.warning("nats: client error: %s", kind, extra={"dependency": state.name})
+
+    async def on_disconnected() -> None:
+        state.failed("disconnected")
+
+    async def on_reconnected() -> None:
+        state.recovered()
+
     return await nats.connect(
         url,
         name="pgmeter",
@@ -63,7 +122,42 @@ async def connect_nats(url: str) -> NATS:
         reconnect_time_wait=0.5,
         allow_reconnect=True,
         connect_timeout=2,
+        **credentials,
+        # The client's own PINGs (never cancelled, unlike a flush that times out)
+        # find a silent server: three unanswered at 5 s intervals and it reconnects.
+        ping_interval=5,
+        max_outstanding_pings=3,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
     )
+
+
+def nats_read_loop_alive(nc: NATS) -> bool:
+    """False when the client says it is connected but no longer reads from the socket.
+
+    nats-py (2.16) ends its read loop on any unexpected exception, e.g. the
+    ``InvalidStateError`` when a PONG arrives for a flush that timed out, and keeps
+    reporting ``is_connected``: every later request then times out. There is no
+    public accessor for the loop, hence the private attribute.
+    """
+    task = getattr(nc, "_reading_task", None)
+    return task is None or not task.done()
+
+
+async def _heal_nats(runtime: Runtime) -> None:
+    """Reconnect a NATS client whose read loop died (see :func:`nats_read_loop_alive`)."""
+    while True:
+        await asyncio.sleep(NATS_WATCH_INTERVAL)
+        nc = runtime.nats
+        if nc.is_connected and not nats_read_loop_alive(nc):
+            # Rare and worth a line of its own whatever the dependency's state.
+            log.warning("nats: the client stopped reading from its connection; reconnecting")
+            runtime.dependency("nats").failed("the client stopped reading")
+            try:
+                await nc.force_reconnect()
+            except Exception as exc:  # the next round tries again
+                log.warning("nats: reconnect failed: %s", describe(exc))
 
 
 def connect_valkey(settings: Settings) -> Any | None:
@@ -79,28 +173,57 @@ def connect_valkey(settings: Settings) -> Any | None:
     )
 
 
+def _api_dsn(settings: Settings) -> str:
+    """api requests need no session state (no LISTEN, COPY or session advisory locks),
+    so they may go through a transaction-mode pooler."""
+    return settings.postgres.query_url or settings.postgres.url
+
+
 def _dsn_for(settings: Settings, roles: frozenset[str]) -> str:
-    """A process that only serves the API may go through a transaction-mode pooler:
-    it needs no session state (no LISTEN, COPY or session advisory locks). Every
-    other role needs the direct connection."""
-    if roles == {"api"} and settings.postgres.query_url:
-        return settings.postgres.query_url
-    return settings.postgres.url
+    """The DSN of ``Runtime.pool``: the pooler only in a process that only serves the
+    api; every other role needs the direct connection."""
+    return _api_dsn(settings) if roles == {"api"} else settings.postgres.url
 
 
 @asynccontextmanager
 async def open_runtime(settings: Settings, roles: frozenset[str]) -> AsyncIterator[Runtime]:
-    pool = await create_pool(_dsn_for(settings, roles), size=settings.postgres.pool_size)
-    nc = await connect_nats(settings.nats.url)
-    runtime = Runtime(settings=settings, roles=roles, pool=pool, nats=nc, js=nc.jetstream(),
+    metric_labels.configure(settings.metrics.tenant_labels)
+    pg = settings.postgres
+    connect_timeout = pg.connect_timeout.total_seconds()
+    api_pool = None
+    if "api" in roles:
+        api_pool = await create_pool(_api_dsn(settings), size=pg.pool_size, connect_timeout=connect_timeout,
+                                     acquire_timeout=pg.acquire_timeout.total_seconds(),
+                                     command_timeout=pg.statement_timeout.total_seconds())
+    if roles == {"api"} and api_pool is not None:
+        pool = api_pool
+    else:
+        pool = await create_pool(_dsn_for(settings, roles), size=pg.pool_size, connect_timeout=connect_timeout)
+    nats_state = Dependency("nats")
+    nc = await connect_nats(settings.nats.url, nats_state, **settings.nats.credentials())
+    runtime = Runtime(settings=settings, roles=roles, pool=pool, api_pool=api_pool or pool, nats=nc, js=nc.jetstream(),
                       valkey=connect_valkey(settings))
+    runtime.dependencies["nats"] = nats_state
+    runtime.dependencies["postgres"] = Dependency("postgres", probe=lambda: _ping_postgres(runtime))
+    runtime.dependencies["valkey"] = Dependency("valkey")
+    runtime.spawn("nats-healer", _heal_nats(runtime))
     try:
         yield runtime
     finally:
         for task in runtime.tasks:
             task.cancel()
         await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        for dependency in runtime.dependencies.values():
+            dependency.close()
         await nc.drain() if nc.is_connected else await nc.close()
         if runtime.valkey is not None:
             await runtime.valkey.aclose()
+        if runtime.api_pool is not pool:
+            await runtime.api_pool.close()
         await pool.close()
+
+
+async def _ping_postgres(runtime: Runtime) -> None:
+    async with runtime.api_pool.acquire(timeout=PING_TIMEOUT) as conn:
+        await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
+

@@ -139,7 +139,8 @@ ALL_ON: dict[str, Any] = {
         }],
     },
     "valkey": {"passwordSecret": {"name": "pgmeter-valkey", "key": "valkey-password"}},
-    "auth": {"tokensSecret": {"name": "pgmeter-auth", "key": "tokens.json"}},
+    "auth": {"enabled": True, "tokensSecret": {"name": "pgmeter-tokens", "key": "tokens.json"}},
+    "nats": {"credentials": {"type": "credsFile", "secretName": "pgmeter-nats", "credsKey": "pgmeter.creds"}},
     "podDisruptionBudget": {"enabled": True},
     "helmTest": {"enabled": True},
     "migrations": {"enabled": True},
@@ -148,6 +149,7 @@ ALL_ON: dict[str, Any] = {
 # Every toggle explicitly off.
 ALL_OFF: dict[str, Any] = {
     "capabilities": {"assumeAPIVersions": []},
+    "auth": {"enabled": False},
     "postgres": {"cluster": {"enabled": False}, "pooler": {"enabled": False}},
     "lago": {"enabled": False},
     "serviceMonitor": {"enabled": False},

@@ -63,6 +63,14 @@ RENDERS = {
     "pooler": ({"postgres": {"pooler": {"enabled": True}}}, (CNPG_API,)),
     "dsn-secret": ({"postgres": {"dsnSecret": {"name": "external-pg"}, "cluster": {"enabled": False}}}, ()),
     "ingress-no-host": ({"ingress": {"enabled": True}}, ()),
+    "auth-off": ({"auth": {"enabled": False}}, ()),
+    "nats-user-password": ({"nats": {"credentials": {"type": "userPassword", "secretName": "pgmeter-nats"}}}, ()),
+    "nats-token": ({"nats": {"credentials": {"type": "token", "secretName": "pgmeter-nats"}}}, ()),
+    "network-policy-pod-peers": ({"lago": {"enabled": True}, "networkPolicy": {"enabled": True, "ingress": {
+        "api": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}},
+                {"ipBlock": {"cidr": "10.0.0.0/8"}}],
+        "metrics": []}}}, ()),
 }
 
 

@@ -123,3 +123,15 @@ def test_readme_discloses_the_annotation_and_valkey_choice() -> None:
     assert "catalyst.openova.io/no-upstream" in readme
     assert "bp-valkey" in readme
     assert "helm install" in readme
+
+
+def test_auth_is_on_by_default_and_offered_by_the_blueprint(values_yaml, blueprint) -> None:
+    assert values_yaml["auth"]["enabled"] is True
+    assert values_yaml["nats"]["credentials"]["type"] == ""
+    schema = blueprint["spec"]["configSchema"]
+    assert schema["properties"]["auth"]["properties"]["enabled"]["default"] is True
+    validator = jsonschema.Draft7Validator(schema)
+    # A kind of NATS credentials without its Secret is refused by the console form too.
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({"nats": {"credentials": {"type": "token", "secretName": ""}}})
+    validator.validate({"nats": {"credentials": {"type": "token", "secretName": "pgmeter-nats"}}})

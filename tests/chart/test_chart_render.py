@@ -45,6 +45,9 @@ def test_every_toggle_on_renders_every_optional_object(all_on_render) -> None:
         ("Pooler", "pgmeter-pg-pooler"),
         ("ServiceMonitor", "pgmeter"),
         ("NetworkPolicy", "pgmeter"),
+        ("NetworkPolicy", "pgmeter-api"),
+        ("NetworkPolicy", "pgmeter-lago-sync"),
+        ("NetworkPolicy", "pgmeter-test"),
         ("HorizontalPodAutoscaler", "pgmeter-api"),
         ("Ingress", "pgmeter"),
         ("ExternalSecret", "pgmeter-valkey"),
@@ -165,6 +168,6 @@ def test_no_plaintext_secret_values(all_on_render) -> None:
     for name, spec in all_on_render.pod_specs():
         for container in spec["containers"]:
             for env in container.get("env", []):
-                if re.search(r"PASSWORD|API_KEY|TOKENS|POSTGRES_URL$", env["name"]):
+                if re.search(r"PASSWORD|API_KEY|TOKEN|POSTGRES_URL$|NATS_USER", env["name"]):
                     assert "secretKeyRef" in env.get("valueFrom", {}), (name, env)
     assert not all_on_render.of_kind("Secret")

@@ -85,8 +85,10 @@ def test_every_role_loads_its_settings(render, load) -> None:
         assert [m.slug for m in settings.meters] == ["api_calls", "api_latency"], role
         # Only lago-sync runs the sync (and holds the key); the file says enabled.
         assert settings.lago.enabled is (role == "lago-sync"), role
-        assert settings.lago.interval.total_seconds() == 3600
-        assert settings.lago.grace.total_seconds() == 900
+        # The chart's defaults deliver running usage ahead of Lago's hourly invoicing clock.
+        assert settings.lago.interval.total_seconds() == 60
+        assert settings.lago.grace.total_seconds() == 0
+        assert settings.lago.batch_size == 100
         assert [(m.meter, m.code) for m in settings.lago.mappings] == [("api_calls", "api_calls")]
         if role == "api":
             assert settings.postgres.query_url == "postgresql://pgmeter:s3cret@pgmeter-pg-pooler.metering.svc:5432/pgmeter"
@@ -106,3 +108,19 @@ def test_default_config_file_loads(default_render, tmp_path) -> None:
     settings = load_settings(path)
     assert settings.lago.enabled is False
     assert yaml.safe_load(path.read_text())["meters"][0]["slug"] == settings.meters[0].slug
+
+
+@pytest.mark.parametrize(("credentials", "expected"), [
+    ({"type": "userPassword", "secretName": "pgmeter-nats", "userKey": "u", "passwordKey": "p"},
+     {"user": "stub-pgmeter-nats-u", "password": "stub-pgmeter-nats-p"}),
+    ({"type": "token", "secretName": "pgmeter-nats", "tokenKey": "t"}, {"token": "stub-pgmeter-nats-t"}),
+    ({"type": "credsFile", "secretName": "pgmeter-nats"}, {"user_credentials": "/etc/pgmeter-nats/nats.creds"}),
+    ({"type": ""}, {}),
+])
+def test_nats_credentials_reach_every_role_that_connects(render, load, credentials, expected) -> None:
+    rendered = render({"lago": {"enabled": True}, "nats": {"credentials": credentials}})
+    docs = {_container(d)["args"][-1]: d for d in rendered.of_kind("Deployment") + rendered.of_kind("Job")}
+    for role, doc in docs.items():
+        settings = load(rendered, doc)
+        # Migrations never connect to NATS, so they get no credentials.
+        assert settings.nats.credentials() == ({} if role == "migrate" else expected), role

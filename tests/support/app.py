@@ -9,27 +9,35 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
 import yaml
 
 from pgmeter.api.app import create_app
+from pgmeter.api.server import uvicorn_config
 from pgmeter.config import Settings
 
 
 class ThreadedServer:
     """Any ASGI app under a real uvicorn server, on its own thread and event loop."""
 
-    def __init__(self, app: object, host: str, port: int) -> None:
-        self.config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,  # type: ignore[arg-type]
-                                     lifespan="on")
+    def __init__(self, app: object, host: str, port: int, config: uvicorn.Config | None = None) -> None:
+        self.config = config or uvicorn.Config(app, host=host, port=port, log_config=None,  # type: ignore[arg-type]
+                                               access_log=False, lifespan="on")
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's loop, for tests that reach in
 
     def start(self) -> None:
         self.server = server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await server.serve()
+
+        self.thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not server.started:
@@ -56,12 +64,24 @@ class AppServer:
     def base_url(self) -> str:
         return f"http://{self.settings.address}"
 
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's event loop (e.g. on its runtime) and return its result."""
+        assert self._server is not None and self._server.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._server.loop).result(timeout)
+
+    @property
+    def runtime(self) -> Any:
+        assert self._server is not None
+        return self._server.config.app.state.runtime  # type: ignore[union-attr]
+
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> AppServer:
-        self._server = ThreadedServer(create_app(self.settings, self.roles),
-                                      self.settings.listen_host, self.settings.listen_port)
+        app = create_app(self.settings, self.roles)
+        # The production server set-up (deadlines for slow clients included).
+        self._server = ThreadedServer(app, self.settings.listen_host, self.settings.listen_port,
+                                      uvicorn_config(app, self.settings, timeout_graceful_shutdown=None))
         self._server.start()
         return self
 

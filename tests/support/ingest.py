@@ -22,7 +22,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -189,6 +189,23 @@ async def delete_stream(url: str, stream: str) -> None:
 # -- private servers that a test may stop and restart ------------------------------------
 
 
+def _restartable(start: Callable[[], tuple[ManagedProcess, str]], attempts: int = 3) -> tuple[ManagedProcess, str]:
+    """Start a server on its fixed port, trying again if it exits during start-up.
+
+    A restart must reuse the port the app was configured with, and while the server
+    was down any process on the machine may have used that (ephemeral-range) port
+    for an outgoing connection for a moment; the bind fails until it is closed.
+    """
+    for attempt in range(attempts):
+        try:
+            return start()
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
 class PrivateNats:
     """A nats-server (JetStream) of the test's own, restartable on the same port and store."""
 
@@ -199,7 +216,8 @@ class PrivateNats:
         self.url = f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> PrivateNats:
-        self.process, self.url = devstack.start_nats(self.dir, self.port, log_path=self.dir.parent / "nats.log")
+        self.process, self.url = _restartable(lambda: devstack.start_nats(
+            self.dir, self.port, log_path=self.dir.parent / "nats.log"))
         return self
 
     def stop(self) -> None:
@@ -219,7 +237,8 @@ class PrivatePostgres:
     def start(self) -> PrivatePostgres:
         from pgmeter.db.migrate import migrate
 
-        self.process, self.url = devstack.start_postgres(self.dir, self.port, log_path=self.dir.parent / "pg.log")
+        self.process, self.url = _restartable(lambda: devstack.start_postgres(
+            self.dir, self.port, log_path=self.dir.parent / "pg.log"))
         migrate(self.url)
         return self
 

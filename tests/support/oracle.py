@@ -6,8 +6,12 @@ arithmetic, straight from the OpenMeter API reference (sections 2.3 and 3). The
 oracle tests compare pgmeter's answers with these, query by query.
 
 Value rules, as pgmeter documents them (OpenMeter's, plus its recommended fixes):
-- numbers: a JSON number or a string that is a decimal float literal ("1e3"),
-  finite and within float64's range; everything else is skipped
+- numbers: a JSON number, or a string that Go's ``strconv.ParseFloat(s, 64)`` reads
+  without error as a finite value (OpenMeter parses values with it; reference §2.3);
+  everything else is skipped. That is Go's float literal syntax - decimal or hex
+  with a ``p`` exponent, ``_`` between digits, no spaces, any length - and a
+  magnitude that does not round past float64's largest value. The value itself is
+  the exact decimal the text spells (pgmeter sums exactly; Go would round to float64).
 - group-by values: a string, number or bool as text, else ""
 - UNIQUE_COUNT values: a string, number or bool as text; null, missing, objects
   and arrays are excluded
@@ -16,6 +20,7 @@ Value rules, as pgmeter documents them (OpenMeter's, plus its recommended fixes)
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -27,7 +32,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 FLOAT64_MAX = Decimal("1.7976931348623157e308")
-_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?$")
+# Go's float literals as strconv.ParseFloat reads them (readFloat + underscoreOK in
+# strconv/atof.go): digits may be separated by single underscores; a hex mantissa
+# may also start with one right after the prefix, and needs a binary exponent.
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_HEX_DIGITS = r"[0-9a-fA-F](?:_?[0-9a-fA-F])*"
+_GO_DECIMAL = re.compile(rf"[+-]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?\Z")
+_GO_HEX = re.compile(rf"[+-]?0[xX](?:_?{_HEX_DIGITS}(?:\.(?:{_HEX_DIGITS})?)?|\.{_HEX_DIGITS})[pP][+-]?{_DIGITS}\Z")
 _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']*)'\]")
 MINUTE = timedelta(minutes=1)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -65,11 +76,27 @@ def number(data: Any, path: str) -> Decimal | None:
         return None
     if isinstance(value, (int, float)):
         result = _decimal(value)
-    elif isinstance(value, str) and len(value) <= 1000 and _FLOAT_LITERAL.match(value):
-        result = Decimal(value)
+    elif isinstance(value, str):
+        return go_float(value)
     else:
         return None
     return result if abs(result) <= FLOAT64_MAX else None
+
+
+def go_float(text: str) -> Decimal | None:
+    """The exact value of ``text`` if ``strconv.ParseFloat(text, 64)`` reads it as a finite
+    number, else ``None``. Inf and NaN spellings parse in Go but are skipped all the same."""
+    plain = text.replace("_", "")
+    if _GO_DECIMAL.match(text):
+        # Go's ErrRange: the literal rounds past float64's largest value. Python's
+        # float() rounds correctly, as Go does; underflow is no error (it gives 0).
+        return None if math.isinf(float(plain)) else Decimal(plain)
+    if _GO_HEX.match(text):
+        try:
+            return Decimal(float.fromhex(plain))  # a hex literal rounds to float64 in Go too
+        except OverflowError:
+            return None
+    return None
 
 
 def _text(value: Any) -> str | None:

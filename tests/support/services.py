@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import psycopg
 from pytest_postgresql.executors.proc import PostgreSQLExecutor
 
 from pgmeter.devstack import binaries, services
-from pgmeter.devstack.process import ManagedProcess, free_port
+from pgmeter.devstack.process import ManagedProcess, free_port, wait_until
 
 
 @dataclass
@@ -91,23 +90,15 @@ def start_postgres(workdir: Path) -> PostgresServer:
         postgres_options="-c shared_buffers=256MB -c max_connections=300 -c fsync=off",
     )
     executor.start()
-    server = PostgresServer("127.0.0.1", port, "postgres", None, "postgres", executor)
-    _wait_accepting(server)
-    return server
+    # pg_ctl -w can return while the server still answers "the database system is
+    # starting up" (seen on a loaded machine): wait until it takes a connection.
+    wait_until(lambda: _accepts_connections(port), timeout=60, what="PostgreSQL")
+    return PostgresServer("127.0.0.1", port, "postgres", None, "postgres", executor)
 
 
-def _wait_accepting(server: PostgresServer, timeout: float = 60) -> None:
-    """Wait until the server takes connections: on a loaded machine the executor can
-    return while Postgres still answers "the database system is starting up"."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg.connect(server.url(server.maintenance_db), connect_timeout=5).close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def _accepts_connections(port: int) -> bool:
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=2):
+        return True
 
 
 @dataclass

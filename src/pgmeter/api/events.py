@@ -29,6 +29,7 @@ from pgmeter.ingest.limits import EventLimits
 from pgmeter.ingest.publisher import PublishUnavailable
 from pgmeter.ingest.publisher import of as publisher_of
 from pgmeter.ingest.wire import EventTooLarge
+from pgmeter.metric_labels import tenant
 
 RETRY_AFTER_SECONDS = "1"
 _ingested: dict[str, Counter] = {}
@@ -43,9 +44,10 @@ def event_limits(runtime: Any) -> EventLimits:
 
 
 def _ingested_counter(namespace: str) -> Counter:
-    counter = _ingested.get(namespace)
+    label = tenant(namespace)
+    counter = _ingested.get(label)
     if counter is None:
-        counter = _ingested[namespace] = metrics.EVENTS_INGESTED.labels(namespace)
+        counter = _ingested[label] = metrics.EVENTS_INGESTED.labels(label)
     return counter
 
 
@@ -154,7 +156,7 @@ async def list_events(request: Request) -> Response:
     if customers:
         # There are no customers in pgmeter yet, so every id is unknown (OpenMeter: 400).
         raise bad_request(f"customers not found in namespace {params.namespace}: {', '.join(customers)}")
-    items = await listing.list_events(request.app.state.runtime.pool, params)
+    items = await listing.list_events(request.app.state.runtime.api_pool, params)
     return JSONResponse(items)
 
 

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.problems import Problem, bad_request
+from pgmeter.entitlements.service import Refused, check_meter_change
 from pgmeter.meters import store
 from pgmeter.meters.model import Aggregation, MeterSpec, check_limits
 from pgmeter.query.engine import distinct_values
@@ -70,6 +71,11 @@ def meter_json(meter: store.Meter) -> dict[str, Any]:
     body["updatedAt"] = format_time(meter.updated_at)
     if meter.deleted_at is not None:
         body["deletedAt"] = format_time(meter.deleted_at)
+    if meter.failure is not None:
+        # pgmeter's extension, present only while the refresher sets the meter aside.
+        body["pgmeterState"] = {
+            "status": "failing", "reason": meter.failure.reason, "since": format_time(meter.failure.since),
+            "nextAttempt": format_time(meter.failure.next_attempt), "failures": meter.failure.failures}
     return body
 
 
@@ -122,7 +128,7 @@ def id_or_slug(request: Request) -> str:
 async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
     """The meter named in the path, or a 404 problem. ``active``: deleted is 404 too."""
     key = id_or_slug(request)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meter = await store.get(conn, namespace_of(request), key)
     if meter is None or (active and meter.deleted):
         raise Problem(404, f"meter not found: {key}")
@@ -179,7 +185,7 @@ async def list_meters(request: Request) -> Response:
         raise bad_request("includeDeleted must be true or false", parameter="includeDeleted")
     # page and pageSize are checked, then ignored: OpenMeter answers one unpaginated array.
     page_params(request)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
         meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
                                          descending=order == "DESC", include_deleted=include == "true")
     return JSONResponse([meter_json(meter) for meter in meters])
@@ -196,7 +202,7 @@ async def create_meter(request: Request) -> Response:
         raise problem
     runtime = runtime_of(request)
     namespace = namespace_of(request)
-    async with runtime.pool.acquire() as conn:
+    async with runtime.api_pool.acquire() as conn:
         try:
             meter = await store.create(conn, namespace, spec,
                                        max_meters=runtime.settings.limits.meters_per_namespace)
@@ -255,7 +261,8 @@ async def update_meter(request: Request) -> Response:
             metadata=update.metadata))
         if problem is not None:
             raise problem
-        async with runtime_of(request).pool.acquire() as conn:
+        async with runtime_of(request).api_pool.acquire() as conn:
+            await _features_allow(conn, meter, update.group_by or {})
             # OpenMeter's PUT: groupBy and metadata are replaced (absent clears them),
             # an absent name resets to the slug, an absent description is kept.
             updated = await store.update(
@@ -268,9 +275,18 @@ async def update_meter(request: Request) -> Response:
     return JSONResponse(meter_json(updated))
 
 
+async def _features_allow(conn: Any, meter: store.Meter, group_by: dict[str, str] | None) -> None:
+    """Deletion (``group_by`` None) or a groupBy edit: 409 while a feature relies on the meter."""
+    try:
+        await check_meter_change(conn, meter.id, group_by)
+    except Refused as exc:
+        raise Problem(exc.status, exc.detail) from None
+
+
 async def delete_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
-    async with runtime_of(request).pool.acquire() as conn:
+    async with runtime_of(request).api_pool.acquire() as conn:
+        await _features_allow(conn, meter, None)
         await store.delete(conn, meter)
     return Response(status_code=204)
 
@@ -288,7 +304,7 @@ async def _distinct(request: Request, meter: store.Meter, key: str | None, start
     runtime = runtime_of(request)
     max_rows = runtime.settings.limits.query_max_rows
     try:
-        return await distinct_values(runtime.pool, meter, key, start, end, max_rows=max_rows)
+        return await distinct_values(runtime.api_pool, meter, key, start, end, max_rows=max_rows)
     except TooManyRows as exc:
         raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None
 

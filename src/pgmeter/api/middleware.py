@@ -11,10 +11,11 @@ import os
 import time
 
 from prometheus_client import Histogram
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pgmeter.api.problems import problem_response
+from pgmeter.api.problems import problem_response, response_for
 from pgmeter.logs import request_id
 
 log = logging.getLogger("pgmeter.http")
@@ -110,10 +111,13 @@ class RequestContextMiddleware:
                     raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
             return message
 
+        response_started = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message = {**message, "headers": [*message.get("headers", ()), rid_header]}
             await send(message)
 
@@ -122,21 +126,34 @@ class RequestContextMiddleware:
         except BodyTooLarge as exc:
             status = 413
             await problem_response(413, str(exc))(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client left (or was cut off by the server's body deadline): nobody to answer.
+            status = 499
+        except Exception as exc:
+            # Answered here, inside the request context (the answer carries the request
+            # id) and without re-raising: Starlette's own last-resort handler re-raises,
+            # and the server then logged a second traceback.
+            # A response already under way (a streamed answer) can only be cut short.
+            response = response_for(exc, scope)
+            if not response_started:
+                await response(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = _cached_route_template(scope)
             _observe(scope["method"], route, status, elapsed)
             # Method, route template and status only: never the query string, headers
             # (tokens) or body (event payloads). Successes are debug: at ingest rates
-            # a line per request would drown everything else.
+            # a line per request would drown everything else. So are 503s: they mean a
+            # dependency is down, which pgmeter.dependencies logs once per outage (and
+            # the 500s' traceback is logged where they are caught).
             fields = {"method": scope["method"], "route": route, "status": status,
                       "duration_ms": round(elapsed * 1000, 2)}
-            if status >= 500:
-                log.error("request failed", extra=fields)
+            if status == 503 or (status < 400 and log.isEnabledFor(logging.DEBUG)):
+                log.debug("request served" if status < 400 else "request refused: unavailable", extra=fields)
+            elif status >= 500:
+                log.warning("request failed", extra=fields)
             elif status >= 400:
                 log.info("request refused", extra=fields)
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug("request served", extra=fields)
             request_id.reset(token)
 
 

@@ -272,11 +272,11 @@ async def _answer(request: Request, meter: Meter, params: QueryParams) -> Respon
         runtime = runtime_of(request)
         cache = runtime.extras["query_cache"]
         if wants_csv(request):
-            body = await cache.respond(runtime.pool, meter, params, "csv",
+            body = await cache.respond(runtime.api_pool, meter, params, "csv",
                                        lambda result: iter_csv(meter, params, result))
             return _response(body, "text/csv",
                              {"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
-        body = await cache.respond(runtime.pool, meter, params, "json",
+        body = await cache.respond(runtime.api_pool, meter, params, "json",
                                    lambda result: iter_json(params, result))
     except TooManyRows as exc:
         raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None

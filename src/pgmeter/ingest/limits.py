@@ -22,6 +22,8 @@ from datetime import timedelta
 from pgmeter.config import LimitsConfig, Settings
 
 DAY_MICROS = 86_400_000_000
+# The last microsecond Python (and so the api) can represent: 9999-12-31T23:59:59.999999Z.
+MAX_MICROS = 253_402_300_799_999_999
 
 # The CloudEvent fields with a byte limit (each stored in an indexed column).
 TEXT_FIELDS = ("id", "source", "type", "subject")
@@ -60,8 +62,10 @@ class EventLimits:
 
         The door computes it once per request and compares each event's time with two
         integer comparisons; :meth:`check_time` words the reason when one is outside.
+        Clamped to what :meth:`check_time` accepts whatever the window, so the door and
+        the sink never disagree (the sink would dead-letter what the door let through).
         """
-        return accepted_at - self.max_age_micros, accepted_at + self.max_ahead_micros
+        return max(1, accepted_at - self.max_age_micros), min(MAX_MICROS, accepted_at + self.max_ahead_micros)
 
     def byte_limit(self, field: str) -> int:
         return getattr(self, f"{field}_bytes")
@@ -83,7 +87,13 @@ class EventLimits:
         """The reason an event time is outside the accepted window, or ``None``.
 
         ``accepted_at`` is when the api took the request (microseconds since the epoch).
+        Whatever the window, a time must also be after the Unix epoch (OpenMeter's sink
+        drops earlier ones) and representable (at most 9999-12-31T23:59:59.999999Z).
         """
+        if micros <= 0:
+            return "is at or before 1970-01-01T00:00:00Z"
+        if micros > MAX_MICROS:
+            return "is after 9999-12-31T23:59:59.999999Z"
         if micros < accepted_at - self.max_age_micros:
             days = self.max_age_micros // DAY_MICROS
             return (f"is more than {days} days before the time it was received "

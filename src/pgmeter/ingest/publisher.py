@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -35,10 +36,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
 from pgmeter.config import Settings
+from pgmeter.dependencies import Dependency, describe
 from pgmeter.ingest import metrics, stream
 from pgmeter.ingest.cloudevents import EventTuple, now_micros
 from pgmeter.ingest.wire import ENVELOPE_BYTES, build_message, encode_chunks
-from pgmeter.runtime import Runtime
+from pgmeter.runtime import Runtime, nats_read_loop_alive
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ EXTRAS_KEY = "publisher"
 PUBLISH_TIMEOUT = 5.0
 # Messages in flight per api process; beyond it sealed messages queue for a slot.
 MAX_IN_FLIGHT = 64
+# Publishes that only time out for this long, on a connection that says it is up,
+# mean the connection is dead without knowing it (a peer gone silently, a client
+# that stopped reading): it is torn down and reconnected.
+STALE_AFTER = 10.0
 
 
 class PublishUnavailable(Exception):
@@ -79,10 +85,15 @@ class _Buffer:
 
 
 class Publisher:
-    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings,
+                 state: Dependency | None = None) -> None:
         self.nc = nc
         self.js = js
         self.settings = settings
+        # The ``nats`` dependency: an ack proves it up, a failure counts (and logs once).
+        self.state = state or Dependency("nats")
+        self._sending: dict[int, float] = {}  # id(buffer) -> when its publish started
+        self._timeouts_since: float | None = None  # first of the publish timeouts since the last ack
         self.linger = settings.ingest.linger.total_seconds()
         self.max_events = settings.ingest.max_batch_events
         self._buffers: dict[str, _Buffer] = {}
@@ -112,7 +123,8 @@ class Publisher:
         """Return once every fragment is stored in JetStream; raise :class:`PublishUnavailable` if not."""
         if not chunks:
             return
-        if self._closed or not self.nc.is_connected:
+        if self._closed or not self.nc.is_connected or not nats_read_loop_alive(self.nc):
+            self.state.failed("not connected")
             raise PublishUnavailable("the event broker (NATS) is not connected")
         request = _Request(asyncio.get_running_loop().create_future())
         budget = self.budget
@@ -166,19 +178,29 @@ class Publisher:
 
     async def _send(self, namespace: str, buffer: _Buffer) -> None:
         error: BaseException | None = None
+        key = id(buffer)
         try:
             async with self._slots:
                 payload = build_message(now_micros(), buffer.fragments)
+                self._sending[key] = time.monotonic()
                 await self.js.publish(stream.subject_for(self.settings.nats, namespace), payload,
                                       timeout=PUBLISH_TIMEOUT)
             metrics.PUBLISH_MESSAGES.inc()
             self.budget = self._budget()
+            self._timeouts_since = None
+            self.state.recovered()
         except NoStreamResponseError:
             # Nobody listens on the subject: the stream is gone (a broker without its store).
             error = PublishUnavailable("the event stream is missing; it is being recreated")
+            self.state.failed("the event stream is missing")
             self._resync()
         except (TimeoutError, nats.errors.Error, OSError) as exc:
-            error = PublishUnavailable(f"the event broker did not acknowledge: {type(exc).__name__} {exc}".strip())
+            # The reason names the kind only: a client error's text may carry the broker's address.
+            reason = describe(exc) if isinstance(exc, TimeoutError | OSError) else type(exc).__name__
+            error = PublishUnavailable(f"the event broker did not acknowledge ({reason})")
+            self.state.failed(f"publishes fail ({reason})")
+            if isinstance(exc, TimeoutError):
+                self._note_timeout()
         except asyncio.CancelledError:
             error = PublishUnavailable("the api is shutting down")
             raise
@@ -186,6 +208,7 @@ class Publisher:
             log.exception("publishing a batch failed")
             error = PublishUnavailable(f"publishing failed: {type(exc).__name__}")
         finally:
+            self._sending.pop(key, None)
             for request in buffer.requests:
                 request.in_flight -= 1
                 if error is not None:
@@ -198,6 +221,23 @@ class Publisher:
             if waiting is not None and not self._in_flight.get(namespace) and not self._closed:
                 # The broker is free again: what gathered meanwhile leaves now.
                 self._seal(namespace)
+
+    def stalled_for(self) -> float:
+        """How long the oldest publish in flight has waited for its ack (0 when none waits)."""
+        if not self._sending:
+            return 0.0
+        return time.monotonic() - min(self._sending.values())
+
+    def _note_timeout(self) -> None:
+        now = time.monotonic()
+        if self._timeouts_since is None:
+            self._timeouts_since = now
+        elif now - self._timeouts_since >= STALE_AFTER and self.nc.is_connected:
+            self._timeouts_since = None
+            log.warning("nats: no acks for %.0f s on a connection that looks up; reconnecting", STALE_AFTER)
+            task = asyncio.ensure_future(self.nc.force_reconnect())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _resync(self) -> None:
         if self._resync_task is None or self._resync_task.done():
@@ -220,7 +260,7 @@ class Publisher:
 
 
 async def start(runtime: Runtime) -> None:
-    publisher = Publisher(runtime.nats, runtime.js, runtime.settings)
+    publisher = Publisher(runtime.nats, runtime.js, runtime.settings, runtime.dependency("nats"))
     runtime.extras[EXTRAS_KEY] = publisher
     runtime.spawn("ingest-publisher", _close_on_shutdown(publisher))
 

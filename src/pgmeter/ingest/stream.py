@@ -23,7 +23,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
-from pgmeter.config import NatsConfig, SinkConfig
+from pgmeter.config import NatsConfig, SinkConfig, is_namespace
 from pgmeter.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,8 @@ def namespace_of_subject(nats: NatsConfig, subject: str) -> str | None:
     if not subject.startswith(prefix):
         return None
     namespace = subject[len(prefix):]
-    if not namespace or not all(c.isascii() and (c.isalnum() or c in "-_") for c in namespace):
-        return None
-    return namespace
+    # Only a subject our own api could have published names a namespace.
+    return namespace if is_namespace(namespace) else None
 
 
 def stream_config(nats: NatsConfig) -> StreamConfig:

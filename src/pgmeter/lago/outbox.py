@@ -34,40 +34,48 @@ async def first_event_time(conn: asyncpg.Connection, meter: Meter) -> datetime |
         meter.namespace, meter.event_type, meter.event_from)
 
 
-async def touched_windows(conn: asyncpg.Connection, meter: Meter, after_seq: int, upto_seq: int,
-                          before: datetime, window: str) -> list[tuple[str, datetime]]:
-    """(subject, window start) of events that arrived in (after_seq, upto_seq] for
-    windows that had already closed (start before ``before``)."""
+async def touched_hours(conn: asyncpg.Connection, meter: Meter, after_seq: int, upto_seq: int,
+                        before: datetime) -> list[tuple[str, datetime]]:
+    """(subject, UTC hour) of events that arrived in (after_seq, upto_seq] with times
+    before ``before``: the windows late events reached. Hours, not windows, because a
+    window's bounds depend on the subject's customer time zone (a +05:30 hour spans two
+    UTC hours, so each UTC hour maps to at most two windows)."""
     if upto_seq <= after_seq:
         return []
     rows = await conn.fetch(
         """
-        SELECT DISTINCT subject, date_trunc($6, time, 'UTC') AS window_start
+        SELECT DISTINCT subject, date_trunc('hour', time, 'UTC') AS hour
           FROM events
          WHERE seq > $1 AND seq <= $2 AND namespace = $3 AND type = $4 AND time < $5
-           AND time >= coalesce($7::timestamptz, '-infinity')
+           AND time >= coalesce($6::timestamptz, '-infinity')
         """,
-        after_seq, upto_seq, meter.namespace, meter.event_type, before, window.lower(), meter.event_from)
-    return [(row["subject"], row["window_start"]) for row in rows]
+        after_seq, upto_seq, meter.namespace, meter.event_type, before, meter.event_from)
+    return [(row["subject"], row["hour"]) for row in rows]
+
+
+PieceKey = tuple[str, datetime, str]  # subject, window start, Lago subscription record
 
 
 async def histories(conn: asyncpg.Connection, meter_key: str, code: str,
-                    keys: list[tuple[str, datetime]]) -> dict[tuple[str, datetime], list[Sent]]:
-    if not keys:
+                    windows: list[tuple[str, datetime]]) -> dict[PieceKey, list[Sent]]:
+    """Every outbox row of the given (subject, window start)s, by piece."""
+    if not windows:
         return {}
     rows = await conn.fetch(
         """
-        SELECT o.subject, o.window_start, o.revision, o.value, o.window_value, o.status = 'failed' AS failed
+        SELECT o.subject, o.window_start, o.lago_subscription_id, o.revision, o.value, o.window_value,
+               o.status, o.external_subscription_id, o.timestamp, o.window_end
           FROM lago_outbox o
-          JOIN unnest($3::text[], $4::timestamptz[]) AS k(subject, window_start)
+          JOIN (SELECT DISTINCT * FROM unnest($3::text[], $4::timestamptz[])) AS k(subject, window_start)
             ON o.subject = k.subject AND o.window_start = k.window_start
          WHERE o.meter_key = $1 AND o.code = $2
         """,
-        meter_key, code, [k[0] for k in keys], [k[1] for k in keys])
-    found: dict[tuple[str, datetime], list[Sent]] = defaultdict(list)
+        meter_key, code, [k[0] for k in windows], [k[1] for k in windows])
+    found: dict[PieceKey, list[Sent]] = defaultdict(list)
     for row in rows:
-        found[(row["subject"], row["window_start"])].append(
-            Sent(row["revision"], row["value"], row["window_value"], row["failed"]))
+        found[(row["subject"], row["window_start"], row["lago_subscription_id"])].append(
+            Sent(row["revision"], row["value"], row["window_value"], row["status"],
+                 row["external_subscription_id"], row["timestamp"], row["window_end"]))
     return found
 
 
@@ -77,19 +85,24 @@ async def add(conn: asyncpg.Connection, items: list[Item]) -> None:
     await conn.executemany(
         """
         INSERT INTO lago_outbox (transaction_id, meter_key, code, subject, external_subscription_id,
-                                 window_start, window_end, revision, value, window_value, timestamp, property)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-        ON CONFLICT (transaction_id) DO NOTHING
+                                 lago_subscription_id, window_start, window_end, revision, part, value,
+                                 window_value, timestamp, property, status, last_error)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+        ON CONFLICT (transaction_id) DO UPDATE
+           SET value = excluded.value, window_value = excluded.window_value, last_error = excluded.last_error,
+               created_at = now()
+         WHERE lago_outbox.status = 'refused' AND excluded.status = 'refused'
         """,
-        [(i.transaction_id, i.meter_key, i.code, i.subject, i.external_subscription_id, i.window_start,
-          i.window_end, i.revision, i.value, i.window_value, i.timestamp, i.property) for i in items])
+        [(i.transaction_id, i.meter_key, i.code, i.subject, i.external_subscription_id, i.lago_subscription_id,
+          i.window_start, i.window_end, i.revision, i.part, i.value, i.window_value, i.timestamp, i.property,
+          i.status, i.reason) for i in items])
 
 
 async def pending(conn: asyncpg.Connection) -> list[Item]:
     rows = await conn.fetch(
         """
-        SELECT transaction_id, meter_key, code, subject, external_subscription_id, window_start, window_end,
-               revision, value, window_value, timestamp, property
+        SELECT transaction_id, meter_key, code, subject, external_subscription_id, lago_subscription_id,
+               window_start, window_end, revision, part, value, window_value, timestamp, property
           FROM lago_outbox WHERE status = 'pending' ORDER BY created_at, transaction_id
         """)
     return [Item(**dict(row)) for row in rows]
@@ -120,9 +133,50 @@ async def status_counts(conn: asyncpg.Connection) -> dict[str, int]:
     return {row["status"]: row["n"] for row in rows}
 
 
-async def failed_items(conn: asyncpg.Connection, limit: int = 100) -> list[asyncpg.Record]:
+async def problem_items(conn: asyncpg.Connection, status: str, limit: int = 100) -> list[asyncpg.Record]:
+    """The newest rows Lago rejected ('failed') or pgmeter would not send ('refused')."""
     return await conn.fetch(
-        "SELECT transaction_id, code, subject, window_start, value, attempts, last_error "
-        "FROM lago_outbox WHERE status = 'failed' ORDER BY created_at DESC LIMIT $1", limit)
+        "SELECT transaction_id, code, subject, external_subscription_id, window_start, value, attempts, last_error "
+        "FROM lago_outbox WHERE status = $1 ORDER BY created_at DESC, transaction_id LIMIT $2", status, limit)
 
 
+async def recent_subscriptions(conn: asyncpg.Connection, since: datetime) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT external_subscription_id FROM lago_outbox WHERE window_start >= $1 "
+        "AND external_subscription_id <> ''", since)
+    return [row["external_subscription_id"] for row in rows]
+
+
+async def refused_windows(conn: asyncpg.Connection, meter_key: str, code: str,
+                          since: datetime) -> list[asyncpg.Record]:
+    """(subject, external_subscription_id, window_start) of usage refused for want of an
+    active subscription since ``since``: re-read when the subscription appears or the
+    subject's mapping changes."""
+    return await conn.fetch(
+        "SELECT DISTINCT subject, external_subscription_id, window_start FROM lago_outbox "
+        "WHERE meter_key = $1 AND code = $2 AND status = 'refused' AND lago_subscription_id = '' "
+        "AND window_start >= $3", meter_key, code, since)
+
+
+async def save_mapping_status(conn: asyncpg.Connection, meter_key: str, code: str, refused: str | None) -> None:
+    await conn.execute(
+        """
+        INSERT INTO lago_mapping_status (meter_key, code, refused) VALUES ($1, $2, $3)
+        ON CONFLICT (meter_key, code) DO UPDATE SET refused = excluded.refused, checked_at = now()
+        """,
+        meter_key, code, refused)
+
+
+async def forget_other_mappings(conn: asyncpg.Connection, configured: list[tuple[str, str]]) -> None:
+    """Drop the check results of mappings no longer configured (a removed mapping is
+    not refused any more)."""
+    await conn.execute(
+        "DELETE FROM lago_mapping_status WHERE (meter_key, code) NOT IN "
+        "(SELECT * FROM unnest($1::text[], $2::text[]))",
+        [key for key, _ in configured], [code for _, code in configured])
+
+
+async def refused_mappings(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT meter_key, code, refused, checked_at FROM lago_mapping_status WHERE refused IS NOT NULL "
+        "ORDER BY meter_key, code")

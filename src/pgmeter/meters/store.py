@@ -33,6 +33,17 @@ class TooManyMeters(Exception):
 
 
 @dataclass(frozen=True)
+class Failure:
+    """The refresher set this meter aside after its merge failed (see
+    pgmeter.rollup.refresher); its data is still exact, served from raw events."""
+
+    reason: str
+    since: datetime
+    next_attempt: datetime
+    failures: int
+
+
+@dataclass(frozen=True)
 class Meter:
     id: str
     namespace: str
@@ -49,6 +60,7 @@ class Meter:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    failure: Failure | None = None
 
     @property
     def deleted(self) -> bool:
@@ -67,7 +79,10 @@ class Meter:
 
 _COLUMNS = ("id, namespace, slug, name, description, aggregation, event_type, event_from, value_property, "
             "group_by::text AS group_by, metadata::text AS metadata, annotations::text AS annotations, "
-            "created_at, updated_at, deleted_at")
+            "created_at, updated_at, deleted_at, "
+            "(SELECT json_build_object('reason', r.failure_reason, 'since', r.failing_since, "
+            "'next_attempt', r.next_attempt, 'failures', r.failures)::text "
+            "FROM meter_rollups r WHERE r.meter_id = meters.id AND r.failures > 0) AS failure")
 
 # orderBy values of GET /api/v1/meters and the columns they sort by ("key" is the slug).
 ORDER_COLUMNS = {"key": "slug", "name": "name", "aggregation": "aggregation",
@@ -96,8 +111,16 @@ def _meter(row: asyncpg.Record) -> Meter:
         event_type=row["event_type"], event_from=_event_from(row["event_from"]), value_property=row["value_property"],
         group_by=_json(row["group_by"]) or {}, metadata=_json(row["metadata"]),
         annotations=_json(row["annotations"]), created_at=row["created_at"],
-        updated_at=row["updated_at"], deleted_at=row["deleted_at"],
+        updated_at=row["updated_at"], deleted_at=row["deleted_at"], failure=_failure(row["failure"]),
     )
+
+
+def _failure(text: str | None) -> Failure | None:
+    if text is None:
+        return None
+    found = json.loads(text)
+    return Failure(reason=found["reason"], since=datetime.fromisoformat(found["since"]),
+                   next_attempt=datetime.fromisoformat(found["next_attempt"]), failures=found["failures"])
 
 
 async def get_by_id(conn: asyncpg.Connection, namespace: str, meter_id: str) -> Meter | None:

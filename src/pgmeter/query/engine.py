@@ -28,6 +28,7 @@ from prometheus_client import Histogram
 from psycopg import sql
 
 from pgmeter.meters.store import Meter
+from pgmeter.metric_labels import tenant
 from pgmeter.query import filters as string_filters
 from pgmeter.query.params import (
     QueryError,
@@ -139,7 +140,7 @@ async def run_query(db: Db, meter: Meter, params: QueryParams, *, max_rows: int 
                 raise
         raise AssertionError("unreachable")
     finally:
-        QUERY_LATENCY.labels(meter.slug).observe(time.perf_counter() - started)
+        QUERY_LATENCY.labels(tenant(meter.slug)).observe(time.perf_counter() - started)
 
 
 async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_rows: int | None) -> QueryResult:
@@ -252,14 +253,24 @@ class _Statement:
         return ", ".join(prefix + column for column in columns)
 
     def filters(self, prefix: str) -> list[str]:
+        """Subject and group-value filters; on rollup rows (``hashed``) also by the
+        texts' md5, which the rollup's unique index holds (the text comparison
+        stays: it is what makes the answer exact)."""
+        hashed = prefix == "r."
         conditions = []
-        if self.subject_filter:
-            conditions.append(f"{prefix}subject = ANY({self.subject_filter})")
-        for column, placeholder in self.group_filters.items():
+        filters = ([("subject", self.subject_filter)] if self.subject_filter else []) + list(self.group_filters.items())
+        for column, placeholder in filters:
+            if hashed:
+                conditions.append(f"{objects.text_key(prefix + column)} = ANY({self.hashes(placeholder)})")
             conditions.append(f"{prefix}{column} = ANY({placeholder})")
         for column, condition in self.advanced_filters.items():
             conditions.append(condition.replace(self._COLUMN, prefix + column))
         return conditions
+
+    def hashes(self, placeholder: str) -> str:
+        """The md5 keys of a text[] parameter, computed once per statement (an
+        InitPlan), so the index can be searched for them."""
+        return f"ARRAY(SELECT md5(v)::uuid FROM unnest({placeholder}) v)"
 
     def time_range(self, column: str, lo: datetime | None, hi: datetime | None) -> list[str]:
         conditions = []

@@ -62,6 +62,7 @@ def _render(rollup: Rollup) -> str:
         group_values=objects.group_values(group_paths),
         event_values=objects.event_values(state, rollup.unique, value_path),
         group_key=group_key,
+        key=objects.unique_key(len(rollup.group_keys)),
         event_state=objects.event_state(state),
         unique_value=", u" if rollup.unique else "",
         combine=objects.combine(state),

@@ -135,6 +135,21 @@ def group_values(paths: list[sql.Composable], source: str = "data") -> sql.Compo
     ])
 
 
+def text_key(column: str) -> str:
+    """A text key as the unique indexes hold it: its md5 as a uuid (16 bytes).
+
+    The index holds hashes, never the texts: a subject or group value may be any
+    length (a btree entry over ~2.7 KB fails), and the texts stay whole in the row.
+    """
+    return f"(md5({column})::uuid)"
+
+
+def unique_key(count: int) -> str:
+    """The rollup tables' unique index (and ON CONFLICT target): ``(md5(subject)::uuid),
+    bucket, (md5(g1)::uuid), ...``, in the order of the former primary key on the texts."""
+    return ", ".join([text_key("subject"), "bucket", *(text_key(f"g{i + 1}") for i in range(count))])
+
+
 def group_key(count: int, prefix: str = "") -> str:
     """``, g1, g2`` (optionally qualified, ``, p.g1``)."""
     return "".join(f", {prefix}g{i + 1}" for i in range(count))
@@ -188,14 +203,14 @@ def _ddl(rollup: Rollup) -> list[str]:
     state_columns = "".join(f", {name} {kind}" for name, kind in state.columns)
     statements = [templates.render(
         "rollup_tables", m1=rollup.table("m1"), q15=rollup.table("q15"), d1=rollup.table("d1"),
-        group_columns=group_columns, group_key=group_key(n), state_columns=state_columns)]
+        group_columns=group_columns, key=unique_key(n), state_columns=state_columns)]
     if rollup.subject_levels:
         statements.append(templates.render(
             "subject_levels", q15s=rollup.table("q15s"), d1s=rollup.table("d1s"), state_columns=state_columns))
     if rollup.unique:
         statements.append(templates.render(
             "unique_sets", um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1"),
-            group_columns=group_columns, group_key=group_key(n)))
+            group_columns=group_columns, key=unique_key(n)))
     statements.append(_view_ddl(rollup))
     return statements
 

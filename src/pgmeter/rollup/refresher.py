@@ -12,6 +12,20 @@ late events are just new seqs that land in their old buckets.
 A new meter starts at ``last_seq = 0`` and is backfilled batch by batch, taking
 turns with the other meters; progress is logged. Queries stay exact meanwhile
 because they add every event not merged yet.
+
+Cost follows the events, not the meters: before claiming, one statement reads the
+(namespace, type) pairs of the new events (at most ``maxBatch`` of them) and moves
+every meter with nothing of its pair in its range straight to W, without running
+its merge. A namespace with hundreds of meters and one new event costs one merge.
+
+Isolation: a merge that fails for a reason of its own (its data, its tables, a
+lock on them: anything but the connection or the server) is rolled back to a
+savepoint, and the meter is set aside with exponential backoff (5 s doubling to
+10 min), its reason, first failure and next attempt recorded in its progress row
+(shown by the meters API as ``pgmeterState``, counted by
+``pgmeter_refresher_meters_failing``). Every other meter keeps merging in the same
+cycle; the failing one resumes from its own ``last_seq``, so once the cause is gone
+it catches up exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import asyncpg
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import Counter, Gauge
 
+from pgmeter.metric_labels import tenant
 from pgmeter.rollup.merge import merge_range
 from pgmeter.rollup.objects import Rollup
 from pgmeter.rollup.watermark import LOCK_TIMEOUT_MS, WRITER_WAIT_S, WritersBusy, wait_out_writers
@@ -40,9 +55,30 @@ LAG_SECONDS = Gauge("pgmeter_refresher_lag_seconds",
                     "Age of the oldest event not merged yet by the meter furthest behind")
 EVENTS_MERGED = Counter("pgmeter_meter_events_merged_total", "Events merged into a meter's rollup",
                         ["meter"])
+METERS_FAILING = Gauge("pgmeter_refresher_meters_failing",
+                       "Meters whose last merge failed, set aside with backoff (reason in the meters API)")
+MERGE_FAILURES = Counter("pgmeter_refresher_merge_failures_total", "Meter merges that failed and were rolled back")
+IDLE_ADVANCES = Counter("pgmeter_refresher_idle_advances_total",
+                        "Meters moved to the watermark without a merge (no new event of their type)")
 
 PROGRESS_EVERY = 5.0  # seconds between backfill progress lines per meter
 MERGE_WORK_MEM = "64MB"
+# A merge waits at most this long for a lock on its tables (someone holding one by
+# hand, a long DDL): then it fails, and only its meter waits, not the cycle.
+MERGE_LOCK_TIMEOUT_MS = 5000
+# A failing meter is retried after 5 s, then 10 s, 20 s ... at most 10 minutes.
+BACKOFF_MIN_S = 5.0
+BACKOFF_MAX_S = 600.0
+REASON_CHARS = 1000  # of the error text kept as the meter's failure reason
+
+# SQLSTATEs that are the connection's or the server's fault, never one meter's:
+# 08 connection, 53100 disk full, 53300 too many connections, 53400 configuration
+# limit, 57P operator intervention (shutdown; 57014 query_canceled is a statement
+# timeout and stays the meter's), 58 system error. These abort the cycle, which the
+# next one retries. Out of memory (53200) stays the meter's: one meter's huge
+# values can cause it, and setting every meter aside for a while is better than
+# one meter stopping all of them.
+_NOT_THE_METERS = ("08", "53100", "53300", "53400", "57P", "58")
 
 
 @dataclass
@@ -52,41 +88,111 @@ class Batch:
     lo: int
     hi: int
     events: int
+    failure: str | None = None  # the error, when the merge failed and the meter was set aside
 
 
 @dataclass
 class CycleReport:
     watermark: int
     batches: list[Batch] = field(default_factory=list)
+    advanced: int = 0  # meters moved to the watermark without a merge (nothing of their type)
+
+    @property
+    def failures(self) -> list[Batch]:
+        return [batch for batch in self.batches if batch.failure is not None]
 
     @property
     def events(self) -> int:
         return sum(batch.events for batch in self.batches)
 
 
-# The least recently merged meter behind the watermark that no one else is merging.
+# The least recently merged meter behind the watermark that no one else is merging
+# and that is not set aside after a failure.
 _CLAIM = """
     SELECT r.meter_id, r.version, r.namespace, r.event_type, r.aggregation, r.event_from,
            r.value_path, r.group_keys, r.group_paths::text AS group_paths, r.view_name,
-           r.last_seq, m.slug
+           r.last_seq, r.failures, m.slug
       FROM meter_rollups r
       JOIN meters m ON m.id = r.meter_id
      WHERE r.last_seq < $1
+       AND (r.next_attempt IS NULL OR r.next_attempt <= now())
      ORDER BY r.merged_at NULLS FIRST, r.meter_id
      LIMIT 1
        FOR UPDATE OF r SKIP LOCKED
 """
+
+# Meters with nothing to merge, moved to the watermark $1 in one statement. The
+# candidates are the meters behind $1 by at most $2 (maxBatch) events that are not
+# failing (only a merge clears a failure); "seen" is the last seq per (namespace,
+# type) among the events in (lo, $1], lo the lowest candidate last_seq, so this
+# reads no more than one merge batch would, and in the steady state only the new
+# events. A candidate with no event of its pair after its last_seq has nothing to
+# merge. Rows another refresher is merging are skipped, and a row that changed
+# meanwhile is re-checked under the lock.
+_ADVANCE_IDLE = """
+WITH span AS (
+    SELECT min(last_seq) AS lo
+      FROM meter_rollups
+     WHERE last_seq < $1::bigint AND last_seq >= $1::bigint - $2::bigint AND failures = 0
+),
+seen AS (
+    SELECT namespace, type, max(seq) AS last
+      FROM events
+     WHERE seq > (SELECT lo FROM span) AND seq <= $1
+     GROUP BY namespace, type
+),
+idle AS (
+    SELECT r.meter_id
+      FROM meter_rollups r
+     WHERE r.last_seq < $1 AND r.last_seq >= (SELECT lo FROM span) AND r.failures = 0
+       -- A scalar subquery, not NOT EXISTS: as an expression on r it is evaluated
+       -- again on the newest row version when the lock finds one (a concurrent
+       -- merge, or a rebuild that reset last_seq), which an anti-join may not be.
+       AND coalesce((SELECT s.last FROM seen s WHERE s.namespace = r.namespace AND s.type = r.event_type),
+                    0) <= r.last_seq
+       FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE meter_rollups r
+   SET last_seq = $1, merged_at = now()
+  FROM idle
+ WHERE r.meter_id = idle.meter_id
+"""
+
+# A failed merge: set the meter aside with backoff ($3, $4: min and max seconds).
+_SET_ASIDE = """
+UPDATE meter_rollups
+   SET failures = failures + 1,
+       failure_reason = $2,
+       failing_since = coalesce(failing_since, now()),
+       next_attempt = now() + make_interval(secs => least($4::float8, $3::float8 * power(2, failures))),
+       merged_at = now()
+ WHERE meter_id = $1
+RETURNING failures, next_attempt
+"""
+
+
+def blames_meter(exc: BaseException) -> bool:
+    """Whether a failed merge is its meter's problem (set it aside) rather than the
+    connection's or the server's (abort the cycle and retry)."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return not sqlstate.startswith(_NOT_THE_METERS)
 
 
 class Refresher:
     """Merges new events into every meter's rollup. Safe to run in several processes."""
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int, lock_timeout_ms: int = LOCK_TIMEOUT_MS,
-                 writer_wait_s: float = WRITER_WAIT_S) -> None:
+                 writer_wait_s: float = WRITER_WAIT_S, merge_lock_timeout_ms: int = MERGE_LOCK_TIMEOUT_MS,
+                 backoff_min_s: float = BACKOFF_MIN_S, backoff_max_s: float = BACKOFF_MAX_S) -> None:
         self.pool = pool
         self.max_batch = max_batch
         self.lock_timeout_ms = lock_timeout_ms
         self.writer_wait_s = writer_wait_s
+        self.merge_lock_timeout_ms = merge_lock_timeout_ms
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
         self.watermark = 0  # every seq <= watermark is committed; only ever grows
         self._progress_logged: dict[str, float] = {}
 
@@ -100,8 +206,22 @@ class Refresher:
                 log.info("refresher waits for a long writer", extra={"reason": str(exc)})
         return self.watermark
 
+    async def advance_idle(self) -> int:
+        """Move every meter with no new event of its (namespace, type) to the
+        watermark without merging; returns how many moved."""
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(_ADVANCE_IDLE, self.watermark, self.max_batch)
+        advanced = int(status.split()[-1])
+        IDLE_ADVANCES.inc(advanced)
+        return advanced
+
     async def merge_batch(self) -> Batch | None:
-        """Claim one meter behind the watermark and merge one batch; None if none is."""
+        """Claim one meter behind the watermark and merge one batch; None if none is.
+
+        A merge that fails for a reason of its meter's is rolled back to a savepoint
+        and the meter set aside (the returned batch carries the failure); the claim
+        and the failure record commit, the cycle goes on with the other meters.
+        """
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 row = await conn.fetchrow(_CLAIM, self.watermark)
@@ -112,16 +232,39 @@ class Refresher:
                 # compile the merge anew for every batch: more cost than it saves.
                 await conn.execute(f"SET LOCAL work_mem = '{MERGE_WORK_MEM}'")
                 await conn.execute("SET LOCAL jit = off")
+                await conn.execute(f"SET LOCAL lock_timeout = {int(self.merge_lock_timeout_ms)}")
                 rollup = Rollup.from_row(row)
                 lo = rollup.last_seq
                 hi = min(self.watermark, lo + self.max_batch)
-                events = await merge_range(conn, rollup, lo, hi)
-                await conn.execute("UPDATE meter_rollups SET last_seq = $2, merged_at = now() "
-                                   "WHERE meter_id = $1", rollup.meter_id, hi)
+                try:
+                    async with conn.transaction():  # a savepoint: a failure undoes the merge only
+                        events = await merge_range(conn, rollup, lo, hi)
+                except asyncpg.PostgresError as exc:
+                    if not blames_meter(exc):
+                        raise
+                    return await self._set_aside(conn, rollup, row["slug"], lo, hi, exc)
+                await conn.execute(
+                    "UPDATE meter_rollups SET last_seq = $2, merged_at = now(), failures = 0, "
+                    "failure_reason = NULL, failing_since = NULL, next_attempt = NULL "
+                    "WHERE meter_id = $1", rollup.meter_id, hi)
         batch = Batch(rollup.meter_id, row["slug"], lo, hi, events)
-        EVENTS_MERGED.labels(batch.slug).inc(events)
+        EVENTS_MERGED.labels(tenant(batch.slug)).inc(events)
+        if row["failures"]:
+            log.info("meter merges again", extra={"meter": batch.slug, "namespace": rollup.namespace,
+                                                  "failures": row["failures"]})
         self._log_progress(batch)
         return batch
+
+    async def _set_aside(self, conn: asyncpg.Connection, rollup: Rollup, slug: str, lo: int, hi: int,
+                         exc: asyncpg.PostgresError) -> Batch:
+        reason = f"{type(exc).__name__} ({exc.sqlstate}): {exc}"[:REASON_CHARS]
+        failed = await conn.fetchrow(_SET_ASIDE, rollup.meter_id, reason, self.backoff_min_s, self.backoff_max_s)
+        MERGE_FAILURES.inc()
+        # The meter is named in the log, not in a metric label (label sets stay bounded).
+        log.warning("meter merge failed; meter set aside", extra={
+            "meter": slug, "namespace": rollup.namespace, "meter_id": rollup.meter_id, "seq": lo,
+            "reason": reason, "failures": failed["failures"], "next_attempt": failed["next_attempt"].isoformat()})
+        return Batch(rollup.meter_id, slug, lo, hi, 0, failure=reason)
 
     def _log_progress(self, batch: Batch) -> None:
         if batch.hi >= self.watermark:
@@ -136,10 +279,16 @@ class Refresher:
                 "percent": round(100 * batch.hi / max(self.watermark, 1), 1)})
 
     async def run_cycle(self) -> CycleReport:
-        """Merge every meter up to a fresh watermark."""
+        """Merge every meter up to a fresh watermark (failing meters are set aside)."""
         report = CycleReport(await self.advance_watermark())
+        report.advanced = await self.advance_idle()
+        failed: set[str] = set()
         while (batch := await self.merge_batch()) is not None:
             report.batches.append(batch)
+            if batch.failure is not None:
+                if batch.meter_id in failed:
+                    break  # due again already (a backoff of ~0): leave it to the next cycle
+                failed.add(batch.meter_id)
         await self.update_lag()
         return report
 
@@ -147,7 +296,9 @@ class Refresher:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT (SELECT min(last_seq) FROM meter_rollups) AS behind, "
+                "(SELECT count(*) FROM meter_rollups WHERE failures > 0) AS failing, "
                 "pg_sequence_last_value('events_seq') AS head")
+            METERS_FAILING.set(row["failing"])
             behind, head = row["behind"], row["head"] or 0
             if behind is None or head <= behind:
                 LAG_EVENTS.set(0)

@@ -16,18 +16,28 @@ different cores instead of waiting for each other. A batch that shares an event 
 with an earlier batch still being written waits for it, so within a sink the first
 copy by stream order always wins, as with a single writer.
 
-Failures: Postgres unavailable -> the same batch is retried with capped backoff,
-its messages kept alive with in-progress acks (no naks, no redelivery storm);
-a batch Postgres rejects for its content -> written message by message, then
-event by event, and whatever still fails is dead-lettered, so nothing blocks the
-stream; NATS restarting -> nats-py reconnects, the fetcher rebinds and, if the
-broker lost the stream or consumer, recreates them.
+Failures: Postgres unavailable -> the same batch is retried with capped backoff
+(connection and server errors only); a batch Postgres rejects for its content
+(SQLSTATE classes 22, 23, 54, or an encoding error) -> split in halves until the
+offending events are alone, and those are dead-lettered with the reason while the
+rest commits, so nothing blocks the stream; NATS restarting -> nats-py reconnects,
+the fetcher rebinds and, if the broker lost the stream or consumer, recreates them.
+
+Every message the sink holds (queued or being written) is kept alive with an
+in-progress ack every third of ``nats.ackWait``, so a short ackWait (5 s by default)
+redelivers only the messages of a sink that died: failover takes seconds, never
+the time a slow transaction takes.
+
+What the sink stores is judged again here, whoever published it: the subject must
+name a valid namespace, the message's ``at`` must be close to when the broker stored
+it, and every event must meet :mod:`pgmeter.ingest.limits` (field byte lengths, time
+window around ``at``); anything else is dead-lettered with the reason the api would
+have given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import deque
@@ -42,6 +52,8 @@ from nats.aio.msg import Msg
 from pgmeter.config import Settings
 from pgmeter.ingest import metrics, stream, wire
 from pgmeter.ingest.cloudevents import EventTuple
+from pgmeter.ingest.limits import EventLimits
+from pgmeter.metric_labels import tenant
 from pgmeter.runtime import Runtime
 from pgmeter.sink import partitions, store
 from pgmeter.sink.store import DeadLetter, Outcome
@@ -62,8 +74,11 @@ CONNECT_TIMEOUT = 5.0
 # lost connection (dropped, retried), so a black-holed Postgres cannot hang the sink.
 COMMAND_TIMEOUT = 120.0
 WRITERS = 2
-# The last microsecond Python (and so the api) can represent: 9999-12-31T23:59:59.999999Z.
-MAX_MICROS = 253_402_300_799_999_999
+# How far a message's "at" (the api's clock when it accepted the events) may be from
+# the moment the broker stored the message (the broker's clock): clock skew between
+# hosts plus the publish itself. A message further off did not come from our api, and
+# its events' times could not be judged against it.
+MAX_AT_SKEW_MICROS = 3_600_000_000
 
 
 @dataclass
@@ -86,7 +101,7 @@ class Pending:
         return max(1, len(self.records) + len(self.dead))
 
 
-def parse(msg: Msg, settings: Settings, horizon_day: int | None) -> Pending:
+def parse(msg: Msg, settings: Settings, limits: EventLimits) -> Pending:
     """Decode a message into records to store and dead letters, never raising."""
     meta = msg.metadata
     seq = meta.sequence.stream
@@ -95,32 +110,28 @@ def parse(msg: Msg, settings: Settings, horizon_day: int | None) -> Pending:
     dead = pending.dead
     namespace = stream.namespace_of_subject(settings.nats, subject)
     if namespace is None:
-        dead.append(DeadLetter(seq, -1, subject, f"subject {subject!r} does not name a namespace", msg.data))
+        dead.append(DeadLetter(seq, -1, subject, f"subject {subject!r} does not name a valid namespace", msg.data))
         return pending
     try:
         ingested_at, events = wire.decode_envelope(msg.data)
     except wire.BadMessage as exc:
         dead.append(DeadLetter(seq, -1, subject, str(exc), msg.data))
         return pending
+    if abs(ingested_at - int(pending.stored_at * 1_000_000)) > MAX_AT_SKEW_MICROS:
+        dead.append(DeadLetter(seq, -1, subject, 'message time "at" is more than an hour away from when the '
+                                                 "broker stored the message", msg.data))
+        return pending
     keys, records, indexes, days = pending.keys, pending.records, pending.indexes, pending.days
-    md5 = hashlib.md5
     quick_check = wire.quick_check
     day_micros = partitions.DAY_MICROS
-    oldest = -1 if horizon_day is None else horizon_day * day_micros
     for index, event in enumerate(events):
         reason = quick_check(event)
         if reason is None:
             event_id, source, event_type, event_subject, micros, data = event
-            if micros <= 0:
-                # OpenMeter's sink drops these silently; we keep them visible.
-                reason = "event time is at or before 1970-01-01T00:00:00Z"
-            elif micros < oldest:
-                reason = "event time is older than the raw-event retention (sink.retentionDays)"
-            elif micros > MAX_MICROS:
-                reason = "event time is after 9999-12-31"
-            else:
+            reason = _beyond_limits(limits, event, ingested_at)
+            if reason is None:
                 try:
-                    key = md5(f"{namespace}\x00{source}\x00{event_id}".encode()).hexdigest()
+                    key = store.dedup_key(namespace, source, event_id)
                 except UnicodeEncodeError:
                     reason = "id or source contains an unpaired UTF-16 surrogate"
                 else:
@@ -132,6 +143,16 @@ def parse(msg: Msg, settings: Settings, horizon_day: int | None) -> Pending:
                     continue
         dead.append(DeadLetter(seq, index, subject, reason, wire.item_payload(event)))
     return pending
+
+
+def _beyond_limits(limits: EventLimits, event: list[Any], accepted_at: int) -> str | None:
+    """The limit a structurally sound event breaks, worded as the api words it, or ``None``."""
+    for name, value in zip(("id", "source", "type", "subject"), event, strict=False):
+        problem = limits.check_text(name, value)
+        if problem is not None:
+            return f"{name} {problem}"
+    problem = limits.check_time(event[4], accepted_at)
+    return None if problem is None else f"time {problem}"
 
 
 @dataclass(eq=False)
@@ -171,7 +192,7 @@ class Sink:
         self.partitions = partitions.PartitionMap()
         self._events_per_message = 100.0  # running average, sizes the next fetch
         self._subscription: Any = None
-        self._last_keepalive = 0.0
+        self.limits = EventLimits.of(self.settings)
         # Events older than this at commit bump the query cache's epoch (query/cache.py).
         self.late_margin = self.settings.valkey.late_margin
 
@@ -226,9 +247,8 @@ class Sink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
-            horizon = partitions.retention_horizon_day(self.settings.sink.retention_days)
             for message in messages:
-                pending = parse(message, self.settings, horizon)
+                pending = parse(message, self.settings, self.limits)
                 self.queue.append(pending)
                 self.buffered += pending.weight
                 self._events_per_message = 0.9 * self._events_per_message + 0.1 * pending.weight
@@ -311,9 +331,9 @@ class Sink:
                 except Exception as exc:  # the broker will redeliver; dedup makes that harmless
                     log.debug("ack failed", extra={"error": repr(exc)})
             for namespace, count in outcome.stored.items():
-                metrics.EVENTS_PROCESSED.labels(namespace).inc(count)
+                metrics.EVENTS_PROCESSED.labels(tenant(namespace)).inc(count)
             for namespace, count in outcome.duplicates.items():
-                metrics.EVENTS_DUPLICATE.labels(namespace).inc(count)
+                metrics.EVENTS_DUPLICATE.labels(tenant(namespace)).inc(count)
             if outcome.dead_letters:
                 metrics.DEAD_LETTERS.inc(outcome.dead_letters)
                 log.warning("dead-lettered events", extra={"count": outcome.dead_letters})
@@ -353,7 +373,6 @@ class Sink:
                 log.warning("sink write failed; will retry", extra={"error": f"{type(exc).__name__}: {exc}",
                                                                      "retry_in": delay})
                 await self._drop_connection(slot)
-                await self._keep_alive(batch)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
 
@@ -361,20 +380,15 @@ class Sink:
                      dead: list[DeadLetter]) -> Outcome:
         return await store.write(conn, keys, records, dead, late_margin=self.late_margin)
 
-    async def _keep_alive(self, batch: list[Pending]) -> None:
-        """Tell JetStream the held messages are still being worked on (so it does not redeliver)."""
-        now = time.monotonic()
-        if now - self._last_keepalive < self.settings.nats.ack_wait.total_seconds() / 3:
-            return
-        self._last_keepalive = now
-        for pending in [*batch, *self.queue]:
-            try:
-                await pending.msg.in_progress()
-            except Exception:
-                return  # NATS is down too; redelivery after it returns is deduplicated
-
     async def _isolate(self, conn: asyncpg.Connection, batch: list[Pending]) -> Outcome:
-        """Write message by message, then event by event; dead-letter what Postgres refuses."""
+        """Write what Postgres accepts and dead-letter the events it refuses for their content.
+
+        Message by message; a message that fails is checked event by event the slow way
+        (:func:`wire.strict_check`), then halved until each refused event is alone. A
+        message with k bad events of n costs about k * log2(n) small transactions, so
+        one bad event never holds its neighbours (or other tenants) back for long.
+        Stream order is kept: the left half always commits before the right.
+        """
         total = Outcome()
         for pending in batch:
             try:
@@ -383,35 +397,65 @@ class Sink:
             except Exception as exc:
                 if not store.is_poison(exc):
                     raise
-            keys: list[str] = []
-            records: list[store.EventRecord] = []
             dead = list(pending.dead)
-            for key, record, index in zip(pending.keys, pending.records, pending.indexes, strict=False):
+            good: list[tuple[str, store.EventRecord, int]] = []
+            for key, record, index in zip(pending.keys, pending.records, pending.indexes, strict=True):
                 event = _event_of(record)
                 reason = wire.strict_check(event)
                 if reason is None:
-                    keys.append(key)
-                    records.append(record)
+                    good.append((key, record, index))
                 else:
-                    dead.append(DeadLetter(pending.seq, index, pending.subject, reason, wire.item_payload(list(event))))
-            try:
-                total.add(await self._write(conn, keys, records, dead))
-                continue
-            except Exception as exc:
-                if not store.is_poison(exc):
-                    raise
-            index_of = {id(record): index for record, index in zip(pending.records, pending.indexes, strict=False)}
-            for key, record in zip(keys, records, strict=False):
-                try:
-                    total.add(await self._write(conn, [key], [record], []))
-                except Exception as exc:
-                    if not store.is_poison(exc):
-                        raise
-                    dead.append(DeadLetter(pending.seq, index_of[id(record)], pending.subject,
-                                           f"PostgreSQL rejected the event: {exc}",
-                                           wire.item_payload(list(_event_of(record)))))
+                    dead.append(DeadLetter(pending.seq, index, pending.subject, reason,
+                                           wire.item_payload(list(event))))
+            if len(good) == len(pending.records) and len(good) > 1:
+                # Nothing found the slow way: the whole message just failed, go straight to halves.
+                middle = len(good) // 2
+                await self._bisect(conn, pending, good[:middle], dead, total)
+                await self._bisect(conn, pending, good[middle:], dead, total)
+            else:
+                await self._bisect(conn, pending, good, dead, total)
             total.add(await self._write(conn, [], [], dead))
         return total
+
+    async def _bisect(self, conn: asyncpg.Connection, pending: Pending,
+                      items: list[tuple[str, store.EventRecord, int]], dead: list[DeadLetter],
+                      total: Outcome) -> None:
+        if not items:
+            return
+        try:
+            total.add(await self._write(conn, [item[0] for item in items], [item[1] for item in items], []))
+            return
+        except Exception as exc:
+            if not store.is_poison(exc):
+                raise
+            if len(items) == 1:
+                _, record, index = items[0]
+                log.warning("dead-lettering an event PostgreSQL refused",
+                            extra={"stream_seq": pending.seq, "item": index, "error": str(exc)})
+                dead.append(DeadLetter(pending.seq, index, pending.subject, f"PostgreSQL rejected the event: {exc}",
+                                       wire.item_payload(list(_event_of(record)))))
+                return
+        middle = len(items) // 2
+        await self._bisect(conn, pending, items[:middle], dead, total)
+        await self._bisect(conn, pending, items[middle:], dead, total)
+
+    async def keepalive_loop(self) -> None:
+        """Every third of ``nats.ackWait``, tell JetStream that each held message is being worked on.
+
+        Held: queued or in a writer's transaction, including one retried while Postgres
+        is away. A live sink thus never has its messages redelivered, however slow its
+        transactions, while a dead one's come back after at most ``ackWait``.
+        """
+        interval = self.settings.nats.ack_wait.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            held = [pending for flight in self._writing for pending in flight.batch]
+            held.extend(self.queue)
+            for pending in held:
+                try:
+                    await pending.msg.in_progress()
+                except Exception:
+                    pass  # acked meanwhile, or NATS is away (a redelivery is deduplicated)
 
     # -- housekeeping ---------------------------------------------------------------
 
@@ -466,3 +510,4 @@ async def start(runtime: Runtime) -> None:
     runtime.spawn("sink-fetcher", sink.fetch_loop())
     runtime.spawn("sink-maintenance", sink.maintenance_loop())
     runtime.spawn("sink-gauge", sink.gauge_loop())
+    runtime.spawn("sink-keepalive", sink.keepalive_loop())

@@ -1,0 +1,365 @@
+"""Metered entitlement values: the engine fed with pgmeter's own usage.
+
+A value read opens one REPEATABLE READ snapshot and asks the meter query engine
+(:func:`pgmeter.query.engine.run_query`, rollups plus the unmerged tail) for the
+usage of each burn phase inside it, so every phase sees the same committed events
+and a value is exact up to the last committed event.
+
+Snapshots keep reads cheap: the engine's state right after the newest usage-period
+boundary that lies at least ``valkey.settleAfter`` in the past is stored, and the
+next read resumes there, so it costs the phases of the current period only. A
+snapshot is trusted while the cache epoch of the meter's event type is the one it
+was computed under (the sink bumps it for every late event, see
+:mod:`pgmeter.query.cache`). After a bump, the snapshot is checked instead of
+thrown away: one query recomputes the usage from measureUsageFrom to the snapshot
+and compares it with the usage the snapshot saw. Equal means the late events did
+not cross it (it is re-stamped); different means they did, and it is dropped.
+Grants, voids, resets and subject changes drop the snapshots after their time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from decimal import Decimal
+from typing import TypeVar
+
+import asyncpg
+
+from pgmeter.entitlements import engine, store
+from pgmeter.entitlements.engine import ZERO, Grant, Reset, Segment, State
+from pgmeter.entitlements.periods import MINUTE, Recurrence, ceil_minute, parse_interval
+from pgmeter.meters import store as meter_store
+from pgmeter.meters.model import Aggregation
+from pgmeter.query.engine import run_query
+from pgmeter.query.params import QueryParams, WindowSize
+
+T = TypeVar("T")
+
+
+@dataclass
+class Timeline:
+    """Usage periods: ``(from, recurrence, preserveOverage)`` entries, the first at measureUsageFrom."""
+
+    entries: list[tuple[datetime, Recurrence, bool]]
+    default_preserve: bool
+
+    @classmethod
+    def of(cls, ent: store.Entitlement, resets: list[store.ResetRow]) -> Timeline:
+        recurrence = ent.recurrence
+        assert recurrence is not None and ent.measure_usage_from is not None
+        entries = [(ent.measure_usage_from, recurrence, ent.preserve_overage_at_reset)]
+        for r in resets:
+            entries.append((r.reset_time, Recurrence(r.anchor, parse_interval(r.usage_interval)), r.preserve_overage))
+        return cls(entries, ent.preserve_overage_at_reset)
+
+    def _entry(self, t: datetime) -> int:
+        index = 0
+        for i, (start, _, _) in enumerate(self.entries):
+            if start <= t:
+                index = i
+        return index
+
+    def period_at(self, t: datetime) -> tuple[datetime, datetime]:
+        i = self._entry(t)
+        start, recurrence, _ = self.entries[i]
+        lo, hi = recurrence.period_at(max(t, start))
+        lo = max(lo, start)
+        if i + 1 < len(self.entries):
+            hi = min(hi, self.entries[i + 1][0])
+        return lo, hi
+
+    def resets_between(self, lo: datetime, hi: datetime) -> list[Reset]:
+        """Every reset in ``(lo, hi]``: stored resets and the period boundaries."""
+        found: dict[datetime, bool] = {}
+        for i, (start, recurrence, preserve) in enumerate(self.entries):
+            end = self.entries[i + 1][0] if i + 1 < len(self.entries) else None
+            if i > 0 and lo < start <= hi:
+                found[start] = preserve
+            a, b = max(lo, start), hi if end is None else min(hi, end)
+            if a > b:
+                continue
+            for t in recurrence.between(a, b, include_lo=False, include_hi=True):
+                if t > start and (end is None or t < end):
+                    found.setdefault(t, self.default_preserve)
+        return [Reset(t, p) for t, p in sorted(found.items())]
+
+    @property
+    def last_reset(self) -> datetime:
+        return self.entries[-1][0]
+
+
+@dataclass
+class Context:
+    """Everything a metered value depends on, read in one snapshot."""
+
+    entitlement: store.Entitlement
+    customer: store.Customer
+    feature: store.Feature
+    meter: meter_store.Meter
+    grants: list[store.GrantRow]
+    resets: list[store.ResetRow]
+
+    @property
+    def engine_grants(self) -> list[Grant]:
+        return [g.engine_grant() for g in self.grants]
+
+    @property
+    def timeline(self) -> Timeline:
+        return Timeline.of(self.entitlement, self.resets)
+
+    @property
+    def latest(self) -> bool:
+        return self.meter.aggregation is Aggregation.LATEST
+
+    @property
+    def unique(self) -> bool:
+        return self.meter.aggregation is Aggregation.UNIQUE_COUNT
+
+
+@dataclass
+class Value:
+    at: datetime
+    balance: Decimal
+    usage: Decimal
+    overage: Decimal
+    total_available: Decimal
+    grant_balances: dict[str, Decimal]
+    has_access: bool
+    period: tuple[datetime, datetime]
+
+
+@dataclass
+class _Pending:
+    """Snapshot bookkeeping decided during a read, written after it."""
+
+    save: store.Snapshot | None = None
+    epoch: int = 0  # the cache epoch the read saw
+    restamp: list[datetime] = field(default_factory=list)
+    drop_from: datetime | None = None
+
+
+class Usage:
+    """Usage of one entitlement from the meter query engine, inside the caller's snapshot."""
+
+    def __init__(self, conn: asyncpg.Connection, ctx: Context) -> None:
+        self.conn = conn
+        self.ctx = ctx
+        self.subjects = tuple(ctx.customer.usage_keys)
+        self.filters = {k: (v,) for k, v in (ctx.feature.filters or {}).items()}
+
+    async def total(self, lo: datetime, hi: datetime) -> Decimal:
+        if hi <= lo or not self.subjects:
+            return ZERO
+        result = await run_query(self.conn, self.ctx.meter, QueryParams(
+            from_=lo, to=hi, subjects=self.subjects, filter_group_by=self.filters))
+        if self.ctx.latest:
+            # The latest value across the customer's subjects: the row of the latest event is
+            # not known per subject here, so the largest is used (one subject: exact).
+            return max((row.value for row in result.rows), default=ZERO)
+        return sum((row.value for row in result.rows), ZERO)
+
+    async def windows(self, lo: datetime, hi: datetime, size: WindowSize, zone: str) -> dict[datetime, Decimal]:
+        out: dict[datetime, Decimal] = {}
+        if hi <= lo or not self.subjects:
+            return out
+        result = await run_query(self.conn, self.ctx.meter, QueryParams(
+            from_=lo, to=hi, window_size=size, window_time_zone=zone, subjects=self.subjects,
+            filter_group_by=self.filters))
+        for row in result.rows:
+            key = row.window_start.astimezone(UTC)
+            out[key] = out.get(key, ZERO) + row.value
+        return out
+
+    async def __call__(self, period_start: datetime, lo: datetime, hi: datetime) -> Decimal:
+        if self.ctx.unique:
+            # Distinct counts do not add up across phases: count from the period start.
+            return await self.total(period_start, hi) - await self.total(period_start, lo)
+        return await self.total(lo, hi)
+
+
+async def load_context(conn: asyncpg.Connection, ent: store.Entitlement) -> Context:
+    customer = await store.customer_by_id(conn, ent.namespace, ent.customer_id)
+    feature = await store.feature_by_id(conn, ent.namespace, ent.feature_id)
+    assert customer is not None and feature is not None and feature.meter_id is not None
+    meter = await meter_store.get_by_id(conn, ent.namespace, feature.meter_id)
+    assert meter is not None
+    return Context(ent, customer, feature, meter, await store.grants_of(conn, ent.id), await store.resets_of(conn, ent.id))
+
+
+async def _start(conn: asyncpg.Connection, ctx: Context, usage: Usage, at: datetime, epoch: int,
+                 pending: _Pending) -> State:
+    ent = ctx.entitlement
+    assert ent.measure_usage_from is not None
+    if not ctx.latest:
+        for snap in await store.snapshots_at_or_before(conn, ent.id, at):
+            if snap.state.at < ent.measure_usage_from:
+                break
+            if snap.epoch == epoch:
+                return snap.state
+            if not ctx.unique and await usage.total(ent.measure_usage_from, snap.state.at) == snap.state.checksum:
+                pending.restamp.append(snap.state.at)
+                return snap.state
+            pending.drop_from = snap.state.at  # a late event crossed it (and everything after it)
+    return engine.starting_state(ctx.engine_grants, ent.measure_usage_from)
+
+
+async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: datetime, grace: timedelta,
+                  history: list[Segment] | None = None, observe: list[datetime] | None = None,
+                  ) -> tuple[State, _Pending]:
+    """The engine's state at ``at`` (minute-aligned), in the caller's snapshot."""
+    ent = ctx.entitlement
+    assert ent.measure_usage_from is not None
+    grants = ctx.engine_grants
+    pending = _Pending()
+    if at < ent.measure_usage_from:
+        return engine.starting_state(grants, at), pending
+    usage = Usage(conn, ctx)
+    epoch = pending.epoch = await store.cache_epoch(conn, ctx.meter.namespace, ctx.meter.event_type)
+    start = await _start(conn, ctx, usage, at, epoch, pending)
+    if history is not None:
+        start = engine.starting_state(grants, ent.measure_usage_from) if start.at > min(observe or [at]) else start
+    timeline = ctx.timeline
+    resets = timeline.resets_between(start.at, at)
+    horizon = now - grace
+    saved: list[State] = []
+
+    def on_reset(state: State) -> None:
+        if state.at <= horizon and state.at > start.at:
+            saved.append(state)
+
+    state = await engine.run(start, timeline.period_at(start.at)[0], grants, resets, at, usage,
+                             latest=ctx.latest, history=history, on_reset=on_reset, observe=observe)
+    if saved and not ctx.latest:
+        pending.save = store.Snapshot(saved[-1], epoch)
+    return state, pending
+
+
+async def fingerprint(conn: asyncpg.Connection, ent: store.Entitlement) -> tuple[object, ...]:
+    """What a value's inputs were: any change in between makes a computed snapshot stale."""
+    row = await conn.fetchrow(
+        "SELECT (SELECT count(*) FROM grants WHERE entitlement_id = $1) AS grants, "
+        "(SELECT max(updated_at) FROM grants WHERE entitlement_id = $1) AS grants_at, "
+        "(SELECT count(*) FROM usage_resets WHERE entitlement_id = $1) AS resets, "
+        "(SELECT updated_at FROM customers WHERE id = $2) AS customer_at", ent.id, ent.customer_id)
+    return tuple(row.values())
+
+
+def lock_key(entitlement_id: str) -> str:
+    return f"pgmeter.entitlement:{entitlement_id}"
+
+
+async def _write_back(pool: asyncpg.Pool, ent: store.Entitlement, pending: _Pending, seen: tuple[object, ...]) -> None:
+    if pending.save is None and not pending.restamp and pending.drop_from is None:
+        return
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock_key(ent.id))
+        if await fingerprint(conn, ent) != seen:
+            return  # a grant, void, reset or subject change came in meanwhile: its own invalidation wins
+        if pending.drop_from is not None:
+            await store.invalidate_snapshots(conn, [ent.id], pending.drop_from)
+        for at in pending.restamp:
+            await store.restamp_snapshot(conn, ent.id, at, pending.epoch)
+        if pending.save is not None:
+            await store.save_snapshot(conn, ent.id, pending.save)
+
+
+async def metered_value(pool: asyncpg.Pool, ent: store.Entitlement, time: datetime, *, grace: timedelta) -> tuple[Value, Context]:
+    at = ceil_minute(time)
+    async with pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read"):
+            await conn.execute("SET LOCAL jit = off")
+            now = await conn.fetchval("SELECT now()")
+            seen = await fingerprint(conn, ent)
+            ctx = await load_context(conn, ent)
+            state, pending = await compute(conn, ctx, at, now=now, grace=grace)
+    await _write_back(pool, ent, pending, seen)
+    return value_of(ctx, state, at), ctx
+
+
+def value_of(ctx: Context, state: State, at: datetime) -> Value:
+    grant_balances = engine.visible_balances(state, ctx.engine_grants)
+    balance = sum(grant_balances.values(), ZERO)
+    return Value(at=at, balance=balance, usage=state.usage, overage=state.overage,
+                 total_available=state.total_grant_usage + balance, grant_balances=grant_balances,
+                 has_access=ctx.entitlement.is_soft_limit or balance > 0,
+                 period=ctx.timeline.period_at(at))
+
+
+# -- history ---------------------------------------------------------------------
+
+_TRUNC: dict[WindowSize, Callable[[datetime], datetime]] = {
+    WindowSize.MINUTE: lambda t: t.replace(second=0, microsecond=0),
+    WindowSize.HOUR: lambda t: t.replace(minute=0, second=0, microsecond=0),
+    WindowSize.DAY: lambda t: t.replace(hour=0, minute=0, second=0, microsecond=0),
+    WindowSize.MONTH: lambda t: t.replace(day=1, hour=0, minute=0, second=0, microsecond=0),
+}
+
+
+def windows(lo: datetime, hi: datetime, size: WindowSize, zone: tzinfo) -> list[tuple[datetime, datetime]]:
+    """Calendar windows in ``zone`` covering ``[lo, hi)``: local wall-clock arithmetic for DAY and MONTH."""
+    out = []
+    local = _TRUNC[size](lo.astimezone(zone))
+    while True:
+        start = local.astimezone(UTC)
+        if start >= hi:
+            break
+        if size is WindowSize.MINUTE:
+            nxt = (start + MINUTE).astimezone(zone)
+        elif size is WindowSize.HOUR:
+            nxt = (start + timedelta(hours=1)).astimezone(zone)
+        elif size is WindowSize.DAY:
+            nxt = (local.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=zone)
+        else:
+            month = local.month % 12 + 1
+            nxt = local.replace(year=local.year + (local.month == 12), month=month, tzinfo=None).replace(tzinfo=zone)
+        out.append((start, nxt.astimezone(UTC)))
+        local = nxt
+    return out
+
+
+@dataclass
+class History:
+    windows: list[tuple[datetime, datetime, Decimal, Decimal]]  # start, end, usage, balance at start
+    segments: list[Segment]
+    grants: list[Grant]
+
+
+async def history(pool: asyncpg.Pool, ent: store.Entitlement, lo: datetime, hi: datetime, size: WindowSize,
+                  zone_name: str, zone: tzinfo, *, grace: timedelta) -> History:
+    async with pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute("SET LOCAL jit = off")
+            now = await conn.fetchval("SELECT now()")
+            ctx = await load_context(conn, ent)
+            assert ent.measure_usage_from is not None
+            spans = [w for w in windows(lo, hi, size, zone) if w[0] >= ent.measure_usage_from]
+            observe = [w[0] for w in spans]
+            segments: list[Segment] = []
+            await compute(conn, ctx, hi, now=now, grace=grace, history=segments, observe=observe)
+            usage = await Usage(conn, ctx).windows(lo, hi, size, zone_name)
+    grants = ctx.engine_grants
+    at_start: dict[datetime, dict[str, Decimal]] = {}
+    for s in segments:
+        if not s.rollover or s.start not in at_start:
+            at_start[s.start] = s.balances_at_start
+    out = []
+    for start, end in spans:
+        balances = at_start.get(start, {})
+        balance = sum((b for gid, b in balances.items()
+                       if any(g.id == gid and g.active_at(start) for g in grants)), ZERO)
+        out.append((start, end, usage.get(start, ZERO), balance))
+    return History(out, [s for s in segments if s.end > lo or s.start >= lo], grants)
+
+
+async def gather_limited(coros: list[Awaitable[T]], limit: int = 10) -> list[T]:
+    """Run at most ``limit`` at a time (the access endpoint's fan-out, as OpenMeter)."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(coro: Awaitable[T]) -> T:
+        async with semaphore:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros))
