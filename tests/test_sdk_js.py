@@ -4,10 +4,10 @@ tests/js/sdk_calls.mjs makes every SDK call that reaches an endpoint pgmeter ser
 with every filter and list option, and prints what each returned; each call is
 checked by its own test here. The SDK is installed with ``npm install`` into
 ``.cache/js-sdk`` (gitignored, reused while the version matches). Without node
-and npm these tests skip, saying so. Not covered, as pgmeter does not serve them:
-``subjects``, ``info``, ``debug`` and ``events.listV2``; customers come with the
-entitlements work, so the customer filters are checked to fail as OpenMeter fails
-for an unknown customer.
+and npm these tests skip, saying so. Not here: ``info``, ``debug`` and
+``events.listV2`` (pgmeter does not serve them) and the customers, subjects,
+features and entitlements calls (the entitlements work); the customer filters are
+checked to fail as OpenMeter fails for an unknown customer.
 """
 
 from __future__ import annotations

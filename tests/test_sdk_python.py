@@ -1,11 +1,11 @@
 """OpenMeter's Python SDK (``openmeter``) against a live pgmeter: one test per method
 that touches an endpoint pgmeter serves, with every filter and list option.
 
-The SDK is a test dependency (pyproject ``test`` extra). Not covered, because
-pgmeter does not serve their endpoints: ``subjects.*`` (``/api/v1/subjects``),
-``debug.metrics`` and ``events_v2.list``; customers come with the entitlements work,
-so ``customer_id``/``filter_customer_id`` are checked to fail as OpenMeter fails
-for an unknown customer.
+The SDK is a test dependency (pyproject ``test`` extra). Not here: ``debug.metrics``
+and ``events_v2.list`` (pgmeter does not serve them) and the customers, subjects,
+features, entitlements and grants calls (the entitlements work and its
+tests/test_entitlements_sdk.py); ``customer_id``/``filter_customer_id`` are checked
+to fail as OpenMeter fails for an unknown customer.
 """
 
 from __future__ import annotations
