@@ -27,16 +27,13 @@ from pgmeter.query.params import TooManyRows
 from pgmeter.times import format_rfc3339
 
 # {meterIdOrSlug}: a slug or a ULID, at most 64 characters (OpenMeter's validator).
-ID_OR_SLUG = re.compile(r"\A(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})\Z")
+# OpenMeter's pattern takes a ULID in either case; ids are stored upper case, so a
+# lower- or mixed-case one is a valid request that finds nothing (404, as OpenMeter).
+ID_OR_SLUG = re.compile(r"\A(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25})\Z")
+MAX_PAGE_SIZE = 1000  # OpenMeter's Pagination.pageSize maximum
 GROUP_VALUES_MAX_AGE = timedelta(days=90)
 GROUP_VALUES_MAX_SPAN = timedelta(days=30)
 GROUP_VALUES_DEFAULT_SPAN = timedelta(hours=24)
-
-
-
-
-
-
 
 
 def meter_json(meter: store.Meter) -> dict[str, Any]:
@@ -88,9 +85,6 @@ def limits_problem(request: Request, spec: MeterSpec) -> Problem | None:
                    extensions={"validationErrors": errors})
 
 
-
-
-
 def id_or_slug(request: Request) -> str:
     value = request.path_params["meterIdOrSlug"]
     if len(value) > 64 or not ID_OR_SLUG.match(value):
@@ -108,10 +102,17 @@ async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
     return meter
 
 
-
-
-
-
+def page_params(request: Request) -> tuple[int | None, int | None]:
+    """``page`` (>= 1) and ``pageSize`` (1 to 1000), as OpenMeter's Pagination checks them."""
+    values: list[int | None] = []
+    for name in ("page", "pageSize"):
+        value = single_param(request, name)
+        if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
+            raise bad_request(f"{name} must be a positive integer", parameter=name)
+        if name == "pageSize" and value is not None and int(value) > MAX_PAGE_SIZE:
+            raise bad_request(f"pageSize must be at most {MAX_PAGE_SIZE}", parameter="pageSize")
+        values.append(None if value is None else int(value))
+    return values[0], values[1]
 
 
 def _time_param(request: Request, name: str) -> datetime | None:
@@ -133,10 +134,7 @@ async def list_meters(request: Request) -> Response:
     if include not in ("true", "false"):
         raise bad_request("includeDeleted must be true or false", parameter="includeDeleted")
     # page and pageSize are checked, then ignored: OpenMeter answers one unpaginated array.
-    for name in ("page", "pageSize"):
-        value = single_param(request, name)
-        if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
-            raise bad_request(f"{name} must be a positive integer", parameter=name)
+    page_params(request)
     async with runtime_of(request).api_pool.acquire() as conn:
         meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
                                          descending=order == "DESC", include_deleted=include == "true")
@@ -186,10 +184,28 @@ class MeterUpdate(BaseModel):
     metadata: dict[str, str] | None = None
 
 
+def _explicit_nulls(body: dict[str, Any]) -> None:
+    """OpenMeter's MeterUpdate: ``name`` is a string of 1 to 256 characters and
+    ``description`` and ``groupBy`` are not nullable, so ``""`` or null is a 400, not
+    "absent" (only ``metadata`` is nullable)."""
+    errors = []
+    if "name" in body and (body["name"] is None or body["name"] == ""):
+        errors.append(("name", "name must be a string of 1 to 256 characters"))
+    for field in ("description", "groupBy"):
+        if field in body and body[field] is None:
+            errors.append((field, f"{field} must not be null"))
+    if errors:
+        raise Problem(400, "; ".join(f"{field}: {message}" for field, message in errors),
+                      extensions={"validationErrors": [{"code": "invalid", "field": field, "message": message}
+                                                       for field, message in errors]})
+
+
 async def update_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
     try:
-        update = MeterUpdate.model_validate(await json_body(request))
+        body = await json_body(request)
+        _explicit_nulls(body)
+        update = MeterUpdate.model_validate(body)
         problem = limits_problem(request, store.updated_spec(
             meter, name=update.name, description=update.description, group_by=update.group_by or {},
             metadata=update.metadata))

@@ -183,6 +183,17 @@ def data_text(data: dict[str, Any]) -> str:
     return text
 
 
+# An absolute URI (RFC 3986): a scheme, then no spaces or control characters, and
+# every % starting an escape. OpenMeter's document says ``format: uri``.
+_URI = re.compile(r"\A[A-Za-z][A-Za-z0-9+.\-]*:[^\x00-\x20\x7f]*\Z")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def is_uri(text: str) -> bool:
+    """Whether ``dataschema`` is a URI; refused ones are 400s at the door."""
+    return bool(_URI.match(text)) and not _BAD_ESCAPE.search(text)
+
+
 def _fast(event: dict[str, Any], now: int, bounds: Door) -> EventTuple | None:
     """The common case, checked with as little work as possible; ``None`` means "look closer".
 
@@ -217,11 +228,11 @@ def _fast(event: dict[str, Any], now: int, bounds: Door) -> EventTuple | None:
             return None
     else:
         return None
-    content_type = get("datacontenttype")
-    if content_type is not None and content_type != JSON:
+    content_type = get("datacontenttype", JSON)
+    if content_type != JSON:
         return None
     schema = get("dataschema")
-    if schema is not None and type(schema) is not str:
+    if schema is not None and (type(schema) is not str or not is_uri(schema)):
         return None
     data = get("data")
     if data is None:
@@ -285,13 +296,17 @@ def validate_event(event: Any, index: int, now: int, errors: list[FieldError], l
             if outside:
                 errors.append(FieldError(index, "time", outside))
 
-    content_type = event.get("datacontenttype")
-    if content_type is not None and (not isinstance(content_type, str) or media_type(content_type) != JSON):
+    # Absent is application/json; an explicit null is refused, as OpenMeter's
+    # CloudEvents decoder does.
+    content_type = event.get("datacontenttype", JSON)
+    if not isinstance(content_type, str) or media_type(content_type) != JSON:
         errors.append(FieldError(index, "datacontenttype",
                                  f"must be application/json, not {json.dumps(content_type)}"))
     schema = event.get("dataschema")
     if schema is not None and not isinstance(schema, str):
         errors.append(FieldError(index, "dataschema", f"must be a URI string, not {_json_type(schema)}"))
+    elif schema is not None and not is_uri(schema):
+        errors.append(FieldError(index, "dataschema", f"must be a URI (scheme:rest, RFC 3986), not {schema!r}"[:300]))
 
     data = event.get("data")
     text: str | None = None

@@ -2,8 +2,10 @@
 
 Parameter rules follow openmeter/meterevent (service.go, ListEventsParams.Validate):
 ``from`` defaults to 32 days ago and may not be older; ``to`` and ``ingestedAtTo``
-are exclusive; ``id`` is a substring match and ``subject`` an exact one; ``limit``
-is 1..100. OpenMeter stores whole seconds and compares ``time >= from.Unix()``, so
+are exclusive; ``id`` is OpenMeter's ``id LIKE '%<id>%'`` (the value is not escaped
+there, so ``%`` and ``_`` in it are wildcards and a backslash escapes the next
+character; pgmeter does the same) and ``subject`` an exact match; ``limit`` is
+1..100. OpenMeter stores whole seconds and compares ``time >= from.Unix()``, so
 bounds are truncated to the second here too; the stored microseconds are returned
 as they are.
 """
@@ -121,7 +123,8 @@ async def list_events(pool: asyncpg.Pool, params: ListParams) -> list[dict[str, 
     if params.ingested_to is not None:
         add("ingested_at < {}", _second(params.ingested_to))
     if params.id is not None:
-        add("strpos(id, {}) > 0", params.id)
+        # OpenMeter's exact semantics: a LIKE pattern, wildcards included (module docstring).
+        add("id LIKE '%' || {} || '%'", params.id)
     if params.subject is not None:
         add("subject = {}", params.subject)
     args.append(params.limit)

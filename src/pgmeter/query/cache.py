@@ -194,6 +194,7 @@ class QueryCache:
             "window": params.window_size, "tz": params.window_time_zone,
             "subjects": sorted(params.subjects), "groupBy": list(params.group_by),
             "filter": {k: sorted(v) for k, v in sorted(params.filter_group_by.items())},
+            "advanced": {k: f.canonical() for k, f in sorted(params.advanced_filters.items())},
             "meter": meter.updated_at.isoformat(),
         }
         digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:32]

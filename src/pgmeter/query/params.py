@@ -8,6 +8,7 @@ every caller gets the same answers.
 
 from __future__ import annotations
 
+import os
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgmeter.query.filters import StringFilter
 
 from pgmeter.times import parse_rfc3339
 
@@ -56,6 +60,9 @@ class QueryParams:
     group_by: tuple[str, ...] = ()
     # key -> accepted values (one value from GET, a list meaning IN from POST).
     filter_group_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # key -> advancedMeterGroupByFilters filter (pgmeter.query.filters); never together
+    # with filter_group_by. Keys whose filter filters nothing are dropped by validate().
+    advanced_filters: Mapping[str, StringFilter] = field(default_factory=dict)
 
     @property
     def groups_by_subject(self) -> bool:
@@ -130,6 +137,33 @@ def check_text(parameter: str, value: str) -> None:
         raise QueryError(parameter, f"{parameter} must not contain NUL characters or unpaired surrogates")
 
 
+def local_zone_name() -> str:
+    """The server's own zone as an IANA name (Go's ``Local``): ``TZ``, else the
+    ``/etc/localtime`` link, else UTC (the image has neither, so it is UTC)."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        target = os.readlink("/etc/localtime")
+        candidates.append(target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else "")
+    except OSError:
+        pass
+    for name in candidates:
+        if name and name != "Local":
+            try:
+                zoneinfo.ZoneInfo(name)
+                return name
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+                continue
+    return "UTC"
+
+
+def zone_name(value: str | None) -> str:
+    """``windowTimeZone`` as sent to an IANA name: absent or empty is UTC and ``Local``
+    the server's zone, as Go's ``time.LoadLocation`` has them (OpenMeter)."""
+    if not value:
+        return "UTC"
+    return local_zone_name() if value == "Local" else value
+
+
 def zone(name: str) -> zoneinfo.ZoneInfo:
     try:
         return zoneinfo.ZoneInfo(name)
@@ -151,11 +185,16 @@ def validate(params: QueryParams, group_keys: list[str] | dict[str, str]) -> Non
                                         "pgmeter has no customers)")
         if key != "subject" and key not in group_keys:
             raise QueryError("groupBy", f"invalid group by: {key}")
+    if params.filter_group_by and params.advanced_filters:
+        raise QueryError("advancedMeterGroupByFilters",
+                         "advanced meter group by filters and filter group by cannot be used together")
+    for key in params.advanced_filters:
+        if key not in group_keys:
+            raise QueryError("advancedMeterGroupByFilters", f"meter does not have group by: {key}")
     for key, values in params.filter_group_by.items():
         if key not in group_keys:
             raise QueryError(f"filterGroupBy[{key}]", f"invalid filterGroupBy key: {key} "
                                                       "(not a group-by key of the meter)")
-        if not values:
-            raise QueryError(f"filterGroupBy[{key}]", f"filterGroupBy[{key}] needs at least one value")
+        # An empty list filters nothing (OpenMeter drops it after checking the key).
         for value in values:
             check_text(f"filterGroupBy[{key}]", value)
