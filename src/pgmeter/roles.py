@@ -33,7 +33,7 @@ async def start(runtime: Runtime) -> None:
         from pgmeter.ingest import publisher
         from pgmeter.query.cache import QueryCache
 
-        runtime.extras["query_cache"] = QueryCache(runtime.valkey, runtime.settings)
+        runtime.query_cache = QueryCache(runtime.valkey, runtime.settings)
         await publisher.start(runtime)
     if "sink" in runtime.roles:
         from pgmeter.sink import worker

@@ -272,7 +272,8 @@ async def _answer(request: Request, meter: Meter, params: QueryParams) -> Respon
         # Checked before the cache sees the parameters (it reads the zone, for one).
         validate(params, meter.group_by)
         runtime = runtime_of(request)
-        cache = runtime.extras["query_cache"]
+        cache = runtime.query_cache
+        assert cache is not None, "the api role makes the query cache"
         if wants_csv(request):
             body = await cache.respond(runtime.api_pool, meter, params, "csv",
                                        lambda result: iter_csv(meter, params, result))
