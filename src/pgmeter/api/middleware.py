@@ -12,6 +12,7 @@ import time
 
 from prometheus_client import Histogram
 from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,6 +73,8 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
+    """One request id per request, the body limit, latency and one log line per refusal."""
+
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -83,78 +86,100 @@ class RequestContextMiddleware:
         incoming, declared = _scan_headers(scope)
         rid = incoming or os.urandom(16).hex()
         token = request_id.set(rid)
-        started = time.perf_counter()
-        status = 500
-        received = 0
-        limit = self.max_body_bytes
-        rid_header = (b"x-request-id", rid.encode())
-
-        if b"%00" in scope.get("query_string", b"") or "\x00" in scope["path"]:
-            # Postgres text cannot hold NUL, and no parameter of ours can contain one.
-            response = problem_response(400, "query parameters and paths must not contain NUL characters (%00)")
-            await response(scope, receive, send)
-            request_id.reset(token)
-            return
-
-        if declared is not None and declared > limit:
-            response = problem_response(413, f"request body is {declared} bytes; the limit is {limit}")
-            await response(scope, receive, send)
-            request_id.reset(token)
-            return
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
-            return message
-
-        response_started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                response_started = True
-                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            refusal = _refusal(scope, declared, self.max_body_bytes)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+            else:
+                await self._serve(scope, receive, _Answer(send, rid))
+        finally:
+            request_id.reset(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, answer: _Answer) -> None:
+        started = time.perf_counter()
+        try:
+            await self.app(scope, _limited(receive, self.max_body_bytes), answer.send)
         except BodyTooLarge as exc:
-            status = 413
-            await problem_response(413, str(exc))(scope, receive, send_with_id)
+            answer.status = 413
+            await problem_response(413, str(exc))(scope, receive, answer.send)
         except ClientDisconnect:
             # The client left (or was cut off by the server's body deadline): nobody to answer.
-            status = 499
+            answer.status = 499
         except Exception as exc:
             # Answered here, inside the request context (the answer carries the request
             # id) and without re-raising: Starlette's own last-resort handler re-raises,
             # and the server then logged a second traceback.
             # A response already under way (a streamed answer) can only be cut short.
             response = response_for(exc, scope)
-            if not response_started:
-                await response(scope, receive, send_with_id)
+            if not answer.started:
+                await response(scope, receive, answer.send)
         finally:
             elapsed = time.perf_counter() - started
             route = _cached_route_template(scope)
-            _observe(scope["method"], route, status, elapsed)
-            # Method, route template and status only: never the query string, headers
-            # (tokens) or body (event payloads). Successes are debug: at ingest rates
-            # a line per request would drown everything else. So are 503s: they mean a
-            # dependency is down, which pgmeter.dependencies logs once per outage (and
-            # the 500s' traceback is logged where they are caught).
-            fields = {"method": scope["method"], "route": route, "status": status,
-                      "duration_ms": round(elapsed * 1000, 2)}
-            if status == 503 or (status < 400 and log.isEnabledFor(logging.DEBUG)):
-                log.debug("request served" if status < 400 else "request refused: unavailable", extra=fields)
-            elif status >= 500:
-                log.warning("request failed", extra=fields)
-            elif status >= 400:
-                log.info("request refused", extra=fields)
-            request_id.reset(token)
+            _observe(scope["method"], route, answer.status, elapsed)
+            _log_request(scope["method"], route, answer.status, elapsed)
+
+
+class _Answer:
+    """The response as it goes out: its status for the metrics, the request id added."""
+
+    __slots__ = ("_send", "_rid_header", "status", "started")
+
+    def __init__(self, send: Send, rid: str) -> None:
+        self._send = send
+        self._rid_header = (b"x-request-id", rid.encode())
+        self.status = 500
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.started = True
+            message = {**message, "headers": [*message.get("headers", ()), self._rid_header]}
+        await self._send(message)
+
+
+def _refusal(scope: Scope, declared: int | None, limit: int) -> Response | None:
+    """The answer to a request refused before the app sees it, or ``None``."""
+    if b"%00" in scope.get("query_string", b"") or "\x00" in scope["path"]:
+        # Postgres text cannot hold NUL, and no parameter of ours can contain one.
+        return problem_response(400, "query parameters and paths must not contain NUL characters (%00)")
+    if declared is not None and declared > limit:
+        return problem_response(413, f"request body is {declared} bytes; the limit is {limit}")
+    return None
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that stops a body growing past ``limit`` (whatever Content-Length said)."""
+    received = 0
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        return message
+
+    return limited_receive
+
+
+def _log_request(method: str, route: str, status: int, elapsed: float) -> None:
+    # Method, route template and status only: never the query string, headers
+    # (tokens) or body (event payloads). Successes are debug: at ingest rates a line
+    # per request would drown everything else. So are 503s: they mean a dependency is
+    # down, which pgmeter.dependencies logs once per outage (and the 500s' traceback is
+    # logged where they are caught).
+    if status < 400 and not log.isEnabledFor(logging.DEBUG):
+        return
+    fields = {"method": method, "route": route, "status": status, "duration_ms": round(elapsed * 1000, 2)}
+    if status == 503 or status < 400:
+        log.debug("request served" if status < 400 else "request refused: unavailable", extra=fields)
+    elif status >= 500:
+        log.warning("request failed", extra=fields)
+    else:
+        log.info("request refused", extra=fields)
 
 
 def _scan_headers(scope: Scope) -> tuple[str | None, int | None]:
