@@ -148,6 +148,18 @@ class ValkeyConfig(Section):
         return self.settle_after / 2
 
 
+class QuotaConfig(Section):
+    """Quota balances in Valkey (pgmeter.quota); on whenever valkey.url is set and the
+    process runs the sink. docs: docs/quota.md."""
+
+    enabled: bool = True
+    # Every metered entitlement is recomputed this often even without a reason (lost
+    # notices, a Valkey that lost its data without anyone noticing).
+    rebuild_interval: Duration = Field(default=timedelta(minutes=5), gt=timedelta(0), alias="rebuildInterval")
+    # How many entitlements are recomputed at once.
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+
 class IngestConfig(Section):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, alias="maxBodyBytes")
     # Group commit: how long the api waits to gather events from concurrent requests
@@ -287,6 +299,7 @@ class Settings(BaseSettings):
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
     nats: NatsConfig = Field(default_factory=NatsConfig)
     valkey: ValkeyConfig = Field(default_factory=ValkeyConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     refresher: RefresherConfig = Field(default_factory=RefresherConfig)

@@ -38,6 +38,9 @@ async def start(runtime: Runtime) -> None:
         from pgmeter.sink import worker
 
         await worker.start(runtime)
+        from pgmeter.quota import worker as quota_worker
+
+        await quota_worker.start(runtime)
     if "refresher" in runtime.roles:
         from pgmeter.rollup import refresher
 

@@ -36,6 +36,19 @@ NATS_WATCH_INTERVAL = 1.0  # how often a dead NATS read loop is looked for
 PING_TIMEOUT = 2.0  # the Postgres recovery probe's bound
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What one sink transaction committed, for post-commit listeners.
+
+    ``touched`` holds each (namespace, event type, subject) with at least one event in
+    the transaction (duplicates included: a listener must be idempotent anyway), and
+    ``seq`` the highest JetStream sequence of its messages.
+    """
+
+    seq: int
+    touched: frozenset[tuple[str, str, str]]
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -55,6 +68,9 @@ class Runtime:
     readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     dependencies: dict[str, Dependency] = field(default_factory=dict)
+    # Called (synchronously, so keep them quick) after each sink commit, before the acks.
+    # Optional rooms (the quota worker) register here; the sink knows nothing of them.
+    post_commit: list[Callable[[Committed], None]] = field(default_factory=list)
 
     def dependency(self, name: str) -> Dependency:
         """The state of ``postgres``, ``nats`` or ``valkey`` in this process."""
