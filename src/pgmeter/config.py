@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -249,6 +250,38 @@ def lago_base_url(value: Any) -> Any:
     return value
 
 
+class LagoCredits(Section):
+    """Prepaid credits of a Lago wallet that become grants on a feature's entitlement."""
+
+    feature: str
+    # Credits one unit of the feature costs: a settled top-up of C credits grants C / rate.
+    credits_per_unit: Decimal = Field(alias="creditsPerUnit", gt=0)
+    # Only this wallet (its code); None: any wallet of the customer.
+    wallet_code: str | None = Field(default=None, alias="walletCode")
+
+
+class LagoWebhooksConfig(Section):
+    """The receiver of Lago's webhooks (pgmeter.lago.webhooks, POST /lago/webhooks).
+
+    Off until a key is set. ``publicKey``: Lago's RSA public key (PEM, or base64 PEM as
+    GET /api/v1/webhooks/public_key serves it) for the default ``jwt`` signatures;
+    ``hmacKey``: the organisation's HMAC Signature Token (not the API key).
+    """
+
+    public_key: str | None = Field(default=None, alias="publicKey")
+    hmac_key: str | None = Field(default=None, alias="hmacKey")
+    # The JWT's ``iss`` (Lago's LAGO_API_URL); None: not checked.
+    issuer: str | None = None
+    # The namespace whose customers (by key = Lago external_customer_id) get the grants.
+    namespace: str = "default"
+    credits: list[LagoCredits] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, alias="maxBodyBytes")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.public_key or self.hmac_key)
+
+
 class LagoConfig(Section):
     """The Lago hand-off (pgmeter.lago). docs: the README's Lago section."""
 
@@ -270,6 +303,7 @@ class LagoConfig(Section):
     mappings: list[LagoMapping] = Field(default_factory=list)
     # subject -> external_subscription_id; subjects not listed map to themselves.
     subjects: dict[str, str] = Field(default_factory=dict)
+    webhooks: LagoWebhooksConfig = Field(default_factory=LagoWebhooksConfig)
 
     @model_validator(mode="after")
     def _usable_when_enabled(self) -> LagoConfig:

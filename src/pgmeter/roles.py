@@ -15,9 +15,10 @@ from pgmeter.runtime import Runtime
 
 def api_routes() -> list[BaseRoute]:
     from pgmeter.api import customers, docs, entitlements, events, features, meters, query
+    from pgmeter.lago import webhooks
 
     return [*events.routes, *meters.routes, *query.routes, *customers.routes, *features.routes,
-            *entitlements.routes, *docs.routes]
+            *entitlements.routes, *docs.routes, *webhooks.routes]
 
 
 async def start(runtime: Runtime) -> None:
