@@ -161,6 +161,25 @@ class QuotaConfig(Section):
     concurrency: int = Field(default=4, ge=1, le=64)
 
 
+def _svix_schedule() -> list[timedelta]:
+    return [timedelta(0), timedelta(seconds=5), timedelta(minutes=5), timedelta(minutes=30), timedelta(hours=2),
+            timedelta(hours=5), timedelta(hours=10), timedelta(hours=10)]
+
+
+class NotificationsConfig(Section):
+    """Notification webhooks (pgmeter.notify), delivered from a Postgres outbox by the
+    process that runs the sink. docs: docs/quota.md."""
+
+    # Delay before each attempt (the first usually 0): Svix's schedule by default. After
+    # the last, the delivery is FAILED (POST .../events/{id}/resend starts it again).
+    retry_schedule: list[Duration] = Field(default_factory=_svix_schedule, alias="retrySchedule",
+                                           min_length=1, max_length=20)
+    # A receiver must answer 2xx within this (Svix: about 15 s).
+    timeout: Duration = Field(default=timedelta(seconds=15), gt=timedelta(0))
+    max_channels: int = Field(default=100, ge=1, alias="maxChannels")
+    max_rules: int = Field(default=100, ge=1, alias="maxRules")
+
+
 class IngestConfig(Section):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, alias="maxBodyBytes")
     # Group commit: how long the api waits to gather events from concurrent requests
@@ -334,6 +353,7 @@ class Settings(BaseSettings):
     nats: NatsConfig = Field(default_factory=NatsConfig)
     valkey: ValkeyConfig = Field(default_factory=ValkeyConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     refresher: RefresherConfig = Field(default_factory=RefresherConfig)

@@ -16,9 +16,10 @@ from pgmeter.runtime import Runtime
 def api_routes() -> list[BaseRoute]:
     from pgmeter.api import customers, docs, entitlements, events, features, meters, query
     from pgmeter.lago import webhooks
+    from pgmeter.notify import api as notifications
 
     return [*events.routes, *meters.routes, *query.routes, *customers.routes, *features.routes,
-            *entitlements.routes, *docs.routes, *webhooks.routes]
+            *entitlements.routes, *docs.routes, *webhooks.routes, *notifications.routes]
 
 
 async def start(runtime: Runtime) -> None:
@@ -42,6 +43,9 @@ async def start(runtime: Runtime) -> None:
         from pgmeter.quota import worker as quota_worker
 
         await quota_worker.start(runtime)
+        from pgmeter.notify import delivery
+
+        await delivery.start(runtime)
     if "refresher" in runtime.roles:
         from pgmeter.rollup import refresher
 

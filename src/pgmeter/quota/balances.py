@@ -36,6 +36,7 @@ class Computed:
     as_of: datetime
     valid_until: int  # epoch ms, 0 when deleting
     value: balance.Value | None = None
+    ctx: balance.Context | None = None
 
 
 def next_boundary(ctx: balance.Context, at: datetime, period_end: datetime) -> datetime:
@@ -105,7 +106,7 @@ async def compute(pool: asyncpg.Pool, prefix: str, namespace: str, entitlement_i
     await balance._write_back(pool, ent, pending, seen)
     value = balance.value_of(ctx, state, at)
     fields, valid_until = fields_of(ctx, value, now, seq)
-    return Computed(ent.id, keys, fields, now, valid_until, value)
+    return Computed(ent.id, keys, fields, now, valid_until, value, ctx)
 
 
 async def write(valkey: Any, prefix: str, computed: Computed) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -68,8 +69,12 @@ class QuotaWorker:
         self.customers: set[str] = set()
         self.seq = 0  # the highest sink sequence reported so far
         self.rounds = 0  # completed rounds, for tests and the bench
+        self.resets: dict[str, list[str]] = {}  # entitlement id -> ids of explicit resets not yet reported
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
+        # Called with each fresh value and the explicit resets behind it (the notify room's
+        # rules); a failing listener is logged and does not stop the round.
+        self.listeners: list[Callable[[balances.Computed, list[str]], Awaitable[None]]] = []
 
     # -- what makes entitlements dirty ------------------------------------------------
 
@@ -80,6 +85,9 @@ class QuotaWorker:
 
     def on_notice(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         kind, _, ident = payload.partition(":")
+        if kind == "reset":
+            ident, _, reset_id = ident.partition(":")
+            self.resets.setdefault(ident, []).append(reset_id)
         (self.customers if kind == "customer" else self.dirty).add(ident)
         self.wake.set()
 
@@ -114,6 +122,7 @@ class QuotaWorker:
         commits, self.commits = self.commits, []
         customers, self.customers = self.customers, set()
         dirty, self.dirty = self.dirty, set()
+        resets, self.resets = self.resets, {}
         seq = self.seq
         try:
             if commits or customers:
@@ -125,7 +134,7 @@ class QuotaWorker:
             async def one(entitlement_id: str) -> None:
                 nonlocal written
                 async with semaphore:
-                    written += await self.refresh(entitlement_id, seq)
+                    written += await self.refresh(entitlement_id, seq, resets.get(entitlement_id, []))
 
             await asyncio.gather(*(one(i) for i in sorted(dirty)))
         except BaseException:
@@ -133,11 +142,13 @@ class QuotaWorker:
             self.commits[:0] = commits
             self.customers |= customers
             self.dirty |= dirty
+            for entitlement_id, ids in resets.items():
+                self.resets.setdefault(entitlement_id, [])[:0] = ids
             raise
         self.rounds += 1
         return written
 
-    async def refresh(self, entitlement_id: str, seq: int | None = None) -> int:
+    async def refresh(self, entitlement_id: str, seq: int | None = None, resets: list[str] | None = None) -> int:
         namespace = await self._namespace(entitlement_id)
         if namespace is None:
             return 0
@@ -145,7 +156,13 @@ class QuotaWorker:
                                           seq=self.seq if seq is None else seq, grace=self.grace)
         if computed is None:
             return 0
-        return int(await balances.write(self.valkey, self.prefix, computed))
+        written = int(await balances.write(self.valkey, self.prefix, computed))
+        for listener in self.listeners:
+            try:
+                await listener(computed, resets or [])
+            except Exception:
+                log.exception("a quota listener failed", extra={"entitlement": entitlement_id})
+        return written
 
     async def _namespace(self, entitlement_id: str) -> str | None:
         async with self.pool.acquire() as conn:
