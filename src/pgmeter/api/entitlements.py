@@ -369,9 +369,11 @@ def _routes(api: Api) -> list[Route]:
             key = quota_reader.key_for(runtime, namespace_of(request), feature_key=ref_value,
                                        subject=request.path_params.get("subjectIdOrKey"),
                                        customer=request.path_params.get("customerIdOrKey"))
-            hit = await quota_reader.cached(runtime, key, v2=api.v2)
+            hit, now = await quota_reader.cached(runtime, key, v2=api.v2)
             if hit is not None:
                 return JSONResponse(hit[0], headers=hit[1])
+        elif now:
+            now = await quota_reader.worker_running(runtime)
         at = at_param(request)
         customer = await owner(request, api)
         ent = await entitlement_of(request, customer, ref_value, at, deleted=True)

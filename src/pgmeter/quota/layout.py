@@ -101,6 +101,16 @@ def aliases_key(prefix: str, entitlement_id: str) -> str:
     return f"{prefix}quota:v1:aliases:{entitlement_id}"
 
 
+def worker_key(prefix: str) -> str:
+    """Heartbeat of a running quota worker (expires HEARTBEAT_MS after its last beat). Without
+    it nobody applies commits, grants or resets to the hashes, so pgmeter's own value endpoint
+    does not trust them; a gateway may read it along with its hash (MGET/pipeline) to be as strict."""
+    return f"{prefix}quota:v1:worker"
+
+
+HEARTBEAT_MS = 5000
+
+
 def alive_key(prefix: str) -> str:
     """Set by the quota worker once it has rebuilt every key: missing means Valkey lost its data."""
     return f"{prefix}quota:v1:built"

@@ -50,19 +50,35 @@ def enabled(runtime: Runtime) -> bool:
 
 
 async def cached(runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | None = None,
-                 ) -> tuple[dict[str, Any], dict[str, str]] | None:
-    """The value stored under ``key`` if it is valid now (and of ``entitlement_id``, if given)."""
+                 ) -> tuple[tuple[dict[str, Any], dict[str, str]] | None, bool]:
+    """(the value stored under ``key`` if it is valid now, whether a quota worker is running).
+
+    Without a worker's heartbeat nothing keeps the hashes current, so none is used (and
+    none is written back): the caller computes as if there were no Valkey.
+    """
+    prefix = runtime.settings.valkey.key_prefix
     try:
-        found = layout.Quota.parse(await runtime.valkey.hgetall(key))
+        async with runtime.valkey.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.exists(layout.worker_key(prefix))
+            raw, alive = await pipe.execute()
     except Exception as exc:  # Valkey away or slow: the exact computation answers
         log.debug("quota read failed", extra={"error": describe(exc)})
-        return None
+        return None, False
+    found = layout.Quota.parse(raw) if alive else None
     if found is None or not found.fresh_at(datetime.now(UTC)):
-        return None
+        return None, bool(alive)
     if entitlement_id is not None and found.entitlement_id != entitlement_id:
-        return None
+        return None, True
     return (_body(found.has_access, found.balance, found.usage, found.overage, found.total_available,
-                  found.grant_balances, v2), _headers("valkey", found.as_of, found.seq))
+                  found.grant_balances, v2), _headers("valkey", found.as_of, found.seq)), True
+
+
+async def worker_running(runtime: Runtime) -> bool:
+    try:
+        return bool(await runtime.valkey.exists(layout.worker_key(runtime.settings.valkey.key_prefix)))
+    except Exception:
+        return False
 
 
 def key_for(runtime: Runtime, namespace: str, *, subject: str | None = None, customer: str | None = None,

@@ -93,6 +93,7 @@ class QuotaWorker:
 
     def mark(self, ids: list[str]) -> None:
         self.dirty.update(ids)
+        self.idle.clear()
         self.wake.set()
 
     async def everything(self) -> None:
@@ -212,11 +213,21 @@ class QuotaWorker:
 
     async def background(self) -> None:
         """Due values, a lost Valkey and the periodic rebuild."""
+        # The heartbeat (which makes the api trust the hashes) starts once every value has been
+        # rebuilt: hashes left from before this process may predate grants or resets.
+        while True:
+            try:
+                await self.everything()
+                break
+            except Exception as exc:
+                log.warning("quota: initial rebuild failed; retrying", extra={"error": describe(exc)})
+                await asyncio.sleep(DUE_INTERVAL)
+        await self.idle.wait()
         last_rebuild = time.monotonic()
         while True:
-            await asyncio.sleep(DUE_INTERVAL)
             try:
                 now_ms = int(time.time() * 1000)
+                await self.valkey.set(layout.worker_key(self.prefix), str(now_ms), px=layout.HEARTBEAT_MS)
                 due = await self.valkey.zrangebyscore(layout.due_key(self.prefix), "-inf", now_ms)
                 if due:
                     self.mark([d.decode() if isinstance(d, bytes) else d for d in due])
@@ -229,6 +240,7 @@ class QuotaWorker:
                 raise
             except Exception as exc:
                 log.warning("quota background check failed", extra={"error": describe(exc)})
+            await asyncio.sleep(DUE_INTERVAL)
 
 
 async def start(runtime: Runtime) -> QuotaWorker | None:
