@@ -43,6 +43,7 @@ from starlette.routing import Route
 
 from pgmeter.api.meters import runtime_of
 from pgmeter.api.problems import Problem, bad_request
+from pgmeter.api.shapes import storable
 from pgmeter.config import LagoWebhooksConfig
 from pgmeter.entitlements import service, store
 from pgmeter.entitlements.balance import Timeline
@@ -131,8 +132,9 @@ async def _grant_credits(conn: Any, config: LagoWebhooksConfig, tx: dict[str, An
     """Grants for one settled inbound transaction; (outcome, grant ids)."""
     wallet = tx.get("wallet") if isinstance(tx.get("wallet"), dict) else {}
     customer_key = wallet.get("external_customer_id") or tx.get("external_customer_id")
-    if not isinstance(customer_key, str) or not customer_key:
-        raise bad_request("wallet_transaction.wallet.external_customer_id is missing", field="external_customer_id")
+    if not isinstance(customer_key, str) or not customer_key or not storable(customer_key):
+        raise bad_request("wallet_transaction.wallet.external_customer_id is missing or not text",
+                          field="external_customer_id")
     credits = _decimal(tx.get("credit_amount"), "wallet_transaction.credit_amount")
     customer = await store.customer_by_key(conn, config.namespace, customer_key[:256])
     if customer is None:
@@ -152,8 +154,9 @@ async def _grant_credits(conn: Any, config: LagoWebhooksConfig, tx: dict[str, An
         grant = await service.create_grant(conn, ent, service.GrantInput(
             amount=amount, priority=1, effective_at=effective, expiration_duration=None, expiration_count=None,
             min_rollover=Decimal(0), max_rollover=amount, recurrence_interval=None, recurrence_anchor=None,
-            metadata={"lagoWalletTransactionId": str(tx.get("lago_id"))[:64],
-                      "lagoWalletId": str(tx.get("lago_wallet_id") or wallet.get("lago_id"))[:64]}))
+            metadata={k: v for k, v in (("lagoWalletTransactionId", str(tx.get("lago_id"))[:64]),
+                                        ("lagoWalletId", str(tx.get("lago_wallet_id") or wallet.get("lago_id"))[:64]))
+                      if storable(v)}))
         grants.append(grant.id)
     return ("granted" if grants else "no entitlement of a mapped feature"), grants
 
@@ -177,11 +180,14 @@ async def receive(request: Request) -> Response:
         payload = json.loads(body)
     except (ValueError, RecursionError):
         raise bad_request("body is not JSON") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("webhook_type"), str):
+    if not isinstance(payload, dict) or not isinstance(payload.get("webhook_type"), str) \
+            or not storable(payload["webhook_type"]):
         raise bad_request("body must be an object with webhook_type", field="webhook_type")
     kind = payload["webhook_type"][:64]
     tx = payload.get("wallet_transaction")
     object_id = str(tx.get("lago_id"))[:64] if isinstance(tx, dict) and tx.get("lago_id") else None
+    if object_id is not None and not storable(object_id):
+        raise bad_request("wallet_transaction.lago_id is not text", field="wallet_transaction.lago_id")
     async with runtime.api_pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"pgmeter.lago-webhook:{config.namespace}")
         seen = await conn.fetchval("SELECT outcome FROM lago_webhooks WHERE namespace = $1 AND unique_key = $2",

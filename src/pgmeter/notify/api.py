@@ -44,8 +44,8 @@ def _text(body: dict[str, Any], name: str, hi: int, *, required: bool = True) ->
     value = body.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not 1 <= len(value) <= hi or "\x00" in value:
-        raise _field(name, f"must be a string of 1 to {hi} characters")
+    if not isinstance(value, str) or not 1 <= len(value) <= hi or not shapes.storable(value):
+        raise _field(name, f"must be a string of 1 to {hi} characters (no NUL)")
     return value
 
 
@@ -54,7 +54,7 @@ def _metadata(body: dict[str, Any]) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, dict) or len(value) > 32 or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 256 and len(v) <= 1024 and "\x00" not in k + v
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 256 and len(v) <= 1024 and shapes.storable(k + v)
             for k, v in value.items()):
         raise _field("metadata", "must be an object of at most 32 string pairs (keys 256, values 1024 characters)")
     return value
@@ -82,7 +82,8 @@ def channel_input(body: dict[str, Any]) -> dict[str, Any]:
     headers = body.get("customHeaders")
     if headers is not None and (not isinstance(headers, dict) or len(headers) > 20 or not all(
             isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 256 and len(v) <= 1024
-            and "\x00" not in k + v and "\n" not in k + v and "\r" not in k + v for k, v in headers.items())):
+            and shapes.storable(k + v) and k.isascii() and v.isascii() and "\n" not in k + v and "\r" not in k + v
+            for k, v in headers.items())):
         raise _field("customHeaders", "must be an object of at most 20 headers (names 256, values 1024 characters)")
     disabled = body.get("disabled", False)
     if not isinstance(disabled, bool):
@@ -125,7 +126,8 @@ async def rule_input(conn: asyncpg.Connection, namespace: str, body: dict[str, A
         raise _field("type", f"must be {THRESHOLD} or {RESET}")
     channels = body.get("channels")
     if not isinstance(channels, list) or not 1 <= len(channels) <= 5 or not all(
-            isinstance(c, str) and len(c) <= 64 for c in channels) or len(set(channels)) != len(channels):
+            isinstance(c, str) and 0 < len(c) <= 64 and shapes.storable(c) for c in channels) \
+            or len(set(channels)) != len(channels):
         raise _field("channels", "must list 1 to 5 distinct channel ids")
     live = {r["id"] for r in await conn.fetch(
         "SELECT id FROM notification_channels WHERE namespace = $1 AND id = ANY($2::text[]) AND deleted_at IS NULL",
@@ -135,7 +137,8 @@ async def rule_input(conn: asyncpg.Connection, namespace: str, body: dict[str, A
         raise _field("channels", f"names channels that do not exist: {', '.join(missing)}")
     features = body.get("features") or []
     if not isinstance(features, list) or len(features) > 100 or not all(
-            isinstance(f, str) and 0 < len(f) <= 64 for f in features) or len(set(features)) != len(features):
+            isinstance(f, str) and 0 < len(f) <= 64 and shapes.storable(f) for f in features) \
+            or len(set(features)) != len(features):
         raise _field("features", "must list at most 100 distinct feature ids or keys")
     feature_ids = []
     for ref in features:
