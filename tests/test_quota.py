@@ -178,6 +178,8 @@ def test_valkey_balances_follow_events_late_events_voids_and_data_loss(quota_set
         assert int(response.headers["X-Pgmeter-Value-Seq"]) >= 1
         as_of = datetime.fromisoformat(response.headers["X-Pgmeter-Value-As-Of"])
         assert timedelta(0) <= datetime.now(UTC) - as_of < timedelta(minutes=5)
+        admin = api.get("/api/v1/customers/tpp-2/entitlements/calls/value")
+        assert admin.headers["X-Pgmeter-Value-Source"] == "valkey" and admin.json()["balance"] == 30
         v2 = api.get("/api/v2/customers/tpp-2/entitlements/calls/value")
         assert v2.headers["X-Pgmeter-Value-Source"] == "valkey"
         assert v2.json()["balance"] == 30 and sum(v2.json()["grantBalances"].values()) == 30
@@ -210,6 +212,20 @@ def test_valkey_balances_follow_events_late_events_voids_and_data_loss(quota_set
         assert_all_exact(api, url, vk, prefix)
         wait_for(lambda: api.get("/api/v1/subjects/tpp-2/entitlements/calls/value").headers.get(
             "X-Pgmeter-Value-Source") == "valkey")
+
+        # validUntil: the next instant the value changes without an event (a grant starting),
+        # less the minute a value read rounds up to; a hash past it is not served.
+        start = (datetime.now(UTC) + timedelta(minutes=5)).replace(second=0, microsecond=0)
+        assert api.post("/api/v2/customers/tpp-2/entitlements/calls/grants", json={
+            "amount": 7, "effectiveAt": iso(start), "expiration": {"duration": "DAY", "count": 1}}).status_code == 201
+        wait_for(lambda: (q := quota_of(vk, prefix, "tpp-2")) is not None
+                 and q.valid_until == layout.millis(start) - 60_000)
+        vk.hset(layout.subject_key(prefix, "default", "tpp-2", "calls"), "validUntil", "0")
+        response = api.get("/api/v1/subjects/tpp-2/entitlements/calls/value")
+        assert response.headers["X-Pgmeter-Value-Source"] == "computed" and response.json()["balance"] == 0
+        q2 = quota_of(vk, prefix, "tpp-2")
+        assert q2 is not None and q2.valid_until == layout.millis(start) - 60_000  # written back
+        assert_all_exact(api, url, vk, prefix)
 
         # A customer's subject removed: its hash goes, the others stay exact.
         updated = api.put("/api/v1/customers/tpp-1", json={"name": "tpp-1", "key": "tpp-1",
