@@ -227,6 +227,15 @@ def test_valkey_balances_follow_events_late_events_voids_and_data_loss(quota_set
         assert q2 is not None and q2.valid_until == layout.millis(start) - 60_000  # written back
         assert_all_exact(api, url, vk, prefix)
 
+        # An event timed ahead of now is not counted yet: the hash says until when it holds.
+        ahead = datetime.now(UTC) + timedelta(minutes=3, seconds=30)
+        send(api, "tpp-1", 1, ahead)
+        wait_for(lambda: (q := quota_of(vk, prefix, "tpp-1")) is not None
+                 and q.valid_until == layout.millis(ahead.replace(second=0, microsecond=0)))
+        q1 = quota_of(vk, prefix, "tpp-1")
+        assert q1 is not None and q1.balance == 25
+        assert_all_exact(api, url, vk, prefix)
+
         # A customer's subject removed: its hash goes, the others stay exact.
         updated = api.put("/api/v1/customers/tpp-1", json={"name": "tpp-1", "key": "tpp-1",
                                                            "usageAttribution": {"subjectKeys": ["tpp-1"]}})

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from pgmeter.entitlements import balance, store
-from pgmeter.entitlements.periods import ceil_minute
+from pgmeter.entitlements.periods import ceil_minute, floor_minute
 from pgmeter.quota import layout
 
 MINUTE_MS = 60_000
@@ -39,9 +39,16 @@ class Computed:
     ctx: balance.Context | None = None
 
 
-def next_boundary(ctx: balance.Context, at: datetime, period_end: datetime) -> datetime:
-    """The earliest instant after ``at`` at which the value changes without a new event."""
+def next_boundary(ctx: balance.Context, at: datetime, period_end: datetime,
+                  future_event: datetime | None = None) -> datetime:
+    """The earliest instant after ``at`` at which the value changes without a new event.
+
+    ``future_event``: the earliest committed event of the customer timed at or after ``at``
+    (a clock ahead, or a scheduled usage): it is counted from the minute after its own.
+    """
     found = [period_end]
+    if future_event is not None:
+        found.append(floor_minute(future_event) + timedelta(minutes=1))
     for grant in ctx.engine_grants:
         end = grant.end
         for t in (grant.effective_at, end):
@@ -55,11 +62,12 @@ def next_boundary(ctx: balance.Context, at: datetime, period_end: datetime) -> d
     return min(found)
 
 
-def fields_of(ctx: balance.Context, value: balance.Value, as_of: datetime, seq: int) -> tuple[dict[str, str], int]:
+def fields_of(ctx: balance.Context, value: balance.Value, as_of: datetime, seq: int,
+              future_event: datetime | None = None) -> tuple[dict[str, str], int]:
     period_start, period_end = value.period
     # The value read at instant t is the value at ceil_minute(t): it stays this one while
     # ceil_minute(t) < the next boundary, i.e. up to a minute before it.
-    valid_until = layout.millis(next_boundary(ctx, value.at, period_end)) - MINUTE_MS
+    valid_until = layout.millis(next_boundary(ctx, value.at, period_end, future_event)) - MINUTE_MS
     ent = ctx.entitlement
     return {
         "v": layout.VERSION, "entitlementId": ent.id, "hasAccess": "1" if value.has_access else "0",
@@ -102,10 +110,13 @@ async def compute(pool: asyncpg.Pool, prefix: str, namespace: str, entitlement_i
             seen = await balance.fingerprint(conn, ent)
             ctx = await balance.load_context(conn, ent)
             state, pending = await balance.compute(conn, ctx, at, now=now, grace=grace)
+            future_event = await conn.fetchval(
+                "SELECT min(time) FROM events WHERE namespace = $1 AND type = $2 AND time >= $3 "
+                "AND subject = ANY($4::text[])", namespace, ctx.meter.event_type, at, ctx.customer.usage_keys)
     # The snapshot bookkeeping of a value read (the engine's own, same lock and checks).
     await balance._write_back(pool, ent, pending, seen)
     value = balance.value_of(ctx, state, at)
-    fields, valid_until = fields_of(ctx, value, now, seq)
+    fields, valid_until = fields_of(ctx, value, now, seq, future_event)
     return Computed(ent.id, keys, fields, now, valid_until, value, ctx)
 
 
