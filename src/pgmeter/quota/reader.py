@@ -16,6 +16,7 @@ counted) and ``X-Pgmeter-Value-Seq`` (see :mod:`pgmeter.quota.layout`).
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -26,6 +27,9 @@ from pgmeter.quota import balances, layout
 from pgmeter.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+# A heartbeat seen this recently is not read again (it expires after 5 s, beats every second).
+HEARTBEAT_CACHE = 1.0
 
 
 def _body(has_access: bool, balance: Decimal, usage: Decimal, overage: Decimal, total: Decimal,
@@ -57,11 +61,17 @@ async def cached(runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | 
     none is written back): the caller computes as if there were no Valkey.
     """
     prefix = runtime.settings.valkey.key_prefix
+    seen = runtime.extras.get("quota_heartbeat_seen", -HEARTBEAT_CACHE)
     try:
-        async with runtime.valkey.pipeline(transaction=False) as pipe:
-            pipe.hgetall(key)
-            pipe.exists(layout.worker_key(prefix))
-            raw, alive = await pipe.execute()
+        if time.monotonic() - seen < HEARTBEAT_CACHE:
+            raw, alive = await runtime.valkey.hgetall(key), True
+        else:
+            async with runtime.valkey.pipeline(transaction=False) as pipe:
+                pipe.hgetall(key)
+                pipe.exists(layout.worker_key(prefix))
+                raw, alive = await pipe.execute()
+            if alive:
+                runtime.extras["quota_heartbeat_seen"] = time.monotonic()
     except Exception as exc:  # Valkey away or slow: the exact computation answers
         log.debug("quota read failed", extra={"error": describe(exc)})
         return None, False
@@ -75,10 +85,15 @@ async def cached(runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | 
 
 
 async def worker_running(runtime: Runtime) -> bool:
+    if time.monotonic() - runtime.extras.get("quota_heartbeat_seen", -HEARTBEAT_CACHE) < HEARTBEAT_CACHE:
+        return True
     try:
-        return bool(await runtime.valkey.exists(layout.worker_key(runtime.settings.valkey.key_prefix)))
+        alive = bool(await runtime.valkey.exists(layout.worker_key(runtime.settings.valkey.key_prefix)))
     except Exception:
         return False
+    if alive:
+        runtime.extras["quota_heartbeat_seen"] = time.monotonic()
+    return alive
 
 
 def key_for(runtime: Runtime, namespace: str, *, subject: str | None = None, customer: str | None = None,

@@ -69,6 +69,7 @@ class QuotaWorker:
         self.customers: set[str] = set()
         self.seq = 0  # the highest sink sequence reported so far
         self.rounds = 0  # completed rounds, for tests and the bench
+        self.namespaces: dict[str, str] = {}
         self.resets: dict[str, list[str]] = {}  # entitlement id -> ids of explicit resets not yet reported
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
@@ -166,9 +167,14 @@ class QuotaWorker:
         return written
 
     async def _namespace(self, entitlement_id: str) -> str | None:
-        async with self.pool.acquire() as conn:
-            found: str | None = await conn.fetchval("SELECT namespace FROM entitlements WHERE id = $1", entitlement_id)
-            return found
+        """An entitlement's namespace never changes: looked up once per process."""
+        found = self.namespaces.get(entitlement_id)
+        if found is None:
+            async with self.pool.acquire() as conn:
+                found = await conn.fetchval("SELECT namespace FROM entitlements WHERE id = $1", entitlement_id)
+            if found is not None and len(self.namespaces) < 1_000_000:
+                self.namespaces[entitlement_id] = found
+        return found
 
     async def run(self) -> None:
         delay = 0.2
