@@ -130,7 +130,8 @@ def _time(value: Any) -> datetime | None:
 
 async def _grant_credits(conn: Any, config: LagoWebhooksConfig, tx: dict[str, Any]) -> tuple[str, list[str]]:
     """Grants for one settled inbound transaction; (outcome, grant ids)."""
-    wallet = tx.get("wallet") if isinstance(tx.get("wallet"), dict) else {}
+    found = tx.get("wallet")
+    wallet: dict[str, Any] = found if isinstance(found, dict) else {}
     customer_key = wallet.get("external_customer_id") or tx.get("external_customer_id")
     if not isinstance(customer_key, str) or not customer_key or not storable(customer_key):
         raise bad_request("wallet_transaction.wallet.external_customer_id is missing or not text",
@@ -194,7 +195,7 @@ async def receive(request: Request) -> Response:
                                    config.namespace, unique_key)
         if seen is not None:
             return JSONResponse({"duplicate": True, "outcome": seen})
-        outcome, grants = "ignored", []
+        outcome, grants = "ignored", list[str]()
         if kind in ("wallet_transaction.created", "wallet_transaction.updated") and isinstance(tx, dict):
             settled = tx.get("status") == "settled" and tx.get("transaction_type") == "inbound" and \
                 tx.get("transaction_status") in ("purchased", "granted")

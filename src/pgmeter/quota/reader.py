@@ -62,11 +62,13 @@ async def cached(runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | 
     """
     prefix = runtime.settings.valkey.key_prefix
     seen = runtime.extras.get("quota_heartbeat_seen", -HEARTBEAT_CACHE)
+    valkey = runtime.valkey
+    assert valkey is not None  # enabled(runtime)
     try:
         if time.monotonic() - seen < HEARTBEAT_CACHE:
-            raw, alive = await runtime.valkey.hgetall(key), True
+            raw, alive = await valkey.hgetall(key), True
         else:
-            async with runtime.valkey.pipeline(transaction=False) as pipe:
+            async with valkey.pipeline(transaction=False) as pipe:
                 pipe.hgetall(key)
                 pipe.exists(layout.worker_key(prefix))
                 raw, alive = await pipe.execute()
@@ -87,6 +89,8 @@ async def cached(runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | 
 async def worker_running(runtime: Runtime) -> bool:
     if time.monotonic() - runtime.extras.get("quota_heartbeat_seen", -HEARTBEAT_CACHE) < HEARTBEAT_CACHE:
         return True
+    if runtime.valkey is None:
+        return False
     try:
         alive = bool(await runtime.valkey.exists(layout.worker_key(runtime.settings.valkey.key_prefix)))
     except Exception:
