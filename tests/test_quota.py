@@ -285,3 +285,29 @@ def test_layout_parse_refuses_other_versions() -> None:
             "periodStart": "1", "periodEnd": "2", "validUntil": "3", "asOf": "4", "seq": "5", "updatedAt": "6"}
     parsed = layout.Quota.parse(good)
     assert parsed is not None and parsed.balance == Decimal("1.5") and parsed.grant_balances == {"g": Decimal("1.5")}
+
+
+def test_valkey_restarted_without_its_data_is_rebuilt(quota_settings: Settings, tmp_path: Path) -> None:
+    """A real restart of a Valkey that keeps nothing: the worker reconnects and rebuilds every hash."""
+    from pgmeter.devstack import services
+
+    port = free_port()
+    proc, valkey_url = services.start_valkey(tmp_path / "valkey", port, log_path=tmp_path / "valkey.log")
+    settings = quota_settings.model_copy(update={"valkey": quota_settings.valkey.model_copy(
+        update={"url": valkey_url})})
+    url, prefix = settings.postgres.url, settings.valkey.key_prefix
+    vk = valkey.Valkey.from_url(valkey_url)
+    try:
+        with AppServer(settings, {"api", "sink"}) as server, server.client() as api:
+            setup_customers(api, url)
+            send(api, "tpp-2", 70)
+            wait_for(lambda: (q := quota_of(vk, prefix, "tpp-2")) is not None and q.usage == 70)
+            proc.stop()
+            send(api, "tpp-2", 10)  # committed while Valkey is away
+            proc, _ = services.start_valkey(tmp_path / "valkey", port, log_path=tmp_path / "valkey.log")
+            assert_all_exact(api, url, vk, prefix)
+            q2 = quota_of(vk, prefix, "tpp-2")
+            assert q2 is not None and q2.usage == 80 and q2.balance == 70
+    finally:
+        vk.close()
+        proc.stop()
