@@ -70,6 +70,7 @@ class QuotaWorker:
         self.seq = 0  # the highest sink sequence reported so far
         self.rounds = 0  # completed rounds, for tests and the bench
         self.namespaces: dict[str, str] = {}
+        self.any_metered = True  # until the first rebuild says otherwise
         self.resets: dict[str, list[str]] = {}  # entitlement id -> ids of explicit resets not yet reported
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
@@ -86,6 +87,7 @@ class QuotaWorker:
 
     def on_notice(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         kind, _, ident = payload.partition(":")
+        self.any_metered = True
         if kind == "reset":
             ident, _, reset_id = ident.partition(":")
             self.resets.setdefault(ident, []).append(reset_id)
@@ -99,7 +101,10 @@ class QuotaWorker:
 
     async def everything(self) -> None:
         async with self.pool.acquire() as conn:
-            self.mark([row["id"] for row in await conn.fetch(_ALL)])
+            ids = [row["id"] for row in await conn.fetch(_ALL)]
+        # No metered entitlement at all (a deployment that only meters): commits need no lookup.
+        self.any_metered = bool(ids) or bool(self.dirty)
+        self.mark(ids)
 
     # -- rounds ---------------------------------------------------------------------
 
@@ -127,6 +132,8 @@ class QuotaWorker:
         resets, self.resets = self.resets, {}
         seq = self.seq
         try:
+            if not self.any_metered:
+                commits = []
             if commits or customers:
                 async with self.pool.acquire() as conn:
                     dirty |= await self._resolve(conn, commits, customers)
@@ -234,6 +241,10 @@ class QuotaWorker:
             try:
                 now_ms = int(time.time() * 1000)
                 await self.valkey.set(layout.worker_key(self.prefix), str(now_ms), px=layout.HEARTBEAT_MS)
+                if not self.any_metered:
+                    async with self.pool.acquire() as conn:
+                        self.any_metered = bool(await conn.fetchval(
+                            "SELECT EXISTS (SELECT 1 FROM entitlements WHERE type = 'metered' AND deleted_at IS NULL)"))
                 due = await self.valkey.zrangebyscore(layout.due_key(self.prefix), "-inf", now_ms)
                 if due:
                     self.mark([d.decode() if isinstance(d, bytes) else d for d in due])
