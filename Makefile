@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTEST_ARGS ?=
 CONFIG ?=
 
-.PHONY: run test check bench bench-ingest bench-query bench-chaos clean
+.PHONY: run test check bench bench-ingest bench-query bench-quota bench-chaos clean
 
 # A venv made by an unsuitable Python (or left half-built) is rebuilt, not reused.
 $(VENV)/.python: pyproject.toml
@@ -46,6 +46,10 @@ bench-ingest: $(VENV)/.installed-run
 
 bench-query: $(VENV)/.installed-run
 	$(VENV)/bin/python -m bench.query
+
+# event -> Valkey balance lag, /value from Valkey vs /api/v1/health, direct HMGET
+bench-quota: $(VENV)/.installed-run
+	$(VENV)/bin/python -m bench.quota
 
 # kill -9 and restart every component at random under load, then verify exactly-once
 # (CHAOS_ARGS=--quick for 45 s of faults)

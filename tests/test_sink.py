@@ -445,7 +445,7 @@ def test_two_writers_keep_the_first_copy_by_stream_order(module_settings: Settin
     second = pending(2, ("a", '{"copy":2}'), ("c", '{"copy":2}'))
 
     async def run() -> None:
-        sink = worker.Sink(SimpleNamespace(settings=settings, js=None, pool=None))  # type: ignore[arg-type]
+        sink = worker.Sink(SimpleNamespace(settings=settings, js=None, pool=None, post_commit=[]))  # type: ignore[arg-type]
         assert len(sink.slots) == 2
         holder = psycopg.connect(url)
         holder.execute("INSERT INTO event_dedup (key, event_time) VALUES (%s, '2024-04-01T00:00:00Z')",
@@ -603,7 +603,7 @@ def test_events_postgres_refuses_are_isolated_without_stalling_either_writer(mod
     batches = [pending(1), pending(2)]
 
     async def run() -> float:
-        sink = worker.Sink(SimpleNamespace(settings=settings, js=None, pool=None))  # type: ignore[arg-type]
+        sink = worker.Sink(SimpleNamespace(settings=settings, js=None, pool=None, post_commit=[]))  # type: ignore[arg-type]
         writers = [asyncio.ensure_future(worker._run_writer(sink, slot)) for slot in sink.slots]
         started = time.monotonic()
         for item in batches:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -148,6 +149,37 @@ class ValkeyConfig(Section):
         return self.settle_after / 2
 
 
+class QuotaConfig(Section):
+    """Quota balances in Valkey (pgmeter.quota); on whenever valkey.url is set and the
+    process runs the sink. docs: docs/quota.md."""
+
+    enabled: bool = True
+    # Every metered entitlement is recomputed this often even without a reason (lost
+    # notices, a Valkey that lost its data without anyone noticing).
+    rebuild_interval: Duration = Field(default=timedelta(minutes=5), gt=timedelta(0), alias="rebuildInterval")
+    # How many entitlements are recomputed at once.
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+
+def _svix_schedule() -> list[timedelta]:
+    return [timedelta(0), timedelta(seconds=5), timedelta(minutes=5), timedelta(minutes=30), timedelta(hours=2),
+            timedelta(hours=5), timedelta(hours=10), timedelta(hours=10)]
+
+
+class NotificationsConfig(Section):
+    """Notification webhooks (pgmeter.notify), delivered from a Postgres outbox by the
+    process that runs the sink. docs: docs/quota.md."""
+
+    # Delay before each attempt (the first usually 0): Svix's schedule by default. After
+    # the last, the delivery is FAILED (POST .../events/{id}/resend starts it again).
+    retry_schedule: list[Duration] = Field(default_factory=_svix_schedule, alias="retrySchedule",
+                                           min_length=1, max_length=20)
+    # A receiver must answer 2xx within this (Svix: about 15 s).
+    timeout: Duration = Field(default=timedelta(seconds=15), gt=timedelta(0))
+    max_channels: int = Field(default=100, ge=1, alias="maxChannels")
+    max_rules: int = Field(default=100, ge=1, alias="maxRules")
+
+
 class IngestConfig(Section):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, alias="maxBodyBytes")
     # Group commit: how long the api waits to gather events from concurrent requests
@@ -237,6 +269,38 @@ def lago_base_url(value: Any) -> Any:
     return value
 
 
+class LagoCredits(Section):
+    """Prepaid credits of a Lago wallet that become grants on a feature's entitlement."""
+
+    feature: str
+    # Credits one unit of the feature costs: a settled top-up of C credits grants C / rate.
+    credits_per_unit: Decimal = Field(alias="creditsPerUnit", gt=0)
+    # Only this wallet (its code); None: any wallet of the customer.
+    wallet_code: str | None = Field(default=None, alias="walletCode")
+
+
+class LagoWebhooksConfig(Section):
+    """The receiver of Lago's webhooks (pgmeter.lago.webhooks, POST /lago/webhooks).
+
+    Off until a key is set. ``publicKey``: Lago's RSA public key (PEM, or base64 PEM as
+    GET /api/v1/webhooks/public_key serves it) for the default ``jwt`` signatures;
+    ``hmacKey``: the organisation's HMAC Signature Token (not the API key).
+    """
+
+    public_key: str | None = Field(default=None, alias="publicKey")
+    hmac_key: str | None = Field(default=None, alias="hmacKey")
+    # The JWT's ``iss`` (Lago's LAGO_API_URL); None: not checked.
+    issuer: str | None = None
+    # The namespace whose customers (by key = Lago external_customer_id) get the grants.
+    namespace: str = "default"
+    credits: list[LagoCredits] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, alias="maxBodyBytes")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.public_key or self.hmac_key)
+
+
 class LagoConfig(Section):
     """The Lago hand-off (pgmeter.lago). docs: the README's Lago section."""
 
@@ -258,6 +322,7 @@ class LagoConfig(Section):
     mappings: list[LagoMapping] = Field(default_factory=list)
     # subject -> external_subscription_id; subjects not listed map to themselves.
     subjects: dict[str, str] = Field(default_factory=dict)
+    webhooks: LagoWebhooksConfig = Field(default_factory=LagoWebhooksConfig)
 
     @model_validator(mode="after")
     def _usable_when_enabled(self) -> LagoConfig:
@@ -300,6 +365,8 @@ class Settings(BaseSettings):
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
     nats: NatsConfig = Field(default_factory=NatsConfig)
     valkey: ValkeyConfig = Field(default_factory=ValkeyConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     refresher: RefresherConfig = Field(default_factory=RefresherConfig)

@@ -16,9 +16,12 @@ from pgmeter.runtime import Runtime
 def api_routes() -> list[BaseRoute]:
     from pgmeter.api import customers, docs, entitlements, events, features, meters, portal, query
     from pgmeter.console import routes as console
+    from pgmeter.lago import webhooks
+    from pgmeter.notify import api as notifications
 
     return [*events.routes, *meters.routes, *query.routes, *customers.routes, *features.routes,
-            *entitlements.routes, *docs.routes, *portal.routes, *console.routes]
+            *entitlements.routes, *docs.routes, *portal.routes, *webhooks.routes, *notifications.routes,
+            *console.routes]
 
 
 async def start(runtime: Runtime) -> None:
@@ -39,6 +42,12 @@ async def start(runtime: Runtime) -> None:
         from pgmeter.sink import worker
 
         await worker.start(runtime)
+        from pgmeter.quota import worker as quota_worker
+
+        await quota_worker.start(runtime)
+        from pgmeter.notify import delivery
+
+        await delivery.start(runtime)
     if "refresher" in runtime.roles:
         from pgmeter.rollup import refresher
 

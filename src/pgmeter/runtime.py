@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,9 @@ from pgmeter.ingest.limits import EventLimits
 
 if TYPE_CHECKING:  # the roles import the runtime; the runtime only names them
     from pgmeter.ingest.publisher import Publisher
+    from pgmeter.notify.delivery import Dispatcher
     from pgmeter.query.cache import QueryCache
+    from pgmeter.quota.worker import QuotaWorker
     from pgmeter.rollup.refresher import Refresher
     from pgmeter.sink.worker import Sink
 
@@ -41,6 +43,19 @@ ROLES = ("api", "sink", "refresher", "lago-sync")
 
 NATS_WATCH_INTERVAL = 1.0  # how often a dead NATS read loop is looked for
 PING_TIMEOUT = 2.0  # the Postgres recovery probe's bound
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one sink transaction committed, for post-commit listeners.
+
+    ``touched`` holds each (namespace, event type, subject) with at least one event in
+    the transaction (duplicates included: a listener must be idempotent anyway), and
+    ``seq`` the highest JetStream sequence of its messages.
+    """
+
+    seq: int
+    touched: frozenset[tuple[str, str, str]]
 
 
 @dataclass
@@ -59,12 +74,19 @@ class Runtime:
     valkey: Any | None = None  # valkey.asyncio.Valkey when configured
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     dependencies: dict[str, Dependency] = field(default_factory=dict)
+    # Called (synchronously, so keep them quick) after each sink commit, before the acks.
+    # Optional rooms (the quota worker) register here; the sink knows nothing of them.
+    post_commit: list[Callable[[Committed], None]] = field(default_factory=list)
     # What the roles started, for the api and for each other; None where the role does
     # not run in this process.
     publisher: Publisher | None = None
     query_cache: QueryCache | None = None
     sink: Sink | None = None
     refresher: Refresher | None = None
+    quota: QuotaWorker | None = None
+    notify: Dispatcher | None = None
+    # When this process last saw the quota worker's heartbeat in Valkey (monotonic).
+    quota_heartbeat_seen: float = float("-inf")
     # The event limits in force, resolved from the settings once.
     event_limits: EventLimits = field(init=False)
 

@@ -31,6 +31,7 @@ from pgmeter.entitlements.periods import IntervalError, ceil_minute, floor_minut
 from pgmeter.entitlements.service import EntitlementInput, GrantInput
 from pgmeter.meters.ulid import is_ulid
 from pgmeter.query.params import QueryError, WindowSize, zone
+from pgmeter.quota import reader as quota_reader
 from pgmeter.times import format_rfc3339
 
 EXPIRATION_DURATIONS = ("HOUR", "DAY", "WEEK", "MONTH", "YEAR")
@@ -361,12 +362,28 @@ def _routes(api: Api) -> list[Route]:
         return Response(status_code=204)
 
     async def value(request: Request) -> Response:
+        runtime = runtime_of(request)
+        ref_value = request.path_params["entitlementIdOrFeatureKey"]
+        now = "time" not in request.query_params and quota_reader.enabled(runtime)
+        if now and not is_ulid(ref_value):
+            # The quota room's copy in Valkey, without a Postgres round trip (pgmeter.quota.reader).
+            key = quota_reader.key_for(runtime, namespace_of(request), feature_key=ref_value,
+                                       subject=request.path_params.get("subjectIdOrKey"),
+                                       customer=request.path_params.get("customerIdOrKey"))
+            hit, now = await quota_reader.cached(runtime, key, v2=api.v2)
+            if hit is not None:
+                return JSONResponse(hit[0], headers=hit[1])
+        elif now:
+            now = await quota_reader.worker_running(runtime)
         at = at_param(request)
         customer = await owner(request, api)
-        ent = await entitlement_of(request, customer, request.path_params["entitlementIdOrFeatureKey"], at,
-                                   deleted=True)
+        ent = await entitlement_of(request, customer, ref_value, at, deleted=True)
         if ent is None and api.subject:
-            raise not_found(request, request.path_params["entitlementIdOrFeatureKey"])
+            raise not_found(request, ref_value)
+        if now and ent is not None and ent.type == "metered" and ent.active_at(at):
+            found = await quota_reader.computed(runtime, ent, v2=api.v2)
+            if found is not None:
+                return JSONResponse(found[0], headers=found[1])
         return JSONResponse(await value_json(request, ent, at, api))
 
     async def history(request: Request) -> Response:

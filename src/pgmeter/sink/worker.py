@@ -54,7 +54,7 @@ from pgmeter.ingest import metrics, stream, wire
 from pgmeter.ingest.cloudevents import EventTuple
 from pgmeter.ingest.limits import EventLimits
 from pgmeter.metric_labels import tenant
-from pgmeter.runtime import Runtime
+from pgmeter.runtime import Committed, Runtime
 from pgmeter.sink import partitions, store
 from pgmeter.sink.store import DeadLetter, Outcome
 
@@ -324,6 +324,8 @@ class Sink:
                 mine.done.set()
                 self._writing.remove(mine)
             committed = time.time()
+            if self.runtime.post_commit:
+                self._tell(batch)
             for pending in batch:
                 metrics.ACK_TO_COMMIT.observe(max(0.0, committed - pending.stored_at))
                 try:
@@ -338,6 +340,18 @@ class Sink:
                 metrics.DEAD_LETTERS.inc(outcome.dead_letters)
                 log.warning("dead-lettered events", extra={"count": outcome.dead_letters})
             metrics.SINK_BATCH_EVENTS.observe(sum(len(p.records) for p in batch))
+
+    def _tell(self, batch: list[Pending]) -> None:
+        """Report the commit to the runtime's post-commit listeners; never fails the batch."""
+        touched = frozenset((r[0], r[3], r[4]) for pending in batch for r in pending.records)
+        if not touched:
+            return
+        info = Committed(max(pending.seq for pending in batch), touched)
+        for listener in self.runtime.post_commit:
+            try:
+                listener(info)
+            except Exception:
+                log.exception("a post-commit listener failed")
 
     async def _commit(self, slot: _Slot, batch: list[Pending]) -> Outcome:
         """Write ``batch`` until it is committed; only cancellation stops the retries."""
