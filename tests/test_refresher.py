@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pgmeter.config import Settings
 from pgmeter.db.pool import create_pool
 from pgmeter.meters import store
 from pgmeter.meters.model import MeterSpec
+from pgmeter.rollup import floor
 from pgmeter.rollup import refresher as refresher_module
 from pgmeter.rollup.refresher import Refresher
 from tests.support import events_sql, metrics, oracle
@@ -418,3 +420,106 @@ def test_only_the_meters_own_errors_set_it_aside() -> None:
     assert refresher_module.blames_meter(asyncpg.OutOfMemoryError("out of memory"))
     assert not refresher_module.blames_meter(asyncpg.ConnectionFailureError("lost"))
     assert not refresher_module.blames_meter(ConnectionResetError())
+
+
+async def scanned_partitions(conn: asyncpg.Connection, text: str, *args: object) -> set[str]:
+    """The events partitions a statement's plan reads (pruned ones are absent)."""
+    plan = str(await conn.fetchval("EXPLAIN (FORMAT JSON) " + text, *args))
+    return set(re.findall(r"Relation Name['\"]: ['\"](events_t\d+)", plan))
+
+
+def test_the_time_floor_is_exact_for_late_events_and_prunes_partitions(url: str) -> None:
+    """The tail's bound is the least time of the unmerged events, late ones included,
+    so merges and queries read only the partitions that can hold them."""
+    rng = random.Random(21)
+    today = [event(rng, T0 + timedelta(hours=1, minutes=i)) for i in range(5)]
+    events_sql.insert_committed(url, today)
+
+    async def run() -> None:
+        pool = await create_pool(url, size=2)
+        try:
+            await Refresher(pool, max_batch=1000).run_cycle()
+            async with pool.acquire() as conn:
+                caught_up = max(e.seq for e in today)
+                assert await floor.time_floor(conn, "default", "call", caught_up) is None
+                # A late event (three days old) and a fresh one, not merged yet.
+                late = [event(rng, T0 - timedelta(days=3) + timedelta(minutes=7)), event(rng, T0 + timedelta(hours=2))]
+                events_sql.insert_committed(url, late)
+                assert await floor.time_floor(conn, "default", "call", caught_up) == late[0].time
+                assert await floor.time_floor(conn, "default", "other", caught_up) is None
+                # Only the late event's and today's partitions are read by the tail.
+                tail = "SELECT count(*) FROM events WHERE seq > $1 AND time >= $2"
+                floor_time = await floor.time_floor(conn, "default", "call", caught_up)
+                assert await scanned_partitions(conn, tail, caught_up, floor_time) == {
+                    events_sql.partition_name((T0 - timedelta(days=3)).date()),
+                    events_sql.partition_name((T0 - timedelta(days=2)).date()),
+                    events_sql.partition_name((T0 - timedelta(days=1)).date()),
+                    events_sql.partition_name(T0.date()),
+                    events_sql.partition_name((T0 + timedelta(days=1)).date()),
+                    events_sql.partition_name((T0 + timedelta(days=2)).date()),
+                    events_sql.partition_name((T0 + timedelta(days=3)).date())}
+                fresh_floor = T0 + timedelta(hours=2)
+                assert await scanned_partitions(conn, tail, caught_up, fresh_floor) == {
+                    events_sql.partition_name(d.date()) for d in (T0, T0 + timedelta(days=1), T0 + timedelta(days=2),
+                                                                  T0 + timedelta(days=3))}
+            await Refresher(pool, max_batch=1000).run_cycle()
+            async with pool.acquire() as conn:
+                head = max(e.seq for e in late)
+                assert await floor.time_floor(conn, "default", "call", head) is None
+                # Compaction left one row per pair, at every meter's last_seq, holding
+                # the least time of all: a meter created now (last_seq 0) sees it.
+                rows = await conn.fetch("SELECT namespace, type, hi_seq, min_time FROM event_floor")
+                assert [tuple(r) for r in rows] == [("default", "call", head, late[0].time)]
+                assert await floor.time_floor(conn, "default", "call", 0) == late[0].time
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+    # Every event merged exactly once into every level.
+    assert set(rollup_totals(url).values()) == {(7, 7, 7)}
+
+
+def test_the_seed_row_bounds_nothing_until_every_meter_is_past_it(url: str) -> None:
+    """Events written before the floor existed: the seed row (NULL pair, -infinity)
+    makes the floor unbounded (exact) for every reader behind it."""
+    rng = random.Random(22)
+    old = [event(rng, T0 - timedelta(days=2)), event(rng, T0)]
+    events_sql.insert_committed(url, old)
+    with psycopg.connect(url) as conn:  # as if these had been written before migration 009
+        conn.execute("DELETE FROM event_floor")
+        conn.execute("INSERT INTO event_floor (namespace, type, hi_seq, min_time) "
+                     "SELECT NULL, NULL, last_value, '-infinity' FROM events_seq WHERE is_called")
+
+    async def run() -> None:
+        pool = await create_pool(url, size=2)
+        try:
+            async with pool.acquire() as conn:
+                assert await floor.time_floor(conn, "default", "call", 0) == floor.EARLIEST
+                assert await floor.time_floor(conn, "default", "call", old[-1].seq) is None
+            report = await Refresher(pool, max_batch=1000).run_cycle()
+            assert report.events == 2 * len(METERS)
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+    assert set(rollup_totals(url).values()) == {(2, 2, 2)}
+
+
+def test_a_commit_wakes_the_refresher_long_before_its_interval(settings: Settings, url: str) -> None:
+    """The events trigger notifies pgmeter_events at commit; the refresher LISTENs and
+    merges at once. With a 120 s interval only the wake-up can merge within 30 s."""
+    rng = random.Random(23)
+    slow = settings.model_copy(update={
+        "refresher": settings.refresher.model_copy(update={"interval": timedelta(seconds=120)})})
+    with AppServer(slow, {"refresher"}):
+        deadline = time.monotonic() + 30
+        # The first cycle (at start) is over once the meters are at the head (0).
+        for round_ in range(2):
+            events_sql.insert_committed(url, [event(rng) for _ in range(10)])
+            while True:
+                head, watermarks = head_and_watermarks(url)
+                if watermarks == [head] * len(METERS) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert watermarks == [head] * len(METERS), round_
+    assert set(rollup_totals(url).values()) == {(20, 20, 20)}

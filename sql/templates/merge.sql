@@ -1,5 +1,7 @@
 -- Merge the events with {lo} < seq <= {hi} into one meter's three levels, in one
 -- statement (the caller commits it together with the meter's new last_seq).
+-- {time_floor} is the least time of those events (pgmeter.rollup.floor): it adds
+-- nothing to the filter but lets Postgres prune the partitions before it.
 --
 -- x reads each event once and extracts its values in Postgres (jsonb operators,
 -- paths as bind parameters); e turns them into per-event state; m1 combines the
@@ -18,6 +20,7 @@ WITH x AS (
       FROM events
      WHERE seq > {lo} AND seq <= {hi}
        AND namespace = {namespace} AND type = {event_type}
+       AND time >= {time_floor}
        {event_from_filter}
 ),
 e AS (

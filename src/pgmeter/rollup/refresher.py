@@ -1,6 +1,7 @@
 """``pgmeter refresher``: keep every meter's rollup up to date, exactly once.
 
-A cycle (every ``refresher.interval``, apscheduler) first establishes the
+A cycle (when the sink's commits notify ``pgmeter_events``, at most every
+DEBOUNCE_S, and at least every ``refresher.interval``) first establishes the
 watermark W (:mod:`pgmeter.rollup.watermark`): every event with ``seq <= W`` is
 committed. Then, one transaction per batch, it claims the least recently merged
 meter that is behind W (``FOR UPDATE SKIP LOCKED``: replicas share the meters and
@@ -37,10 +38,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import Counter, Gauge
 
 from pgmeter.metric_labels import tenant
+from pgmeter.rollup import floor
 from pgmeter.rollup.merge import merge_range
 from pgmeter.rollup.objects import Rollup
 from pgmeter.rollup.watermark import LOCK_TIMEOUT_MS, WRITER_WAIT_S, WritersBusy, wait_out_writers
@@ -62,6 +63,12 @@ IDLE_ADVANCES = Counter("pgmeter_refresher_idle_advances_total",
                         "Meters moved to the watermark without a merge (no new event of their type)")
 
 PROGRESS_EVERY = 5.0  # seconds between backfill progress lines per meter
+# The sink's commits wake the refresher (a statement trigger on events notifies this
+# channel); cycles start at most this often, however many commits arrive.
+NOTIFY_CHANNEL = "pgmeter_events"
+DEBOUNCE_S = 0.1
+LISTEN_PROBE_S = 5.0  # how often the listening connection is checked
+LISTEN_RETRY_S = 1.0  # before listening again after a lost connection
 MERGE_WORK_MEM = "64MB"
 # A merge waits at most this long for a lock on its tables (someone holding one by
 # hand, a long DDL): then it fails, and only its meter waits, not the cycle.
@@ -139,6 +146,8 @@ seen AS (
     SELECT namespace, type, max(seq) AS last
       FROM events
      WHERE seq > (SELECT lo FROM span) AND seq <= $1
+       -- The least time of those events (pgmeter.rollup.floor): prunes partitions.
+       AND time >= (SELECT min(min_time) FROM event_floor WHERE hi_seq > (SELECT lo FROM span))
      GROUP BY namespace, type
 ),
 idle AS (
@@ -290,6 +299,8 @@ class Refresher:
                     break  # due again already (a backoff of ~0): leave it to the next cycle
                 failed.add(batch.meter_id)
         await self.update_lag()
+        async with self.pool.acquire() as conn:
+            await floor.compact(conn, self.watermark)
         return report
 
     async def update_lag(self) -> None:
@@ -305,37 +316,73 @@ class Refresher:
                 LAG_SECONDS.set(0)
                 return
             LAG_EVENTS.set(head - behind)
-            oldest = await conn.fetchval(
-                "SELECT stored_at FROM events WHERE seq > $1 ORDER BY seq LIMIT 1", behind)
+            time_floor = await floor.any_floor(conn, behind)
+            oldest = None if time_floor is None else await conn.fetchval(
+                "SELECT stored_at FROM events WHERE seq > $1 AND time >= $2 ORDER BY seq LIMIT 1", behind, time_floor)
             LAG_SECONDS.set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()) if oldest else 0)
 
 
 async def start(runtime: Runtime) -> None:
-    """Schedule refresh cycles for the life of the runtime."""
+    """Run refresh cycles for the life of the runtime: on every wake-up from the sink
+    (NOTIFY, see sql/009_event_floor.sql) and at least every ``refresher.interval``."""
     settings = runtime.settings.refresher
     refresher = Refresher(runtime.pool, max_batch=settings.max_batch)
     runtime.extras["refresher"] = refresher
-    scheduler = AsyncIOScheduler(timezone=UTC)
-    scheduler.add_job(
-        _cycle, "interval", args=[refresher], seconds=settings.interval.total_seconds(),
-        next_run_time=datetime.now(UTC), max_instances=1, coalesce=True, id="refresh",
-        misfire_grace_time=None,
-    )
-    scheduler.start()
-    runtime.spawn("refresher", _hold(scheduler))
+    wake = asyncio.Event()
+    runtime.spawn("refresher", _cycles(refresher, wake, settings.interval.total_seconds()))
+    runtime.spawn("refresher-listen", _listen(runtime.settings.postgres.url, wake,
+                                              runtime.settings.postgres.connect_timeout.total_seconds()))
+
+
+async def _cycles(refresher: Refresher, wake: asyncio.Event, interval: float) -> None:
+    """A cycle when woken or when ``interval`` passes, whichever is first, and never
+    two closer than DEBOUNCE_S: under a steady stream of commits the cycles run back
+    to back, each merging everything committed before it began."""
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), interval)
+        except TimeoutError:
+            pass
+        wake.clear()
+        started = time.monotonic()
+        await _cycle(refresher)
+        await asyncio.sleep(max(0.0, DEBOUNCE_S - (time.monotonic() - started)))
+
+
+async def _listen(url: str, wake: asyncio.Event, connect_timeout: float) -> None:
+    """LISTEN on a connection of its own (a pooled one may sit behind a transaction
+    pooler, and LISTEN needs a session); reconnect after a loss. While it is down the
+    timer alone drives the cycles, so a lost notification costs at most one interval."""
+    while True:
+        try:
+            await _listen_once(url, wake, connect_timeout)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.info("refresher wake-ups unavailable; the timer drives cycles",
+                     extra={"reason": f"{type(exc).__name__}: {exc}"})
+        await asyncio.sleep(LISTEN_RETRY_S)
+
+
+async def _listen_once(url: str, wake: asyncio.Event, connect_timeout: float) -> None:
+    """Set ``wake`` on every notification until the connection is lost."""
+    conn = await asyncpg.connect(url, timeout=connect_timeout,
+                                 server_settings={"application_name": "pgmeter-refresher-listen"})
+    try:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: wake.set())
+        wake.set()  # commits made while not listening
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), LISTEN_PROBE_S)
+            except TimeoutError:
+                await conn.fetchval("SELECT 1", timeout=LISTEN_PROBE_S)  # a dead link shows here
+    finally:
+        if not conn.is_closed():
+            conn.terminate()
 
 
 async def _cycle(refresher: Refresher) -> None:
     try:
         await refresher.run_cycle()
-    except Exception:  # a failed cycle is retried by the next one; keep the scheduler alive
+    except Exception:  # a failed cycle is retried by the next one; keep the loop alive
         log.exception("refresh cycle failed")
-
-
-async def _hold(scheduler: AsyncIOScheduler) -> None:
-    """Keep the scheduler for the runtime's lifetime; stop it (and its job) on cancel."""
-    try:
-        await asyncio.Event().wait()
-    finally:
-        scheduler.shutdown(wait=False)  # cancels a running cycle; its transaction rolls back
-        await asyncio.sleep(0)
