@@ -161,6 +161,8 @@ async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_
                 lo, hi = lo or span[0], hi or span[1]
         if lo is None or hi is None or lo < hi:
             usable = usable_levels(window, params.window_time_zone, lo, hi) if tables else set()
+            if not rollup.hourly:
+                usable.discard("h1")  # a meter created before the hourly level
             plan = carve(lo, hi, usable) if tables else Plan()
             statement = _Statement(rollup, params, tail_floor)
             text = statement.aggregate(plan, lo, hi)
@@ -455,7 +457,8 @@ async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime
             merged_lo = event_from
         if merged_lo is None or hi is None or merged_lo < hi:
             last_seq = param(rollup.last_seq, "bigint")
-            plan = carve(merged_lo, hi, {"m1", "q15", "d1"}) if tables else Plan()
+            levels = {"m1", "q15", "h1", "d1"} if rollup.hourly else {"m1", "q15", "d1"}
+            plan = carve(merged_lo, hi, levels) if tables else Plan()
             for level, intervals in plan.levels.items():
                 table = rollup.table(level).as_string()
                 for a, b in intervals:

@@ -17,12 +17,13 @@ import asyncpg
 from pgmeter.rollup import floor, objects, templates
 from pgmeter.rollup.objects import Rollup
 
-# Rendered statements by (meter id, version): a version's definition never changes.
-_statements: dict[tuple[str, int], str] = {}
+# Rendered statements by (meter id, version, hourly): a version's definition never
+# changes.
+_statements: dict[tuple[str, int, bool], str] = {}
 
 
 def _statement(rollup: Rollup) -> str:
-    key = (rollup.meter_id, rollup.version)
+    key = (rollup.meter_id, rollup.version, rollup.hourly)
     if key not in _statements:
         _statements[key] = _render(rollup)
     return _statements[key]
@@ -56,8 +57,22 @@ def _render(rollup: Rollup) -> str:
         subject_ctes = templates.render(
             "subject_merge", q15s=rollup.table("q15s"), d1s=rollup.table("d1s"),
             combine=objects.combine(state), state_names=objects.state_names(state), merge=objects.merge_set(state))
+    hour_ctes = ""
+    if rollup.hourly:
+        parts = [templates.render(
+            "hour_merge", h1=rollup.table("h1"), key=objects.unique_key(len(rollup.group_keys)),
+            group_key=group_key, combine=objects.combine(state), state_names=objects.state_names(state),
+            merge=objects.merge_set(state))]
+        if rollup.subject_levels:
+            parts.append(templates.render(
+                "hour_subject_merge", h1s=rollup.table("h1s"), combine=objects.combine(state),
+                state_names=objects.state_names(state), merge=objects.merge_set(state)))
+        if rollup.unique:
+            parts.append(templates.render("hour_unique_merge", uh1=rollup.table("uh1"), group_key=group_key))
+        hour_ctes = "\n".join(parts)
     return templates.render(
         "merge",
+        hour_ctes=hour_ctes,
         lo="$1", hi="$2", namespace="$3", event_type="$4", time_floor="$5::timestamptz",
         event_from_filter=objects.event_from_filter(rollup.event_from, event_from),
         group_values=objects.group_values(group_paths),

@@ -59,6 +59,11 @@ EVENTS_MERGED = Counter("pgmeter_meter_events_merged_total", "Events merged into
 METERS_FAILING = Gauge("pgmeter_refresher_meters_failing",
                        "Meters whose last merge failed, set aside with backoff (reason in the meters API)")
 MERGE_FAILURES = Counter("pgmeter_refresher_merge_failures_total", "Meter merges that failed and were rolled back")
+BACKFILL_REMAINING = Gauge("pgmeter_refresher_backfill_remaining_events",
+                           "Seqs left to scan by the meters this refresher is backfilling (new meters, groupBy "
+                           "changes)")
+BACKFILL_ETA = Gauge("pgmeter_refresher_backfill_eta_seconds",
+                     "Estimated seconds until the slowest meter this refresher is backfilling catches up")
 IDLE_ADVANCES = Counter("pgmeter_refresher_idle_advances_total",
                         "Meters moved to the watermark without a merge (no new event of their type)")
 
@@ -118,7 +123,7 @@ class CycleReport:
 _CLAIM = """
     SELECT r.meter_id, r.version, r.namespace, r.event_type, r.aggregation, r.event_from,
            r.value_path, r.group_keys, r.group_paths::text AS group_paths, r.view_name,
-           r.last_seq, r.failures, m.slug
+           r.last_seq, r.hourly, r.failures, m.slug
       FROM meter_rollups r
       JOIN meters m ON m.id = r.meter_id
      WHERE r.last_seq < $1
@@ -204,6 +209,10 @@ class Refresher:
         self.backoff_max_s = backoff_max_s
         self.watermark = 0  # every seq <= watermark is committed; only ever grows
         self._progress_logged: dict[str, float] = {}
+        # Meters being backfilled by this process: (started, first seq, last seq),
+        # and their (remaining seqs, ETA seconds).
+        self._backfills: dict[str, tuple[float, int, int]] = {}
+        self._eta: dict[str, tuple[int, float | None]] = {}
 
     async def advance_watermark(self) -> int:
         async with self.pool.acquire() as conn:
@@ -276,16 +285,44 @@ class Refresher:
         return Batch(rollup.meter_id, slug, lo, hi, 0, failure=reason)
 
     def _log_progress(self, batch: Batch) -> None:
-        if batch.hi >= self.watermark:
-            if self._progress_logged.pop(batch.meter_id, None) is not None:
-                log.info("meter caught up", extra={"meter": batch.slug, "seq": batch.hi})
-            return
+        """Backfill progress (a new meter, a groupBy change): a log line every
+        PROGRESS_EVERY seconds per meter with its rate and ETA, and the gauges.
+
+        The rate is in seqs per second (events of every type scanned), measured since
+        this process started the meter's backfill; the ETA is the distance to the
+        watermark at that rate. Queries stay exact meanwhile (they add the tail)."""
         now = time.monotonic()
+        if batch.hi >= self.watermark:
+            started = self._backfills.pop(batch.meter_id, None)
+            self._progress_logged.pop(batch.meter_id, None)
+            if started is not None:
+                elapsed = now - started[0]
+                log.info("meter caught up", extra={
+                    "meter": batch.slug, "seq": batch.hi, "seconds": round(elapsed, 1),
+                    "rate": round((batch.hi - started[1]) / elapsed) if elapsed > 0 else None})
+            self._set_backfill_gauges()
+            return
+        started = self._backfills.setdefault(batch.meter_id, (now, batch.lo, batch.hi))
+        elapsed = now - started[0]
+        done = batch.hi - started[1]
+        rate = done / elapsed if elapsed > 0 else None
+        remaining = self.watermark - batch.hi
+        eta = remaining / rate if rate else None
+        self._backfills[batch.meter_id] = (started[0], started[1], batch.hi)
+        self._eta[batch.meter_id] = (remaining, eta)
+        self._set_backfill_gauges()
         if now - self._progress_logged.get(batch.meter_id, 0.0) >= PROGRESS_EVERY:
             self._progress_logged[batch.meter_id] = now
             log.info("backfilling meter", extra={
                 "meter": batch.slug, "seq": batch.hi, "target_seq": self.watermark,
-                "percent": round(100 * batch.hi / max(self.watermark, 1), 1)})
+                "percent": round(100 * batch.hi / max(self.watermark, 1), 1),
+                "remaining": remaining, "rate": round(rate) if rate is not None else None,
+                "eta_seconds": round(eta) if eta is not None else None})
+
+    def _set_backfill_gauges(self) -> None:
+        self._eta = {meter: value for meter, value in self._eta.items() if meter in self._backfills}
+        BACKFILL_REMAINING.set(sum(remaining for remaining, _ in self._eta.values()))
+        BACKFILL_ETA.set(max((eta for _, eta in self._eta.values() if eta is not None), default=0))
 
     async def run_cycle(self) -> CycleReport:
         """Merge every meter up to a fresh watermark (failing meters are set aside)."""
