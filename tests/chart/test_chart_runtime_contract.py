@@ -137,3 +137,14 @@ def test_read_replicas_route_only_the_api_reads_to_the_ro_service(render, load) 
             assert settings.postgres.read_url == "postgresql://pgmeter:s3cret@pgmeter-pg-ro.metering.svc:5432/pgmeter"
         else:
             assert settings.postgres.read_url is None, role
+
+
+def test_the_cluster_commits_synchronously_to_one_standby(render) -> None:
+    """An asynchronous standby promoted after a crash may miss commits the sink has
+    acknowledged to JetStream; with one synchronous standby it cannot."""
+    spec = render({}, api_versions=(CNPG_API,)).get("Cluster", "pgmeter-pg")["spec"]
+    assert (spec["instances"], spec["minSyncReplicas"], spec["maxSyncReplicas"]) == (3, 0, 1)
+    single = render({"postgres": {"cluster": {"instances": 1}}}, api_versions=(CNPG_API,)).get("Cluster", "pgmeter-pg")
+    assert "maxSyncReplicas" not in single["spec"]
+    off = render({"postgres": {"cluster": {"syncReplicas": 0}}}, api_versions=(CNPG_API,)).get("Cluster", "pgmeter-pg")
+    assert "maxSyncReplicas" not in off["spec"]
