@@ -97,6 +97,12 @@ _NATS_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def nats_servers(url: str) -> list[str]:
+    """``nats.url`` may list several servers, comma-separated ("nats://a:4222,nats://b:4222"):
+    every seed of a cluster, so the client can connect while any one is down."""
+    return [server.strip() for server in url.split(",") if server.strip()]
+
+
 async def connect_nats(url: str, state: Dependency | None = None, **credentials: str) -> NATS:
     """A NATS connection that keeps reconnecting for as long as the process lives.
 
@@ -130,7 +136,7 @@ async def connect_nats(url: str, state: Dependency | None = None, **credentials:
         state.recovered()
 
     return await nats.connect(
-        url,
+        nats_servers(url),
         name="pgmeter",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
