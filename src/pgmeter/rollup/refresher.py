@@ -72,6 +72,7 @@ PROGRESS_EVERY = 5.0  # seconds between backfill progress lines per meter
 # channel); cycles start at most this often, however many commits arrive.
 NOTIFY_CHANNEL = "pgmeter_events"
 DEBOUNCE_S = 0.1
+COMPACT_EVERY = 30.0  # seconds between compactions of event_floor (pgmeter.rollup.floor)
 LISTEN_PROBE_S = 5.0  # how often the listening connection is checked
 LISTEN_RETRY_S = 1.0  # before listening again after a lost connection
 MERGE_WORK_MEM = "64MB"
@@ -209,6 +210,7 @@ class Refresher:
         self.backoff_max_s = backoff_max_s
         self.watermark = 0  # every seq <= watermark is committed; only ever grows
         self._progress_logged: dict[str, float] = {}
+        self._compacted_at = float("-inf")  # event_floor compaction, every COMPACT_EVERY
         # Meters being backfilled by this process: (started, first seq, last seq),
         # and their (remaining seqs, ETA seconds).
         self._backfills: dict[str, tuple[float, int, int]] = {}
@@ -336,8 +338,12 @@ class Refresher:
                     break  # due again already (a backoff of ~0): leave it to the next cycle
                 failed.add(batch.meter_id)
         await self.update_lag()
-        async with self.pool.acquire() as conn:
-            await floor.compact(conn, self.watermark)
+        if time.monotonic() - self._compacted_at >= COMPACT_EVERY:
+            # Folds every pair's rows, so not on every wake-up: rows accumulate one
+            # per sink batch and pair meanwhile, which the floor's index reads cheaply.
+            async with self.pool.acquire() as conn:
+                await floor.compact(conn, self.watermark)
+            self._compacted_at = time.monotonic()
         return report
 
     async def update_lag(self) -> None:
