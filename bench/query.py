@@ -117,6 +117,10 @@ class Bench:
                 await conn.execute(
                     f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM "
                     f"('{start.isoformat()}') TO ('{(start + timedelta(days=1)).isoformat()}')")
+                # Rows written outside the parent bypass its statement trigger: a bulk
+                # load records their time floor itself (sql/009_event_floor.sql).
+                await conn.execute(f"INSERT INTO event_floor (namespace, type, hi_seq, min_time) "
+                                   f"SELECT namespace, type, max(seq), min(time) FROM {name} GROUP BY 1, 2")
             today = START + timedelta(days=self.days)
             await conn.execute(
                 f"CREATE TABLE events_b{today:%Y%m%d} PARTITION OF events FOR VALUES FROM "
@@ -285,9 +289,12 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
                     started = time.perf_counter()
                     raw = await conn.fetch(RAW_QUERY, params.from_, params.to, zone)
                     raw_times.append(time.perf_counter() - started)
-            assert len(raw) == len(result.rows), (zone, len(raw), len(result.rows))
-            expected = {(r["day"], r["subject"]): r["value"] for r in raw}
-            assert all(expected[(row.window_start, row.subject)] == row.value for row in result.rows), zone
+            # A SUM meter reports no row for a group whose values are all invalid (NULL).
+            expected = {(r["day"], r["subject"]): r["value"] for r in raw if r["value"] is not None}
+            assert len(expected) == len(result.rows), (zone, len(expected), len(result.rows))
+            wrong = [(row.window_start, row.subject, row.value, expected.get((row.window_start, row.subject)))
+                     for row in result.rows if expected.get((row.window_start, row.subject)) != row.value]
+            assert not wrong, (zone, len(wrong), wrong[:5])
             m50, m99 = percentile(meter_times, 50), percentile(meter_times, 99)
             r50, r99 = percentile(raw_times, 50), percentile(raw_times, 99)
             figures[zone] = (m50, m99, r50, r99)

@@ -19,6 +19,12 @@
 -- and NULL when there is none. The refresher compacts rows no meter needs any more
 -- (hi_seq <= every meter's last_seq) into one row per pair (pgmeter.rollup.floor).
 --
+-- The trigger is on the partitioned parent, so it sees what is written through the
+-- parent (the sink always is). A statement that writes into a partition directly, or
+-- a table loaded and then attached, bypasses it: such a bulk load must insert its own
+-- rows here (namespace, type, max(seq), min(time) per pair, in the same transaction
+-- as the rows or before they are attached), or the refresher would not see its events.
+--
 -- A row with a NULL namespace stands for "any pair, unknown time" (min_time
 -- -infinity): it is the seed for the events written before this migration, so the
 -- bound is exact from the first statement on. Compaction keeps it at the lowest

@@ -8,6 +8,11 @@ bound comes from ``event_floor``, which a statement trigger on ``events`` fills 
 the writer's transaction; it is exact, late events included: a late event's old
 time is the floor until the event is merged.
 
+Every write into ``events`` must go through the partitioned parent (the sink's
+do), or record its own ``event_floor`` rows: the trigger does not see a statement
+on a partition, nor a table loaded and then attached (bench/query.py's bulk load
+shows how).
+
 The floor is read in the caller's snapshot and passed as a bind parameter (not a
 subquery), so partitions are pruned when the statement is planned, not only when
 it runs.
