@@ -9,6 +9,8 @@ three minutes and 2 GB of disk on two cores) measures:
   microseconds per key at each size, the index size, and whether it still fits in
   shared_buffers. The btree on random 16-byte keys touches one random leaf per
   insert: flat while the index is cached, one read per key once it is not.
+- **the event_floor trigger's cost**: 1,000-event insert transactions with the
+  trigger enabled and disabled, alternating;
 - **WAL bytes per event** (the write rate that limits a single primary and its
   replicas): events written as the sink writes them (COPY into ``events`` plus the
   dedup claim, in one transaction of 1,000), and the refresher's merge of them into
@@ -96,6 +98,25 @@ async def wal_per_event(pool: asyncpg.Pool, rounds: int, subjects: int) -> tuple
     return statistics.median(ingest[1:]), ingest[0], statistics.median(merge[1:]), merge[0]
 
 
+async def trigger_cost(pool: asyncpg.Pool, rounds: int, subjects: int) -> tuple[float, float]:
+    """Median microseconds per event of 1,000-event INSERT transactions into ``events``
+    with and without the event_floor trigger (alternating, same table)."""
+    on, off = [], []
+    async with pool.acquire() as conn:
+        for round_ in range(rounds):
+            for enabled, sink in ((True, on), (False, off)):
+                if not enabled:
+                    await conn.execute("ALTER TABLE events DISABLE TRIGGER events_floor")
+                started = time.perf_counter()
+                async with conn.transaction():
+                    await conn.execute(f"INSERT INTO events {COLUMNS} {EVENT_ROWS}", NOW - timedelta(hours=2), 1000,
+                                       subjects, f"t{round_}{enabled}-", timedelta(hours=1))
+                sink.append((time.perf_counter() - started) / 1000 * 1e6)
+                if not enabled:
+                    await conn.execute("ALTER TABLE events ENABLE TRIGGER events_floor")
+    return statistics.median(on), statistics.median(off)
+
+
 async def run(sizes: list[int], batches: int, rounds: int, subjects: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="pgmeter-bench-writes-", dir=os.environ.get("TMPDIR", "/tmp")))
     workdir.chmod(0o755)
@@ -114,6 +135,9 @@ async def run(sizes: list[int], batches: int, rounds: int, subjects: int) -> Non
             f"({first_in:,.0f} right after a checkpoint)")
         say(f"  WAL per event, merge into a SUM meter with one group-by key: {steady_merge:,.0f} bytes "
             f"({first_merge:,.0f} right after a checkpoint)")
+        with_trigger, without = await trigger_cost(pool, 4 * rounds, subjects)
+        say(f"  insert per event, 1,000-event transactions, with / without the event_floor trigger (and its "
+            f"NOTIFY): {with_trigger:.1f} / {without:.1f} us ({with_trigger / without:.2f}x)")
         have = 0
         costs = {}
         async with pool.acquire() as conn:
