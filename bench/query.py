@@ -89,21 +89,25 @@ def human(n: int) -> str:
 class Bench:
     pool: asyncpg.Pool
     subjects: int
+    days: int = DAYS  # daily partitions the events are spread over
     batch: int = 0
     # "Now": new events arrive just before it; every batch moves it ten minutes on,
-    # into the day after the loaded 30 (its partition exists ahead, as the sink's do).
-    now: datetime = START + timedelta(days=DAYS)
+    # into the day after the loaded days (its partition exists ahead, as the sink's do).
+    now: datetime = START
+
+    def __post_init__(self) -> None:
+        self.now = START + timedelta(days=self.days)
 
     async def load_fresh(self, total: int) -> None:
         """The first events: each day loaded into a bare table, indexed, then attached
         (the fast path for bulk loads; the sink attaches partitions the same way)."""
-        per_day = total // DAYS
+        per_day = total // self.days
         async with self.pool.acquire() as conn:
             await conn.execute("SET synchronous_commit = off")
-            for day in range(DAYS):
+            for day in range(self.days):
                 start = START + timedelta(days=day)
                 name = f"events_b{start:%Y%m%d}"
-                count = per_day + (total - per_day * DAYS if day == DAYS - 1 else 0)
+                count = per_day + (total - per_day * self.days if day == self.days - 1 else 0)
                 await conn.execute(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS)")
                 await conn.execute(
                     f"ALTER TABLE {name} ADD CHECK (time >= '{start.isoformat()}' "
@@ -113,7 +117,11 @@ class Bench:
                 await conn.execute(
                     f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM "
                     f"('{start.isoformat()}') TO ('{(start + timedelta(days=1)).isoformat()}')")
-            today = START + timedelta(days=DAYS)
+                # Rows written outside the parent bypass its statement trigger: a bulk
+                # load records their time floor itself (sql/011_event_floor.sql).
+                await conn.execute(f"INSERT INTO event_floor (namespace, type, hi_seq, min_time) "
+                                   f"SELECT namespace, type, max(seq), min(time) FROM {name} GROUP BY 1, 2")
+            today = START + timedelta(days=self.days)
             await conn.execute(
                 f"CREATE TABLE events_b{today:%Y%m%d} PARTITION OF events FOR VALUES FROM "
                 f"('{today.isoformat()}') TO ('{(today + timedelta(days=1)).isoformat()}')")
@@ -121,11 +129,11 @@ class Bench:
 
     async def load_more(self, total: int) -> None:
         """More events into the existing (indexed) partitions, a day at a time."""
-        per_day = total // DAYS
+        per_day = total // self.days
         async with self.pool.acquire() as conn:
             await conn.execute("SET synchronous_commit = off")
-            for day in range(DAYS):
-                count = per_day + (total - per_day * DAYS if day == DAYS - 1 else 0)
+            for day in range(self.days):
+                count = per_day + (total - per_day * self.days if day == self.days - 1 else 0)
                 await conn.execute(f"INSERT INTO events {COLUMNS} {EVENT_ROWS} ORDER BY 6",
                                    START + timedelta(days=day), count, self.subjects, f"m{day}-",
                                    timedelta(days=1))
@@ -186,7 +194,7 @@ def percentile(samples: list[float], p: float) -> float:
 
 
 RAW_QUERY = """
-SELECT date_trunc('day', time, 'UTC') AS day, subject, sum(pgmeter_number(data #> '{ms}')) AS value
+SELECT date_trunc('day', time, $3) AS day, subject, sum(pgmeter_number(data #> '{ms}')) AS value
   FROM events
  WHERE namespace = 'default' AND type = 'api.call' AND time >= $1 AND time < $2
  GROUP BY 1, 2
@@ -203,7 +211,11 @@ WITH NO DATA
 """
 
 
-async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: int, rounds: int) -> None:
+ZONES = ("UTC", "Europe/Berlin", "Asia/Kolkata")
+
+
+async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: int, rounds: int,
+              days: int = DAYS) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="pgmeter-bench-query-", dir=os.environ.get("TMPDIR", "/tmp")))
     workdir.chmod(0o755)
     proc, url = services.start_postgres(workdir / "postgres", free_port(), log_path=workdir / "postgres.log")
@@ -217,12 +229,12 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
         await admin.close()
         migrate(url)
         pool = await create_pool(url, size=4)
-        bench = Bench(pool, subjects)
+        bench = Bench(pool, subjects, days)
         async with pool.acquire() as conn:
             meter = await store.create(conn, "default", METER)
-        say(f"pgmeter query benchmark: {total:,} events over {DAYS} days, {subjects} subjects, "
+        say(f"pgmeter query benchmark: {total:,} events over {days} days (daily partitions), {subjects} subjects, "
             f"{len(ENDPOINTS)} endpoints; PostgreSQL {version}, {os.cpu_count()} CPUs")
-        say("meter: SUM of $.ms by endpoint; levels m1, q15, d1")
+        say("meter: SUM of $.ms by endpoint; levels m1, q15, h1, d1")
 
         started = time.perf_counter()
         await bench.load_fresh(first)
@@ -258,33 +270,40 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
         # Queries: 10k new events are left unmerged (the tail), more than a 2 s refresh
         # interval leaves at 4k events/s.
         await bench.add_new(10_000)
-        # The last 30 whole days, today included (where the tail is).
-        params = QueryParams(from_=START + timedelta(days=1), to=START + timedelta(days=DAYS + 1),
-                             window_size=WindowSize.DAY, group_by=("subject",))
-        for _ in range(5):
-            result = await run_query(pool, meter, params)
-        meter_times = []
-        for _ in range(query_runs):
-            started = time.perf_counter()
-            result = await run_query(pool, meter, params)
-            meter_times.append(time.perf_counter() - started)
-        raw_times = []
-        async with pool.acquire() as conn:
-            for _ in range(raw_runs):
+        # The last 30 whole days, today included (where the tail is), in three zones:
+        # UTC (d1), Europe/Berlin (h1) and Asia/Kolkata (q15).
+        figures = {}
+        for zone in ZONES:
+            params = QueryParams(from_=START + timedelta(days=days - 29), to=START + timedelta(days=days + 1),
+                                 window_size=WindowSize.DAY, window_time_zone=zone, group_by=("subject",))
+            for _ in range(5):
+                result = await run_query(pool, meter, params)
+            meter_times = []
+            for _ in range(query_runs):
                 started = time.perf_counter()
-                raw = await conn.fetch(RAW_QUERY, params.from_, params.to)
-                raw_times.append(time.perf_counter() - started)
-        assert len(raw) == len(result.rows), (len(raw), len(result.rows))
-        expected = {(r["day"], r["subject"]): r["value"] for r in raw}
-        assert all(expected[(row.window_start, row.subject)] == row.value for row in result.rows)
-        m50, m99 = percentile(meter_times, 50), percentile(meter_times, 99)
-        r50, r99 = percentile(raw_times, 50), percentile(raw_times, 99)
-        say(f"  meter query, 30 days x DAY x group by subject ({len(result.rows):,} rows, "
-            f"answer equal to raw): p50 {m50 * 1000:.1f} ms, p99 {m99 * 1000:.1f} ms ({query_runs} runs)")
-        say(f"  raw GROUP BY over events, same answer: p50 {r50 * 1000:.0f} ms, p99 {r99 * 1000:.0f} ms "
-            f"({raw_runs} runs)")
+                result = await run_query(pool, meter, params)
+                meter_times.append(time.perf_counter() - started)
+            raw_times = []
+            async with pool.acquire() as conn:
+                for _ in range(raw_runs):
+                    started = time.perf_counter()
+                    raw = await conn.fetch(RAW_QUERY, params.from_, params.to, zone)
+                    raw_times.append(time.perf_counter() - started)
+            # A SUM meter reports no row for a group whose values are all invalid (NULL).
+            expected = {(r["day"], r["subject"]): r["value"] for r in raw if r["value"] is not None}
+            assert len(expected) == len(result.rows), (zone, len(expected), len(result.rows))
+            wrong = [(row.window_start, row.subject, row.value, expected.get((row.window_start, row.subject)))
+                     for row in result.rows if expected.get((row.window_start, row.subject)) != row.value]
+            assert not wrong, (zone, len(wrong), wrong[:5])
+            m50, m99 = percentile(meter_times, 50), percentile(meter_times, 99)
+            r50, r99 = percentile(raw_times, 50), percentile(raw_times, 99)
+            figures[zone] = (m50, m99, r50, r99)
+            say(f"  meter query, 30 days x DAY ({zone}) x group by subject ({len(result.rows):,} rows, "
+                f"answer equal to raw): p50 {m50 * 1000:.1f} ms, p99 {m99 * 1000:.1f} ms ({query_runs} runs)")
+            say(f"  raw GROUP BY over events, same answer: p50 {r50 * 1000:.0f} ms, p99 {r99 * 1000:.0f} ms "
+                f"({raw_runs} runs)")
 
-        cached = await cached_workload(workdir, pool, meter, query_runs)
+        cached = await cached_workload(workdir, pool, meter, query_runs, days)
 
         say("")
         say("summary")
@@ -294,10 +313,12 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
         ratio = full / refresh_large
         say(f"  full REFRESH MATERIALIZED VIEW {full:.1f} s vs incremental {refresh_large * 1000:.0f} ms: "
             f"{ratio:,.0f}x cheaper  (target >= 100x) {'ok' if ratio >= 100 else 'MISSED'}")
-        say(f"  meter query p99 {m99 * 1000:.1f} ms  (target <= 50 ms) {'ok' if m99 <= 0.050 else 'MISSED'}")
-        ratio = r50 / m50
-        say(f"  meter query vs raw: p50 {ratio:,.0f}x, p99 {r99 / m99:,.0f}x faster  (target >= 100x) "
-            f"{'ok' if ratio >= 100 else 'MISSED'}")
+        for zone, (m50, m99, r50, r99) in figures.items():
+            say(f"  meter query ({zone}) p99 {m99 * 1000:.1f} ms  (target <= 50 ms) "
+                f"{'ok' if m99 <= 0.050 else 'MISSED'}")
+            ratio = r50 / m50
+            say(f"  meter query ({zone}) vs raw: p50 {ratio:,.0f}x, p99 {r99 / m99:,.0f}x faster  (target >= 100x) "
+                f"{'ok' if ratio >= 100 else 'MISSED'}")
         say(f"  cached meter query p99 {cached.p99 * 1000:.2f} ms  (target <= 3 ms) "
             f"{'ok' if cached.p99 <= 0.003 else 'MISSED'}; hit ratio {cached.hit_ratio:.1%}")
         await pool.close()
@@ -314,21 +335,23 @@ class CachedFigures:
 
 
 # A dashboard: the same few panels refreshed over and over; a panel per heavy TPP.
-def dashboard_panels(subjects: list[str]) -> list[QueryParams]:
-    end = START + timedelta(days=DAYS)
+def dashboard_panels(subjects: list[str], days: int = DAYS) -> list[QueryParams]:
+    end = START + timedelta(days=days)
+    start = end - timedelta(days=DAYS)
     panels = [
-        QueryParams(from_=START, to=end, window_size=WindowSize.DAY, group_by=("subject",)),
+        QueryParams(from_=start, to=end, window_size=WindowSize.DAY, group_by=("subject",)),
         QueryParams(from_=end - timedelta(days=7), to=end, window_size=WindowSize.HOUR),
-        QueryParams(from_=START, to=end, window_size=WindowSize.DAY, window_time_zone="Asia/Kolkata",
+        QueryParams(from_=start, to=end, window_size=WindowSize.DAY, window_time_zone="Asia/Kolkata",
                     group_by=("endpoint",)),
-        QueryParams(from_=START, to=end),
+        QueryParams(from_=start, to=end),
     ]
-    panels += [QueryParams(from_=START, to=end, window_size=WindowSize.DAY, subjects=(subject,))
+    panels += [QueryParams(from_=start, to=end, window_size=WindowSize.DAY, subjects=(subject,))
                for subject in subjects]
     return panels
 
 
-async def cached_workload(workdir: Path, pool: asyncpg.Pool, meter: store.Meter, runs: int) -> CachedFigures:
+async def cached_workload(workdir: Path, pool: asyncpg.Pool, meter: store.Meter, runs: int,
+                          days: int = DAYS) -> CachedFigures:
     """Dashboard-like repeated queries through the Valkey cache, with a late event
     (an epoch bump, as the sink makes it) after every 50 queries."""
     import valkey.asyncio as valkey_asyncio
@@ -344,7 +367,7 @@ async def cached_workload(workdir: Path, pool: asyncpg.Pool, meter: store.Meter,
         async with pool.acquire() as conn:
             heavy = [row["subject"] for row in await conn.fetch(
                 "SELECT subject FROM events GROUP BY subject ORDER BY count(*) DESC LIMIT 6")]
-        panels = dashboard_panels(heavy)
+        panels = dashboard_panels(heavy, days)
         def hits() -> float:
             return REGISTRY.get_sample_value("pgmeter_cache_hits_total") or 0.0
 
@@ -379,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.query", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000, help="events at full size (default 10M)")
     parser.add_argument("--subjects", type=int, default=200, help="distinct subjects (default 200)")
+    parser.add_argument("--days", type=int, default=DAYS,
+                        help="daily partitions the events spread over (default 30; the year target: 365)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (200k events)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -386,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         total, first = args.events, min(1_000_000, args.events)
         query_runs, raw_runs, rounds = 200, 5, 5
-    asyncio.run(run(total, first, args.subjects, query_runs, raw_runs, rounds))
+    asyncio.run(run(total, first, args.subjects, query_runs, raw_runs, rounds, args.days))
     if args.quick:
         # The ratios only mean something at size: at 200k events a raw GROUP BY is fast
         # and the fixed costs of a refresh dominate, so several targets read MISSED.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ from pgmeter.config import Settings
 from pgmeter.db.pool import create_pool
 from pgmeter.meters import store
 from pgmeter.meters.model import MeterSpec
+from pgmeter.query.engine import run_query
+from pgmeter.query.params import QueryParams, WindowSize
+from pgmeter.rollup import floor
 from pgmeter.rollup import refresher as refresher_module
 from pgmeter.rollup.refresher import Refresher
 from tests.support import events_sql, metrics, oracle
@@ -59,13 +63,13 @@ def event(rng: random.Random, at: datetime | None = None) -> Event:
 
 
 def rollup_totals(url: str) -> dict[str, tuple[int, int, int]]:
-    """Per meter: events counted in m1, q15 and d1 (each must equal the raw count)."""
+    """Per meter: events counted in m1, q15, h1 and d1 (each must equal the raw count)."""
     out = {}
     with psycopg.connect(url) as conn:
         for meter_id, version, slug in conn.execute(
                 "SELECT r.meter_id, r.version, m.slug FROM meter_rollups r JOIN meters m ON m.id = r.meter_id"):
             sums = []
-            for level in ("m1", "q15", "d1"):
+            for level in ("m1", "q15", "h1", "d1"):
                 table = f"rollup.{level}_{meter_id.lower()}_v{version}"
                 sums.append(conn.execute(f"SELECT coalesce(sum(cnt), 0) FROM {table}").fetchone()[0])
             out[slug] = tuple(sums)
@@ -110,7 +114,7 @@ def test_an_in_flight_writer_holds_the_watermark_back(url: str) -> None:
             await pool.close()
 
     asyncio.run(run())
-    assert set(rollup_totals(url).values()) == {(2, 2, 2)}
+    assert set(rollup_totals(url).values()) == {(2, 2, 2, 2)}
 
 
 def test_vacuum_on_a_partition_neither_stalls_nor_is_cancelled_by_the_refresher(url: str) -> None:
@@ -174,7 +178,7 @@ def test_batches_are_bounded_and_progress_is_logged(url: str, caplog: pytest.Log
         assert sorted(slugs[start:start + len(METERS)]) == sorted(m["slug"] for m in METERS), slugs
     messages = [r.getMessage() for r in caplog.records]
     assert "backfilling meter" in messages and "meter caught up" in messages
-    assert set(rollup_totals(url).values()) == {(35, 35, 35)}
+    assert set(rollup_totals(url).values()) == {(35, 35, 35, 35)}
 
 
 def test_concurrent_ingest_and_two_refreshers_merge_exactly_once(url: str, settings: Settings) -> None:
@@ -229,7 +233,7 @@ def test_concurrent_ingest_and_two_refreshers_merge_exactly_once(url: str, setti
     head, watermarks = head_and_watermarks(url)
     assert watermarks == [head] * len(METERS)
     assert merged == count * len(METERS)  # no batch merged twice
-    assert set(rollup_totals(url).values()) == {(count, count, count)}
+    assert set(rollup_totals(url).values()) == {(count, count, count, count)}
     # And the answers (now from rollups only) equal the oracle's.
     stored = stored_events(url)
     assert len(stored) == count
@@ -368,7 +372,7 @@ def test_a_failing_meter_is_set_aside_while_the_others_merge_and_recovers(url: s
     assert [(b.slug, b.lo, b.events) for b in report.batches] == [("total", 0, 47)]
     assert progress(url, "total") == {"last_seq": 47, "failures": 0, "reason": None, "backoff": None}
     assert failing_gauge() == 0
-    assert set(rollup_totals(url).values()) == {(47, 47, 47)}
+    assert set(rollup_totals(url).values()) == {(47, 47, 47, 47)}
     with AppServer(settings, {"api"}) as server, server.client() as client:
         assert "pgmeterState" not in client.get("/api/v1/meters/total").json()
 
@@ -418,3 +422,199 @@ def test_only_the_meters_own_errors_set_it_aside() -> None:
     assert refresher_module.blames_meter(asyncpg.OutOfMemoryError("out of memory"))
     assert not refresher_module.blames_meter(asyncpg.ConnectionFailureError("lost"))
     assert not refresher_module.blames_meter(ConnectionResetError())
+
+
+async def scanned_partitions(conn: asyncpg.Connection, text: str, *args: object) -> set[str]:
+    """The events partitions a statement's plan reads (pruned ones are absent)."""
+    plan = str(await conn.fetchval("EXPLAIN (FORMAT JSON) " + text, *args))
+    return set(re.findall(r"Relation Name['\"]: ['\"](events_t\d+)", plan))
+
+
+def test_the_time_floor_is_exact_for_late_events_and_prunes_partitions(url: str) -> None:
+    """The tail's bound is the least time of the unmerged events, late ones included,
+    so merges and queries read only the partitions that can hold them."""
+    rng = random.Random(21)
+    today = [event(rng, T0 + timedelta(hours=1, minutes=i)) for i in range(5)]
+    events_sql.insert_committed(url, today)
+
+    async def run() -> None:
+        pool = await create_pool(url, size=2)
+        try:
+            await Refresher(pool, max_batch=1000).run_cycle()
+            async with pool.acquire() as conn:
+                caught_up = max(e.seq for e in today)
+                assert await floor.time_floor(conn, "default", "call", caught_up) is None
+                # A late event (three days old) and a fresh one, not merged yet.
+                late = [event(rng, T0 - timedelta(days=3) + timedelta(minutes=7)), event(rng, T0 + timedelta(hours=2))]
+                events_sql.insert_committed(url, late)
+                assert await floor.time_floor(conn, "default", "call", caught_up) == late[0].time
+                assert await floor.time_floor(conn, "default", "other", caught_up) is None
+                # Only the late event's and today's partitions are read by the tail.
+                tail = "SELECT count(*) FROM events WHERE seq > $1 AND time >= $2"
+                floor_time = await floor.time_floor(conn, "default", "call", caught_up)
+                assert await scanned_partitions(conn, tail, caught_up, floor_time) == {
+                    events_sql.partition_name((T0 - timedelta(days=3)).date()),
+                    events_sql.partition_name((T0 - timedelta(days=2)).date()),
+                    events_sql.partition_name((T0 - timedelta(days=1)).date()),
+                    events_sql.partition_name(T0.date()),
+                    events_sql.partition_name((T0 + timedelta(days=1)).date()),
+                    events_sql.partition_name((T0 + timedelta(days=2)).date()),
+                    events_sql.partition_name((T0 + timedelta(days=3)).date())}
+                fresh_floor = T0 + timedelta(hours=2)
+                assert await scanned_partitions(conn, tail, caught_up, fresh_floor) == {
+                    events_sql.partition_name(d.date()) for d in (T0, T0 + timedelta(days=1), T0 + timedelta(days=2),
+                                                                  T0 + timedelta(days=3))}
+            await Refresher(pool, max_batch=1000).run_cycle()
+            async with pool.acquire() as conn:
+                head = max(e.seq for e in late)
+                assert await floor.time_floor(conn, "default", "call", head) is None
+                # Compaction left one row per pair, at every meter's last_seq, holding
+                # the least time of all: a meter created now (last_seq 0) sees it.
+                rows = await conn.fetch("SELECT namespace, type, hi_seq, min_time FROM event_floor")
+                assert [tuple(r) for r in rows] == [("default", "call", head, late[0].time)]
+                assert await floor.time_floor(conn, "default", "call", 0) == late[0].time
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+    # Every event merged exactly once into every level.
+    assert set(rollup_totals(url).values()) == {(7, 7, 7, 7)}
+
+
+def test_the_seed_row_bounds_nothing_until_every_meter_is_past_it(url: str) -> None:
+    """Events written before the floor existed: the seed row (NULL pair, -infinity)
+    makes the floor unbounded (exact) for every reader behind it."""
+    rng = random.Random(22)
+    old = [event(rng, T0 - timedelta(days=2)), event(rng, T0)]
+    events_sql.insert_committed(url, old)
+    with psycopg.connect(url) as conn:  # as if these had been written before migration 011
+        conn.execute("DELETE FROM event_floor")
+        conn.execute("INSERT INTO event_floor (namespace, type, hi_seq, min_time) "
+                     "SELECT NULL, NULL, last_value, '-infinity' FROM events_seq WHERE is_called")
+
+    async def run() -> None:
+        pool = await create_pool(url, size=2)
+        try:
+            async with pool.acquire() as conn:
+                assert await floor.time_floor(conn, "default", "call", 0) == floor.EARLIEST
+                assert await floor.time_floor(conn, "default", "call", old[-1].seq) is None
+            report = await Refresher(pool, max_batch=1000).run_cycle()
+            assert report.events == 2 * len(METERS)
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+    assert set(rollup_totals(url).values()) == {(2, 2, 2, 2)}
+
+
+def test_a_commit_wakes_the_refresher_long_before_its_interval(settings: Settings, url: str) -> None:
+    """The events trigger notifies pgmeter_events at commit; the refresher LISTENs and
+    merges at once. With a 120 s interval only the wake-up can merge within 30 s."""
+    rng = random.Random(23)
+    slow = settings.model_copy(update={
+        "refresher": settings.refresher.model_copy(update={"interval": timedelta(seconds=120)})})
+    with AppServer(slow, {"refresher"}):
+        deadline = time.monotonic() + 30
+        # The first cycle (at start) is over once the meters are at the head (0).
+        for round_ in range(2):
+            events_sql.insert_committed(url, [event(rng) for _ in range(10)])
+            while True:
+                head, watermarks = head_and_watermarks(url)
+                if watermarks == [head] * len(METERS) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert watermarks == [head] * len(METERS), round_
+    assert set(rollup_totals(url).values()) == {(20, 20, 20, 20)}
+
+
+def test_a_meter_from_before_the_hourly_level_merges_and_answers_without_it(url: str) -> None:
+    """Meters created before sql/010 have no h1 tables (hourly = false): their merges
+    skip h1 and their queries go from q15 to d1, with the same answers."""
+    rng = random.Random(24)
+    events = [event(rng) for _ in range(120)]
+    events_sql.insert_committed(url, events[:60])
+    queries = [QueryParams(from_=T0 - timedelta(days=2), to=T0 + timedelta(days=2), window_size=window,
+                           window_time_zone=zone, group_by=group_by)
+               for window in (WindowSize.HOUR, WindowSize.DAY) for zone in ("UTC", "Europe/Berlin", "Asia/Kolkata")
+               for group_by in ((), ("subject",), ("k",))]
+
+    async def answers(pool: asyncpg.Pool, slug: str) -> list[list[tuple[object, ...]]]:
+        async with pool.acquire() as conn:
+            meter = await store.get(conn, "default", slug)
+        assert meter is not None
+        out = []
+        for params in queries:
+            result = await run_query(pool, meter, params)
+            out.append(sorted((str(r.window_start), r.subject, tuple(sorted(r.group_by.items())), r.value)
+                              for r in result.rows))
+        return out
+
+    async def run() -> None:
+        pool = await create_pool(url, size=2)
+        try:
+            await Refresher(pool, max_batch=1000).run_cycle()
+            with_h1 = await answers(pool, "total")
+            async with pool.acquire() as conn:
+                meter_id, version = await conn.fetchrow(
+                    "SELECT r.meter_id, r.version FROM meter_rollups r JOIN meters m ON m.id = r.meter_id "
+                    "WHERE m.slug = 'total'")
+                for level in ("h1", "h1s"):
+                    await conn.execute(f"DROP TABLE rollup.{level}_{meter_id.lower()}_v{version}")
+                await conn.execute("UPDATE meter_rollups SET hourly = false WHERE meter_id = $1", meter_id)
+            assert await answers(pool, "total") == with_h1
+            events_sql.insert_committed(url, events[60:])
+            report = await Refresher(pool, max_batch=1000).run_cycle()
+            assert report.events == 60 * len(METERS)
+            # Every event once, whichever levels answer: the total is the raw sum.
+            async with pool.acquire() as conn:
+                meter = await store.get(conn, "default", "total")
+            assert meter is not None
+            total = await run_query(pool, meter, QueryParams())
+            expected = sum((float(e.data["n"]) for e in events
+                            if isinstance(e.data["n"], int) or e.data["n"] == "3"), 0.0)
+            assert [float(r.value) for r in total.rows] == [expected]
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_backfill_reports_rate_and_eta_and_queries_stay_exact(url: str, caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backfill in small batches: every progress line carries the remaining seqs, a
+    rate and an ETA, the gauges follow it down to 0, and a query between any two
+    batches equals the raw answer."""
+    rng = random.Random(25)
+    events = [event(rng) for _ in range(60)]
+    events_sql.insert_committed(url, events)
+    monkeypatch.setattr(refresher_module, "PROGRESS_EVERY", 0.0)
+    expected = sum((float(e.data["n"]) for e in events if isinstance(e.data["n"], int) or e.data["n"] == "3"), 0.0)
+
+    async def run() -> list[float]:
+        pool = await create_pool(url, size=2)
+        remaining = []
+        try:
+            async with pool.acquire() as conn:
+                meter = await store.get(conn, "default", "total")
+            assert meter is not None
+            refresher = Refresher(pool, max_batch=10)
+            await refresher.advance_watermark()
+            while (batch := await refresher.merge_batch()) is not None:
+                remaining.append(REGISTRY.get_sample_value("pgmeter_refresher_backfill_remaining_events") or 0)
+                total = await run_query(pool, meter, QueryParams())
+                assert [float(r.value) for r in total.rows] == [expected], batch
+            assert REGISTRY.get_sample_value("pgmeter_refresher_backfill_remaining_events") == 0
+            assert REGISTRY.get_sample_value("pgmeter_refresher_backfill_eta_seconds") == 0
+        finally:
+            await pool.close()
+        return remaining
+
+    with caplog.at_level(logging.INFO, logger="pgmeter.rollup.refresher"):
+        remaining = asyncio.run(run())
+    # Four meters, 50 seqs each to go after their first batch.
+    assert remaining[-1] == 0 and max(remaining) == 4 * 50
+    progress = [r for r in caplog.records if r.getMessage() == "backfilling meter" and r.meter == "total"]
+    # After 10, 20, 30, 40 and 50 of 60 seqs (the batch that reaches 60 logs "caught up").
+    assert [(r.seq, r.remaining) for r in progress] == [(10, 50), (20, 40), (30, 30), (40, 20), (50, 10)]
+    assert all(r.rate is not None and r.rate > 0 and r.eta_seconds is not None for r in progress[1:])
+    assert any(r.getMessage() == "meter caught up" and r.meter == "total" for r in caplog.records)

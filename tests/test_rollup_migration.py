@@ -61,7 +61,12 @@ def rollup_tables(conn: psycopg.Connection) -> list[tuple[str, int]]:
 
 
 def to_previous_layout(conn: psycopg.Connection) -> None:
-    """The rollups as sql/templates built them before 006, and 006 not applied."""
+    """The rollups as sql/templates built them before 006, and 006 not applied
+    (nor 010: no hourly levels)."""
+    for table, _ in rollup_tables(conn):
+        if table.startswith(("h1", "uh1")):
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier("rollup", table)))
+    conn.execute("UPDATE meter_rollups SET hourly = false")
     for table, n in rollup_tables(conn):
         ident = sql.Identifier("rollup", table)
         for (index,) in conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass",

@@ -117,6 +117,20 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/*
+"true" when the api reads meter queries, value lists and the event listing from
+the CNPG `-ro` Service (postgres.readReplicas): the URL is composed from the app
+Secret's parts, so it cannot combine with an explicit DSN Secret either.
+*/}}
+{{- define "pgmeter.readReplicasRendered" -}}
+{{- if and .Values.postgres.readReplicas (include "pgmeter.hasAPI" (dict "root" . "api" "postgresql.cnpg.io/v1")) -}}
+{{- if .Values.postgres.dsnSecret.name -}}
+{{- fail "postgres.readReplicas needs the CNPG app Secret; unset postgres.dsnSecret.name" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{/* Secret + key holding the direct DSN. */}}
 {{- define "pgmeter.dsnSecretName" -}}
 {{- if .Values.postgres.dsnSecret.name -}}
@@ -172,7 +186,7 @@ alphanumeric, so they need no URL escaping.
     secretKeyRef:
       name: {{ include "pgmeter.dsnSecretName" $root }}
       key: {{ include "pgmeter.dsnSecretKey" $root }}
-{{- if and (eq .role "api") (include "pgmeter.poolerRendered" $root) }}
+{{- if or (and (eq .role "api") (include "pgmeter.poolerRendered" $root)) (and (eq .role "api") (include "pgmeter.readReplicasRendered" $root)) }}
 {{- $app := printf "%s-app" (include "pgmeter.clusterName" $root) }}
 - name: CNPG_APP_USER
   valueFrom:
@@ -183,8 +197,14 @@ alphanumeric, so they need no URL escaping.
 - name: CNPG_APP_DBNAME
   valueFrom:
     secretKeyRef: {name: {{ $app }}, key: dbname}
+{{- if and (eq .role "api") (include "pgmeter.poolerRendered" $root) }}
 - name: PGMETER_POSTGRES_QUERY_URL
   value: {{ printf "postgresql://$(CNPG_APP_USER):$(CNPG_APP_PASSWORD)@%s.%s.svc:5432/$(CNPG_APP_DBNAME)" (include "pgmeter.poolerName" $root) $root.Release.Namespace | quote }}
+{{- end }}
+{{- if include "pgmeter.readReplicasRendered" $root }}
+- name: PGMETER_POSTGRES_READ_URL
+  value: {{ printf "postgresql://$(CNPG_APP_USER):$(CNPG_APP_PASSWORD)@%s-ro.%s.svc:5432/$(CNPG_APP_DBNAME)" (include "pgmeter.clusterName" $root) $root.Release.Namespace | quote }}
+{{- end }}
 {{- end }}
 - name: PGMETER_NATS_URL
   value: {{ $v.nats.url | quote }}

@@ -40,6 +40,8 @@ lower-cased with "_" and "-" removed.
 {{- define "pgmeter.secretHint" -}}
 {{- if regexMatch "postgres\\.queryurl" . -}}
 postgres.pooler.enabled (the chart composes the pooler URL from the CNPG app Secret)
+{{- else if regexMatch "postgres\\.readurl" . -}}
+postgres.readReplicas (the chart composes the -ro URL from the CNPG app Secret)
 {{- else if regexMatch "postgres" . -}}
 postgres.dsnSecret.name/key (or the CNPG app Secret, the default)
 {{- else if regexMatch "authtoken|^config\\.auth" . -}}
@@ -75,7 +77,7 @@ Call with (dict "path" "config" "value" .Values.config).
 {{- if regexMatch (include "pgmeter.secretKeyPattern" $) $leaf -}}
 {{- fail (printf "%s: secret-bearing key in plain values (it would be rendered into a ConfigMap); put the secret in a Secret and use %s" $here (include "pgmeter.secretHint" $norm)) -}}
 {{- end -}}
-{{- if and (regexMatch "^config\\.postgres\\.[^.]+$" $norm) (has $leaf (list "url" "queryurl" "dsn" "uri")) -}}
+{{- if and (regexMatch "^config\\.postgres\\.[^.]+$" $norm) (has $leaf (list "url" "queryurl" "readurl" "dsn" "uri")) -}}
 {{- fail (printf "%s: a database URL carries its credentials, so it never goes in plain values; use %s" $here (include "pgmeter.secretHint" $norm)) -}}
 {{- end -}}
 {{- end -}}

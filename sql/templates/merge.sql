@@ -1,5 +1,7 @@
 -- Merge the events with {lo} < seq <= {hi} into one meter's three levels, in one
 -- statement (the caller commits it together with the meter's new last_seq).
+-- {time_floor} is the least time of those events (pgmeter.rollup.floor): it adds
+-- nothing to the filter but lets Postgres prune the partitions before it.
 --
 -- x reads each event once and extracts its values in Postgres (jsonb operators,
 -- paths as bind parameters); e turns them into per-event state; m1 combines the
@@ -9,7 +11,8 @@
 -- Per-aggregation fragments come from pgmeter/rollup/states.py: {event_values} {event_state} {combine} {merge}
 -- {state_names}; the key fragments {group_values} (", pgmeter_group_value(...) AS g1")
 -- and {group_key} (", g1, ..."); {subject_ctes} is subject_merge.sql (meters with
--- group-by keys) or nothing, {unique_ctes} is unique_merge.sql or nothing.
+-- group-by keys) or nothing, {unique_ctes} is unique_merge.sql or nothing, {hour_ctes}
+-- the hourly levels' (hour_*merge.sql) or nothing.
 WITH x AS (
     SELECT subject COLLATE "C" AS subject,
            date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
@@ -18,6 +21,7 @@ WITH x AS (
       FROM events
      WHERE seq > {lo} AND seq <= {hi}
        AND namespace = {namespace} AND type = {event_type}
+       AND time >= {time_floor}
        {event_from_filter}
 ),
 e AS (
@@ -61,6 +65,7 @@ up_d1 AS (
            t_min = least(r.t_min, excluded.t_min),
            t_max = greatest(r.t_max, excluded.t_max) {merge}
 )
+{hour_ctes}
 {subject_ctes}
 {unique_ctes}
 SELECT coalesce(sum(cnt), 0)::bigint AS events FROM m1

@@ -25,6 +25,10 @@ SELECT p.bucket AS window_start,
                   FROM events
                  WHERE seq > (SELECT last_seq FROM meter_rollups WHERE meter_id = {meter_id})
                    AND namespace = {namespace} AND type = {event_type}
+                   -- the least time of the unmerged events (pgmeter.rollup.floor): prunes partitions
+                   AND time >= (SELECT min(f.min_time) FROM event_floor f
+                                WHERE f.hi_seq > (SELECT last_seq FROM meter_rollups WHERE meter_id = {meter_id})
+                                  AND ((f.namespace = {namespace} AND f.type = {event_type}) OR f.namespace IS NULL))
                    {event_from_filter}) x
        ) p
  GROUP BY p.bucket, p.subject {group_key}

@@ -12,6 +12,10 @@ WITH tail AS (
       FROM events
      WHERE seq > (SELECT last_seq FROM meter_rollups WHERE meter_id = {meter_id})
        AND namespace = {namespace} AND type = {event_type}
+       -- the least time of the unmerged events (pgmeter.rollup.floor): prunes partitions
+       AND time >= (SELECT min(f.min_time) FROM event_floor f
+                    WHERE f.hi_seq > (SELECT last_seq FROM meter_rollups WHERE meter_id = {meter_id})
+                      AND ((f.namespace = {namespace} AND f.type = {event_type}) OR f.namespace IS NULL))
        {event_from_filter}
 ),
 keys AS (

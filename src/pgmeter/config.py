@@ -68,6 +68,13 @@ class PostgresConfig(Section):
     # Short queries from the api may go through a transaction-mode pooler; everything
     # that needs a session (COPY, advisory locks, LISTEN) uses ``url``.
     query_url: str | None = Field(default=None, alias="queryUrl")
+    # A hot standby (CNPG's ``-ro`` service) for the api's read-only reads of events
+    # and rollups: meter queries, subject/group-value lists, the event listing. Their
+    # answers lag the primary by the standby's replay lag, reported in the
+    # X-Pgmeter-Replica-Lag header of meter queries and in
+    # pgmeter_query_replica_lag_seconds. Everything that writes (definitions, customers,
+    # grants) and entitlement values stay on ``queryUrl``/``url``.
+    read_url: str | None = Field(default=None, alias="readUrl")
     pool_size: int = Field(default=10, ge=1, alias="poolSize")
     # How long opening a connection may take, and waiting for a free one in the pool.
     # Past either, an api request answers 503 with Retry-After instead of hanging.

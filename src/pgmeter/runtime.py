@@ -22,6 +22,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from prometheus_client import Gauge
 
 from pgmeter import metric_labels
 from pgmeter.config import Settings
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 ROLES = ("api", "sink", "refresher", "lago-sync")
 
 NATS_WATCH_INTERVAL = 1.0  # how often a dead NATS read loop is looked for
+REPLICA_LAG_INTERVAL = 1.0  # how often the standby's lag is read (postgres.readUrl)
+REPLICA_LAG = Gauge("pgmeter_query_replica_lag_seconds",
+                    "How far the standby serving the api's reads (postgres.readUrl) is behind the primary")
 PING_TIMEOUT = 2.0  # the Postgres recovery probe's bound
 
 
@@ -89,9 +93,19 @@ class Runtime:
     quota_heartbeat_seen: float = float("-inf")
     # The event limits in force, resolved from the settings once.
     event_limits: EventLimits = field(init=False)
+    # The pool of the api's read-only event and rollup reads: a standby's
+    # (postgres.readUrl) when configured, else ``api_pool``.
+    read_pool: asyncpg.Pool | None = None
+    # Seconds the standby's data is behind the primary (0 when caught up or no
+    # standby), refreshed every REPLICA_LAG_INTERVAL by the api.
+    replica_lag: float = 0.0
 
     def __post_init__(self) -> None:
         self.event_limits = EventLimits.of(self.settings)
+
+    @property
+    def query_pool(self) -> asyncpg.Pool:
+        return self.read_pool if self.read_pool is not None else self.api_pool
 
     def dependency(self, name: str) -> Dependency:
         """The state of ``postgres``, ``nats`` or ``valkey`` in this process."""
@@ -118,6 +132,12 @@ _NATS_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError,
     nats.errors.NoServersError, nats.errors.ConnectionClosedError, nats.errors.TimeoutError,
 )
+
+
+def nats_servers(url: str) -> list[str]:
+    """``nats.url`` may list several servers, comma-separated ("nats://a:4222,nats://b:4222"):
+    every seed of a cluster, so the client can connect while any one is down."""
+    return [server.strip() for server in url.split(",") if server.strip()]
 
 
 async def connect_nats(url: str, state: Dependency | None = None, **credentials: str) -> NATS:
@@ -153,7 +173,7 @@ async def connect_nats(url: str, state: Dependency | None = None, **credentials:
         state.recovered()
 
     return await nats.connect(
-        url,
+        nats_servers(url),
         name="pgmeter",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -238,12 +258,19 @@ async def open_runtime(settings: Settings, roles: frozenset[str]) -> AsyncIterat
         pool = await create_pool(_dsn_for(settings, roles), size=pg.pool_size, connect_timeout=connect_timeout)
     nats_state = Dependency("nats")
     nc = await connect_nats(settings.nats.url, nats_state, **settings.nats.credentials())
+    read_pool = None
+    if "api" in roles and pg.read_url:
+        read_pool = await create_pool(pg.read_url, size=pg.pool_size, connect_timeout=connect_timeout,
+                                      acquire_timeout=pg.acquire_timeout.total_seconds(),
+                                      command_timeout=pg.statement_timeout.total_seconds())
     runtime = Runtime(settings=settings, roles=roles, pool=pool, api_pool=api_pool or pool, nats=nc, js=nc.jetstream(),
-                      valkey=connect_valkey(settings))
+                      valkey=connect_valkey(settings), read_pool=read_pool)
     runtime.dependencies["nats"] = nats_state
     runtime.dependencies["postgres"] = Dependency("postgres", probe=lambda: _ping_postgres(runtime))
     runtime.dependencies["valkey"] = Dependency("valkey")
     runtime.spawn("nats-healer", _heal_nats(runtime))
+    if read_pool is not None:
+        runtime.spawn("replica-lag", _watch_replica_lag(runtime))
     try:
         yield runtime
     finally:
@@ -257,7 +284,35 @@ async def open_runtime(settings: Settings, roles: frozenset[str]) -> AsyncIterat
             await runtime.valkey.aclose()
         if runtime.api_pool is not pool:
             await runtime.api_pool.close()
+        if read_pool is not None:
+            await read_pool.close()
         await pool.close()
+
+
+# How far the standby's data is behind: 0 on a primary (a promoted standby) or when it
+# has replayed everything it received (an idle primary sends nothing, and the last
+# replayed commit may be old without any lag), else the age of the last replayed
+# commit, or the standby's uptime if it has replayed none since it started (an upper
+# bound).
+_REPLICA_LAG = """
+SELECT CASE WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+            ELSE extract(epoch FROM now() - coalesce(pg_last_xact_replay_timestamp(), pg_postmaster_start_time()))
+       END::float8
+"""
+
+
+async def _watch_replica_lag(runtime: Runtime) -> None:
+    """Keep ``runtime.replica_lag`` and its gauge current; a standby that does not
+    answer keeps the last value (its queries fail on their own)."""
+    assert runtime.read_pool is not None
+    while True:
+        try:
+            async with runtime.read_pool.acquire(timeout=PING_TIMEOUT) as conn:
+                runtime.replica_lag = max(0.0, float(await conn.fetchval(_REPLICA_LAG, timeout=PING_TIMEOUT)))
+            REPLICA_LAG.set(runtime.replica_lag)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.info("replica lag unknown: %s", describe(exc))
+        await asyncio.sleep(REPLICA_LAG_INTERVAL)
 
 
 async def _ping_postgres(runtime: Runtime) -> None:

@@ -124,3 +124,27 @@ def test_nats_credentials_reach_every_role_that_connects(render, load, credentia
         settings = load(rendered, doc)
         # Migrations never connect to NATS, so they get no credentials.
         assert settings.nats.credentials() == ({} if role == "migrate" else expected), role
+
+
+def test_read_replicas_route_only_the_api_reads_to_the_ro_service(render, load) -> None:
+    rendered = render({"postgres": {"readReplicas": True}}, api_versions=(CNPG_API,))
+    docs = {_container(d)["args"][-1]: d for d in rendered.of_kind("Deployment") + rendered.of_kind("Job")}
+    for role, doc in docs.items():
+        settings = load(rendered, doc)
+        assert settings.postgres.url == "postgresql://pgmeter:s3cret@pgmeter-pg-rw.metering:5432/pgmeter", role
+        assert settings.postgres.query_url is None, role  # no pooler: writes go to -rw
+        if role == "api":
+            assert settings.postgres.read_url == "postgresql://pgmeter:s3cret@pgmeter-pg-ro.metering.svc:5432/pgmeter"
+        else:
+            assert settings.postgres.read_url is None, role
+
+
+def test_the_cluster_commits_synchronously_to_one_standby(render) -> None:
+    """An asynchronous standby promoted after a crash may miss commits the sink has
+    acknowledged to JetStream; with one synchronous standby it cannot."""
+    spec = render({}, api_versions=(CNPG_API,)).get("Cluster", "pgmeter-pg")["spec"]
+    assert (spec["instances"], spec["minSyncReplicas"], spec["maxSyncReplicas"]) == (3, 0, 1)
+    single = render({"postgres": {"cluster": {"instances": 1}}}, api_versions=(CNPG_API,)).get("Cluster", "pgmeter-pg")
+    assert "maxSyncReplicas" not in single["spec"]
+    off = render({"postgres": {"cluster": {"syncReplicas": 0}}}, api_versions=(CNPG_API,)).get("Cluster", "pgmeter-pg")
+    assert "maxSyncReplicas" not in off["spec"]

@@ -147,7 +147,7 @@ async def list_events(request: Request) -> Response:
     if customers:
         # There are no customers in pgmeter yet, so every id is unknown (OpenMeter: 400).
         raise bad_request(f"customers not found in namespace {params.namespace}: {', '.join(customers)}")
-    items = await listing.list_events(request.app.state.runtime.api_pool, params)
+    items = await listing.list_events(request.app.state.runtime.query_pool, params)
     return JSONResponse(items)
 
 

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pgmeter.dependencies import describe
-from pgmeter.runtime import Runtime, nats_read_loop_alive
+from pgmeter.runtime import Runtime, nats_read_loop_alive, nats_servers
 
 READY_TIMEOUT = 2.0
 # Publishes waiting longer than this for their JetStream ack mean the broker is stalled.
@@ -52,7 +52,10 @@ async def _check_nats(runtime: Runtime) -> None:
     publisher = runtime.publisher
     if publisher is not None and publisher.stalled_for() > PUBLISH_STALL:
         raise NotReady("publishes are not acknowledged")
-    await _probe_nats_server(runtime.settings.nats.url, **runtime.settings.nats.credentials())
+    # The server this client is connected to (nats.url may list a cluster's seeds).
+    connected = nc.connected_url
+    url = connected.geturl() if connected is not None else nats_servers(runtime.settings.nats.url)[0]
+    await _probe_nats_server(url, **runtime.settings.nats.credentials())
 
 
 async def _probe_nats_server(url: str, **credentials: str) -> None:

@@ -254,7 +254,7 @@ async def _distinct(request: Request, meter: store.Meter, key: str | None, start
     runtime = runtime_of(request)
     max_rows = runtime.settings.limits.query_max_rows
     try:
-        return await distinct_values(runtime.api_pool, meter, key, start, end, max_rows=max_rows)
+        return await distinct_values(runtime.query_pool, meter, key, start, end, max_rows=max_rows)
     except TooManyRows as exc:
         raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None
 

@@ -274,18 +274,20 @@ async def _answer(request: Request, meter: Meter, params: QueryParams) -> Respon
         runtime = runtime_of(request)
         cache = runtime.query_cache
         assert cache is not None, "the api role makes the query cache"
+        # Read from the standby when one is configured; its lag goes with the answer.
+        lag = {"X-Pgmeter-Replica-Lag": f"{runtime.replica_lag:.3f}"} if runtime.read_pool is not None else {}
         if wants_csv(request):
-            body = await cache.respond(runtime.api_pool, meter, params, "csv",
+            body = await cache.respond(runtime.query_pool, meter, params, "csv",
                                        lambda result: iter_csv(meter, params, result))
             return _response(body, "text/csv",
-                             {"Content-Disposition": f"attachment; filename={meter.slug}.csv"})
-        body = await cache.respond(runtime.api_pool, meter, params, "json",
+                             {"Content-Disposition": f"attachment; filename={meter.slug}.csv", **lag})
+        body = await cache.respond(runtime.query_pool, meter, params, "json",
                                    lambda result: iter_json(params, result))
     except TooManyRows as exc:
         raise bad_request(str(exc), limit="queryMaxRows", maxRows=exc.limit) from None
     except QueryError as exc:
         raise bad_request(str(exc), parameter=exc.parameter) from None
-    return _response(body, "application/json")
+    return _response(body, "application/json", lag)
 
 
 async def query_get(request: Request) -> Response:

@@ -113,6 +113,41 @@ def start_postgres(data_dir: Path, port: int, *, log_path: Path, database: str =
     return proc, f"postgresql://postgres@127.0.0.1:{port}/{database}"
 
 
+def start_standby(primary_port: int, data_dir: Path, port: int, *, log_path: Path) -> tuple[ManagedProcess, str]:
+    """A streaming replica of the server on ``primary_port`` (pg_basebackup -R), for
+    tests and benchmarks of reads from a standby. Returns its process and the URL
+    of its ``pgmeter`` database (read-only)."""
+    user = postgres_os_user()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    if user is not None:
+        _allow_traverse(data_dir)
+    _own(data_dir, user)
+    result = subprocess.run(
+        [str(binaries.postgres_bin_dir() / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary_port),
+         "-U", "postgres", "-D", str(data_dir), "-R", "-X", "stream", "-c", "fast"],
+        capture_output=True, text=True, user=user.uid if user else None,
+        group=user.gid if user else None, env=_pg_env(),
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_basebackup failed into {data_dir}: {result.stderr.strip()}")
+    proc = ManagedProcess(
+        "postgres-standby",
+        [str(binaries.postgres_bin_dir() / "postgres"), "-D", str(data_dir), "-p", str(port),
+         "-h", "127.0.0.1", "-k", str(data_dir), "-c", "shared_buffers=128MB", "-c", "max_connections=200",
+         "-c", "logging_collector=off", "-c", "hot_standby=on"],
+        log_path=log_path, stop_signal=signal.SIGINT,
+        user=user.uid if user else None, group=user.gid if user else None, env=_pg_env(),
+    )
+    if user is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.touch()
+        os.chown(log_path, user.uid, user.gid)
+    proc.start()
+    wait_until(lambda: _pg_ready(port), timeout=30, what="PostgreSQL standby", process=proc)
+    return proc, f"postgresql://postgres@127.0.0.1:{port}/pgmeter"
+
+
 def _pg_ready(port: int) -> bool:
     import psycopg
 

@@ -41,7 +41,7 @@ from pgmeter.query.params import (
     zone,
 )
 from pgmeter.query.plan import Plan, carve, usable_levels
-from pgmeter.rollup import objects
+from pgmeter.rollup import floor, objects
 from pgmeter.rollup.objects import Rollup
 
 QUERY_LATENCY = Histogram(
@@ -145,6 +145,7 @@ async def run_query(db: Db, meter: Meter, params: QueryParams, *, max_rows: int 
 
 async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_rows: int | None) -> QueryResult:
     rollup, tables = await _rollup_of(conn, meter)
+    tail_floor = await floor.time_floor(conn, rollup.namespace, rollup.event_type, rollup.last_seq)
     for key in (*params.meter_keys, *params.filter_group_by, *params.advanced_filters):
         if key not in rollup.group_keys:  # the meter changed since the caller read it
             raise QueryError("groupBy", f"invalid group by: {key}")
@@ -156,13 +157,15 @@ async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_
         if window is not None and (lo is None or hi is None):
             # Window boundaries are checked against the zone's offsets over the data's
             # actual span, not all of time.
-            span = await _extent(conn, rollup, tables, lo, hi)
+            span = await _extent(conn, rollup, tables, lo, hi, tail_floor)
             if span is not None:
                 lo, hi = lo or span[0], hi or span[1]
         if lo is None or hi is None or lo < hi:
             usable = usable_levels(window, params.window_time_zone, lo, hi) if tables else set()
+            if not rollup.hourly:
+                usable.discard("h1")  # a meter created before the hourly level
             plan = carve(lo, hi, usable) if tables else Plan()
-            statement = _Statement(rollup, params)
+            statement = _Statement(rollup, params, tail_floor)
             text = statement.aggregate(plan, lo, hi)
             if max_rows is not None:
                 text += f"\nLIMIT {statement.param(max_rows + 1, 'bigint')}"
@@ -173,9 +176,9 @@ async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_
 
 
 async def _extent(conn: asyncpg.Connection, rollup: Rollup, tables: bool, lo: datetime | None,
-                  hi: datetime | None) -> tuple[datetime, datetime] | None:
+                  hi: datetime | None, tail_floor: datetime | None) -> tuple[datetime, datetime] | None:
     """First and last minute (end exclusive) with events of the meter, or None."""
-    args: list[Any] = [rollup.namespace, rollup.event_type, rollup.last_seq]
+    args: list[Any] = [rollup.namespace, rollup.event_type, rollup.last_seq, tail_floor]
     bounds = ""
     if lo is not None:
         args.append(lo)
@@ -184,7 +187,7 @@ async def _extent(conn: asyncpg.Connection, rollup: Rollup, tables: bool, lo: da
         args.append(hi)
         bounds += f" AND time < ${len(args)}::timestamptz"
     tail = (f"SELECT min(time) AS lo, max(time) AS hi FROM events "
-            f"WHERE namespace = $1 AND type = $2 AND seq > $3{bounds}")
+            f"WHERE namespace = $1 AND type = $2 AND seq > $3 AND time >= $4::timestamptz{bounds}")
     if tables:
         m1 = objects.table_name(rollup.meter_id, rollup.version, "m1").as_string()
         text = (f"SELECT least(r.lo, t.lo) AS lo, greatest(r.hi, t.hi) AS hi FROM "
@@ -202,9 +205,12 @@ async def _extent(conn: asyncpg.Connection, rollup: Rollup, tables: bool, lo: da
 class _Statement:
     """Builds one query's SQL; values go to ``args`` as bind parameters."""
 
-    def __init__(self, rollup: Rollup, params: QueryParams) -> None:
+    def __init__(self, rollup: Rollup, params: QueryParams, tail_floor: datetime | None) -> None:
         self.rollup = rollup
         self.params = params
+        # The least time of the events not merged yet (None: there are none), read in
+        # the query's snapshot; it bounds the tail so partitions are pruned.
+        self.tail_floor = tail_floor
         self.state = rollup.state
         self.args: list[Any] = []
         self.window = params.window_size
@@ -272,6 +278,12 @@ class _Statement:
         InitPlan), so the index can be searched for them."""
         return f"ARRAY(SELECT md5(v)::uuid FROM unnest({placeholder}) v)"
 
+    def tail_bound(self) -> list[str]:
+        """The tail's time floor as a condition (``false`` when nothing is unmerged)."""
+        if self.tail_floor is None:
+            return ["false"]
+        return [f"time >= {self.param(self.tail_floor, 'timestamptz')}"]
+
     def time_range(self, column: str, lo: datetime | None, hi: datetime | None) -> list[str]:
         conditions = []
         if lo is not None:
@@ -314,7 +326,8 @@ class _Statement:
         for edge_lo, edge_hi in plan.raw:
             branches.append(head + self.where(common + [f"seq <= {last_seq}"]
                                               + self.time_range("time", edge_lo, edge_hi)))
-        branches.append(head + self.where(common + [f"seq > {last_seq}"] + self.time_range("time", lo, hi)))
+        branches.append(head + self.where(common + [f"seq > {last_seq}"] + self.tail_bound()
+                                          + self.time_range("time", lo, hi)))
         return "\nUNION ALL\n".join(branches)
 
     def rollup_branches(self, plan: Plan, sets: bool) -> list[str]:
@@ -431,6 +444,7 @@ async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime
         return []
     async with _snapshot(db) as conn:
         rollup, tables = await _rollup_of(conn, meter)
+        tail_floor = await floor.time_floor(conn, rollup.namespace, rollup.event_type, rollup.last_seq)
         args: list[Any] = []
 
         def param(value: Any, cast: str) -> str:
@@ -460,7 +474,8 @@ async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime
             merged_lo = event_from
         if merged_lo is None or hi is None or merged_lo < hi:
             last_seq = param(rollup.last_seq, "bigint")
-            plan = carve(merged_lo, hi, {"m1", "q15", "d1"}) if tables else Plan()
+            levels = {"m1", "q15", "h1", "d1"} if rollup.hourly else {"m1", "q15", "d1"}
+            plan = carve(merged_lo, hi, levels) if tables else Plan()
             for level, intervals in plan.levels.items():
                 table = rollup.table(level).as_string()
                 for a, b in intervals:
@@ -470,8 +485,10 @@ async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime
             for a, b in plan.raw:
                 branches.append(f"SELECT {raw_value} FROM events WHERE "
                                 + " AND ".join(common + [f"seq <= {last_seq}"] + bounds("time", a, b)))
+            tail_bound = ["false"] if tail_floor is None else [f"time >= {param(tail_floor, 'timestamptz')}"]
             branches.append(f"SELECT {raw_value} FROM events WHERE "
-                            + " AND ".join(common + [f"seq > {last_seq}"] + bounds("time", merged_lo, hi)))
+                            + " AND ".join(common + [f"seq > {last_seq}"] + tail_bound
+                                           + bounds("time", merged_lo, hi)))
         limit = f" LIMIT {param(max_rows + 1, 'bigint')}" if max_rows is not None else ""
         records = await conn.fetch("SELECT DISTINCT v FROM (" + "\nUNION ALL\n".join(branches) + f") x (v){limit}",
                                    *args)

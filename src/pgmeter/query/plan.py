@@ -1,19 +1,23 @@
 """Which rollup level answers which part of a query's time range.
 
-Levels are m1 (minutes), q15 (15 minutes) and d1 (UTC days), on an epoch-aligned
-UTC grid. A level may answer ``[a, b)`` when a and b lie on its grid and so does
+Levels are m1 (minutes), q15 (15 minutes), h1 (hours) and d1 (UTC days), on an
+epoch-aligned UTC grid. A level may answer ``[a, b)`` when a and b lie on its grid and so does
 every window boundary inside: then each of its buckets falls wholly inside one
 window and inside the range. The range is carved from the outside in: the partial
 minutes at non-minute-aligned edges are read from raw events, the next partial
-quarter hours from m1, the partial days from q15, the whole days from d1:
+quarter hours from m1, the partial hours from q15, the partial days from h1, the
+whole days from d1 (a level that is not usable is skipped: each grid contains the
+coarser ones):
 
-    [from ... raw ... | m1 ... | q15 ... | d1 ......... d1 | q15 ... | m1 ... | raw ... to)
+    [from ... raw ... | m1 ... | q15 ... | h1 ... | d1 ... d1 | h1 ... | q15 ... | m1 ... | raw ... to)
 
 Window boundaries are local whole minutes (MINUTE) or hours (HOUR/DAY/MONTH)
 in the query's zone, so whether they sit on a level's grid depends only on the
 zone's UTC offsets during the range (:mod:`pgmeter.query.zones`), checked per
 query: m1 needs offsets in whole minutes, q15 in multiples of 15 minutes (every
-zone since ~1980), d1 needs UTC+0 throughout and DAY or MONTH windows. Queries
+zone since ~1980), h1 in whole hours (all but the :30 and :45 zones such as
+Asia/Kolkata and Asia/Kathmandu; Europe/Berlin's days, DST included, are whole h1
+buckets), d1 needs UTC+0 throughout and DAY or MONTH windows. Queries
 without windows have no inner boundaries, so every level serves them.
 """
 
@@ -26,7 +30,7 @@ from pgmeter.query.params import WindowSize
 from pgmeter.query.zones import offset_table
 
 # Finest first: each level is only tried inside the range the finer one covers.
-LEVELS: tuple[tuple[str, int], ...] = (("m1", 60), ("q15", 15 * 60), ("d1", 24 * 3600))
+LEVELS: tuple[tuple[str, int], ...] = (("m1", 60), ("q15", 15 * 60), ("h1", 3600), ("d1", 24 * 3600))
 
 
 @dataclass
@@ -69,8 +73,10 @@ def usable_levels(window: WindowSize | None, zone: str, lo: datetime | None, hi:
         usable.add("m1")
         if window is not WindowSize.MINUTE and all(offset % 900 == 0 for offset in offsets):
             usable.add("q15")
-            if window in (WindowSize.DAY, WindowSize.MONTH) and offsets == {0}:
-                usable.add("d1")
+            if all(offset % 3600 == 0 for offset in offsets):
+                usable.add("h1")
+                if window in (WindowSize.DAY, WindowSize.MONTH) and offsets == {0}:
+                    usable.add("d1")
     return usable
 
 
@@ -81,7 +87,7 @@ def carve(lo: datetime | None, hi: datetime | None, usable: set[str]) -> Plan:
     pieces: list[tuple[str | None, datetime | None, datetime | None]] = []
     for name, step in LEVELS:
         if name not in usable:
-            break
+            continue
         inner_lo, inner_hi = _ceil(lo, step), _floor(hi, step)
         if not _nonempty(inner_lo, inner_hi):
             break

@@ -1,9 +1,9 @@
 """A meter's rollup objects: names, creation, rebuild and removal.
 
-Each active meter has one ``meter_rollups`` row and, per version, three rollup
-levels (``rollup.m1_<id>_v<n>``, ``q15_…``, ``d1_…``), subject-only copies of the
-coarse levels when it has group-by keys (``q15s_…``, ``d1s_…``), three set tables
-for UNIQUE_COUNT (``um1_…`` …) and a view ``meters.<slug>``. The version bumps when
+Each active meter has one ``meter_rollups`` row and, per version, four rollup
+levels (``rollup.m1_<id>_v<n>``, ``q15_…``, ``h1_…``, ``d1_…``), subject-only copies
+of the coarse levels when it has group-by keys (``q15s_…``, ``h1s_…``, ``d1s_…``),
+four set tables for UNIQUE_COUNT (``um1_…`` …) and a view ``meters.<slug>``. The version bumps when
 the definition changes (a PUT that changes groupBy): the new tables start empty
 at ``last_seq = 0`` and are backfilled by the refresher, while queries stay exact
 because they add every event not merged yet.
@@ -48,6 +48,9 @@ class Rollup:
     group_paths: list[list[str]]
     view_name: str
     last_seq: int
+    # Whether the hourly levels (h1, h1s, uh1) exist: meters created before them
+    # have none (sql/012_hourly_levels.sql).
+    hourly: bool = True
 
     @classmethod
     def from_row(cls, row: asyncpg.Record | dict[str, Any]) -> Rollup:
@@ -59,7 +62,7 @@ class Rollup:
             value_path=list(row["value_path"]) if row["value_path"] is not None else None,
             group_keys=list(row["group_keys"]),
             group_paths=json.loads(paths) if isinstance(paths, str) else paths,
-            view_name=row["view_name"], last_seq=row["last_seq"],
+            view_name=row["view_name"], last_seq=row["last_seq"], hourly=row["hourly"],
         )
 
     @property
@@ -80,19 +83,19 @@ class Rollup:
         return f"g{self.group_keys.index(key) + 1}"
 
     def table(self, level: str) -> sql.Identifier:
-        """``rollup.<level>_<id>_v<version>`` for level m1, q15, d1, q15s, d1s, um1, uq15 or ud1."""
+        """``rollup.<level>_<id>_v<version>`` for level m1, q15, h1, d1, q15s, h1s, d1s, um1, uq15, uh1 or ud1."""
         return table_name(self.meter_id, self.version, level)
 
 
 # Everything needed to select and read the rollup, in one row.
 ROLLUP_COLUMNS = ("meter_id, version, namespace, event_type, aggregation, event_from, value_path, "
-                  "group_keys, group_paths::text AS group_paths, view_name, last_seq")
+                  "group_keys, group_paths::text AS group_paths, view_name, last_seq, hourly")
 
 
 def table_name(meter_id: str, version: int, level: str) -> sql.Identifier:
     if not is_ulid(meter_id):  # names are built from ids we generated; check anyway
         raise ValueError(f"not a meter id: {meter_id!r}")
-    if level not in ("m1", "q15", "d1", "q15s", "d1s", "um1", "uq15", "ud1"):
+    if level not in ("m1", "q15", "h1", "d1", "q15s", "h1s", "d1s", "um1", "uq15", "uh1", "ud1"):
         raise ValueError(f"unknown rollup level {level!r}")
     return sql.Identifier(SCHEMA, f"{level}_{meter_id.lower()}_v{int(version)}")
 
@@ -211,6 +214,11 @@ def _ddl(rollup: Rollup) -> list[str]:
         statements.append(templates.render(
             "unique_sets", um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1"),
             group_columns=group_columns, key=unique_key(n)))
+    if rollup.hourly:
+        for level, model in (("h1", "q15"), ("h1s", "q15s"), ("uh1", "uq15")):
+            if level == "h1" or (level == "h1s" and rollup.subject_levels) or (level == "uh1" and rollup.unique):
+                statements.append(templates.render("hour_level", table=rollup.table(level),
+                                                   model=rollup.table(model)))
     statements.append(_view_ddl(rollup))
     return statements
 
@@ -271,12 +279,12 @@ async def create(conn: asyncpg.Connection, meter_id: str, namespace: str, slug: 
     await conn.execute(
         """
         INSERT INTO meter_rollups (meter_id, version, namespace, event_type, aggregation, event_from,
-                                   value_path, group_keys, group_paths, view_name, last_seq, built_at_seq)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb, $10, 0, $11)
+                                   value_path, group_keys, group_paths, view_name, last_seq, built_at_seq, hourly)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb, $10, 0, $11, true)
         ON CONFLICT (meter_id) DO UPDATE
            SET version = excluded.version, group_keys = excluded.group_keys,
                group_paths = excluded.group_paths, view_name = excluded.view_name,
-               last_seq = 0, built_at_seq = excluded.built_at_seq, merged_at = NULL
+               last_seq = 0, built_at_seq = excluded.built_at_seq, merged_at = NULL, hourly = true
         """,
         meter_id, version, namespace, spec.event_type, str(spec.aggregation), spec.event_from,
         rollup.value_path, rollup.group_keys, json.dumps(rollup.group_paths), rollup.view_name,
@@ -297,7 +305,8 @@ async def _drop_objects(conn: asyncpg.Connection, rollup: Rollup) -> None:
         "drop", view=sql.Identifier(VIEW_SCHEMA, rollup.view_name),
         m1=rollup.table("m1"), q15=rollup.table("q15"), d1=rollup.table("d1"),
         q15s=rollup.table("q15s"), d1s=rollup.table("d1s"),
-        um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1")))
+        um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1"),
+        h1=rollup.table("h1"), h1s=rollup.table("h1s"), uh1=rollup.table("uh1")))
 
 
 async def drop(conn: asyncpg.Connection, meter_id: str) -> None:

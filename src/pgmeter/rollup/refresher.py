@@ -1,6 +1,7 @@
 """``pgmeter refresher``: keep every meter's rollup up to date, exactly once.
 
-A cycle (every ``refresher.interval``, apscheduler) first establishes the
+A cycle (when the sink's commits notify ``pgmeter_events``, at most every
+DEBOUNCE_S, and at least every ``refresher.interval``) first establishes the
 watermark W (:mod:`pgmeter.rollup.watermark`): every event with ``seq <= W`` is
 committed. Then, one transaction per batch, it claims the least recently merged
 meter that is behind W (``FOR UPDATE SKIP LOCKED``: replicas share the meters and
@@ -37,10 +38,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import Counter, Gauge
 
 from pgmeter.metric_labels import tenant
+from pgmeter.rollup import floor
 from pgmeter.rollup.merge import merge_range
 from pgmeter.rollup.objects import Rollup
 from pgmeter.rollup.watermark import LOCK_TIMEOUT_MS, WRITER_WAIT_S, WritersBusy, wait_out_writers
@@ -58,10 +59,22 @@ EVENTS_MERGED = Counter("pgmeter_meter_events_merged_total", "Events merged into
 METERS_FAILING = Gauge("pgmeter_refresher_meters_failing",
                        "Meters whose last merge failed, set aside with backoff (reason in the meters API)")
 MERGE_FAILURES = Counter("pgmeter_refresher_merge_failures_total", "Meter merges that failed and were rolled back")
+BACKFILL_REMAINING = Gauge("pgmeter_refresher_backfill_remaining_events",
+                           "Seqs left to scan by the meters this refresher is backfilling (new meters, groupBy "
+                           "changes)")
+BACKFILL_ETA = Gauge("pgmeter_refresher_backfill_eta_seconds",
+                     "Estimated seconds until the slowest meter this refresher is backfilling catches up")
 IDLE_ADVANCES = Counter("pgmeter_refresher_idle_advances_total",
                         "Meters moved to the watermark without a merge (no new event of their type)")
 
 PROGRESS_EVERY = 5.0  # seconds between backfill progress lines per meter
+# The sink's commits wake the refresher (a statement trigger on events notifies this
+# channel); cycles start at most this often, however many commits arrive.
+NOTIFY_CHANNEL = "pgmeter_events"
+DEBOUNCE_S = 0.1
+COMPACT_EVERY = 30.0  # seconds between compactions of event_floor (pgmeter.rollup.floor)
+LISTEN_PROBE_S = 5.0  # how often the listening connection is checked
+LISTEN_RETRY_S = 1.0  # before listening again after a lost connection
 MERGE_WORK_MEM = "64MB"
 # A merge waits at most this long for a lock on its tables (someone holding one by
 # hand, a long DDL): then it fails, and only its meter waits, not the cycle.
@@ -111,7 +124,7 @@ class CycleReport:
 _CLAIM = """
     SELECT r.meter_id, r.version, r.namespace, r.event_type, r.aggregation, r.event_from,
            r.value_path, r.group_keys, r.group_paths::text AS group_paths, r.view_name,
-           r.last_seq, r.failures, m.slug
+           r.last_seq, r.hourly, r.failures, m.slug
       FROM meter_rollups r
       JOIN meters m ON m.id = r.meter_id
      WHERE r.last_seq < $1
@@ -139,6 +152,8 @@ seen AS (
     SELECT namespace, type, max(seq) AS last
       FROM events
      WHERE seq > (SELECT lo FROM span) AND seq <= $1
+       -- The least time of those events (pgmeter.rollup.floor): prunes partitions.
+       AND time >= (SELECT min(min_time) FROM event_floor WHERE hi_seq > (SELECT lo FROM span))
      GROUP BY namespace, type
 ),
 idle AS (
@@ -195,6 +210,11 @@ class Refresher:
         self.backoff_max_s = backoff_max_s
         self.watermark = 0  # every seq <= watermark is committed; only ever grows
         self._progress_logged: dict[str, float] = {}
+        self._compacted_at = float("-inf")  # event_floor compaction, every COMPACT_EVERY
+        # Meters being backfilled by this process: (started, first seq, last seq),
+        # and their (remaining seqs, ETA seconds).
+        self._backfills: dict[str, tuple[float, int, int]] = {}
+        self._eta: dict[str, tuple[int, float | None]] = {}
 
     async def advance_watermark(self) -> int:
         async with self.pool.acquire() as conn:
@@ -267,16 +287,44 @@ class Refresher:
         return Batch(rollup.meter_id, slug, lo, hi, 0, failure=reason)
 
     def _log_progress(self, batch: Batch) -> None:
-        if batch.hi >= self.watermark:
-            if self._progress_logged.pop(batch.meter_id, None) is not None:
-                log.info("meter caught up", extra={"meter": batch.slug, "seq": batch.hi})
-            return
+        """Backfill progress (a new meter, a groupBy change): a log line every
+        PROGRESS_EVERY seconds per meter with its rate and ETA, and the gauges.
+
+        The rate is in seqs per second (events of every type scanned), measured since
+        this process started the meter's backfill; the ETA is the distance to the
+        watermark at that rate. Queries stay exact meanwhile (they add the tail)."""
         now = time.monotonic()
+        if batch.hi >= self.watermark:
+            started = self._backfills.pop(batch.meter_id, None)
+            self._progress_logged.pop(batch.meter_id, None)
+            if started is not None:
+                elapsed = now - started[0]
+                log.info("meter caught up", extra={
+                    "meter": batch.slug, "seq": batch.hi, "seconds": round(elapsed, 1),
+                    "rate": round((batch.hi - started[1]) / elapsed) if elapsed > 0 else None})
+            self._set_backfill_gauges()
+            return
+        started = self._backfills.setdefault(batch.meter_id, (now, batch.lo, batch.hi))
+        elapsed = now - started[0]
+        done = batch.hi - started[1]
+        rate = done / elapsed if elapsed > 0 else None
+        remaining = self.watermark - batch.hi
+        eta = remaining / rate if rate else None
+        self._backfills[batch.meter_id] = (started[0], started[1], batch.hi)
+        self._eta[batch.meter_id] = (remaining, eta)
+        self._set_backfill_gauges()
         if now - self._progress_logged.get(batch.meter_id, 0.0) >= PROGRESS_EVERY:
             self._progress_logged[batch.meter_id] = now
             log.info("backfilling meter", extra={
                 "meter": batch.slug, "seq": batch.hi, "target_seq": self.watermark,
-                "percent": round(100 * batch.hi / max(self.watermark, 1), 1)})
+                "percent": round(100 * batch.hi / max(self.watermark, 1), 1),
+                "remaining": remaining, "rate": round(rate) if rate is not None else None,
+                "eta_seconds": round(eta) if eta is not None else None})
+
+    def _set_backfill_gauges(self) -> None:
+        self._eta = {meter: value for meter, value in self._eta.items() if meter in self._backfills}
+        BACKFILL_REMAINING.set(sum(remaining for remaining, _ in self._eta.values()))
+        BACKFILL_ETA.set(max((eta for _, eta in self._eta.values() if eta is not None), default=0))
 
     async def run_cycle(self) -> CycleReport:
         """Merge every meter up to a fresh watermark (failing meters are set aside)."""
@@ -290,6 +338,12 @@ class Refresher:
                     break  # due again already (a backoff of ~0): leave it to the next cycle
                 failed.add(batch.meter_id)
         await self.update_lag()
+        if time.monotonic() - self._compacted_at >= COMPACT_EVERY:
+            # Folds every pair's rows, so not on every wake-up: rows accumulate one
+            # per sink batch and pair meanwhile, which the floor's index reads cheaply.
+            async with self.pool.acquire() as conn:
+                await floor.compact(conn, self.watermark)
+            self._compacted_at = time.monotonic()
         return report
 
     async def update_lag(self) -> None:
@@ -305,37 +359,73 @@ class Refresher:
                 LAG_SECONDS.set(0)
                 return
             LAG_EVENTS.set(head - behind)
-            oldest = await conn.fetchval(
-                "SELECT stored_at FROM events WHERE seq > $1 ORDER BY seq LIMIT 1", behind)
+            time_floor = await floor.any_floor(conn, behind)
+            oldest = None if time_floor is None else await conn.fetchval(
+                "SELECT stored_at FROM events WHERE seq > $1 AND time >= $2 ORDER BY seq LIMIT 1", behind, time_floor)
             LAG_SECONDS.set(max(0.0, (datetime.now(UTC) - oldest).total_seconds()) if oldest else 0)
 
 
 async def start(runtime: Runtime) -> None:
-    """Schedule refresh cycles for the life of the runtime."""
+    """Run refresh cycles for the life of the runtime: on every wake-up from the sink
+    (NOTIFY, see sql/011_event_floor.sql) and at least every ``refresher.interval``."""
     settings = runtime.settings.refresher
     refresher = Refresher(runtime.pool, max_batch=settings.max_batch)
     runtime.refresher = refresher
-    scheduler = AsyncIOScheduler(timezone=UTC)
-    scheduler.add_job(
-        _cycle, "interval", args=[refresher], seconds=settings.interval.total_seconds(),
-        next_run_time=datetime.now(UTC), max_instances=1, coalesce=True, id="refresh",
-        misfire_grace_time=None,
-    )
-    scheduler.start()
-    runtime.spawn("refresher", _hold(scheduler))
+    wake = asyncio.Event()
+    runtime.spawn("refresher", _cycles(refresher, wake, settings.interval.total_seconds()))
+    runtime.spawn("refresher-listen", _listen(runtime.settings.postgres.url, wake,
+                                              runtime.settings.postgres.connect_timeout.total_seconds()))
+
+
+async def _cycles(refresher: Refresher, wake: asyncio.Event, interval: float) -> None:
+    """A cycle when woken or when ``interval`` passes, whichever is first, and never
+    two closer than DEBOUNCE_S: under a steady stream of commits the cycles run back
+    to back, each merging everything committed before it began."""
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), interval)
+        except TimeoutError:
+            pass
+        wake.clear()
+        started = time.monotonic()
+        await _cycle(refresher)
+        await asyncio.sleep(max(0.0, DEBOUNCE_S - (time.monotonic() - started)))
+
+
+async def _listen(url: str, wake: asyncio.Event, connect_timeout: float) -> None:
+    """LISTEN on a connection of its own (a pooled one may sit behind a transaction
+    pooler, and LISTEN needs a session); reconnect after a loss. While it is down the
+    timer alone drives the cycles, so a lost notification costs at most one interval."""
+    while True:
+        try:
+            await _listen_once(url, wake, connect_timeout)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.info("refresher wake-ups unavailable; the timer drives cycles",
+                     extra={"reason": f"{type(exc).__name__}: {exc}"})
+        await asyncio.sleep(LISTEN_RETRY_S)
+
+
+async def _listen_once(url: str, wake: asyncio.Event, connect_timeout: float) -> None:
+    """Set ``wake`` on every notification until the connection is lost."""
+    conn = await asyncpg.connect(url, timeout=connect_timeout,
+                                 server_settings={"application_name": "pgmeter-refresher-listen"})
+    try:
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *_args: wake.set())
+        wake.set()  # commits made while not listening
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), LISTEN_PROBE_S)
+            except TimeoutError:
+                await conn.fetchval("SELECT 1", timeout=LISTEN_PROBE_S)  # a dead link shows here
+    finally:
+        if not conn.is_closed():
+            conn.terminate()
 
 
 async def _cycle(refresher: Refresher) -> None:
     try:
         await refresher.run_cycle()
-    except Exception:  # a failed cycle is retried by the next one; keep the scheduler alive
+    except Exception:  # a failed cycle is retried by the next one; keep the loop alive
         log.exception("refresh cycle failed")
-
-
-async def _hold(scheduler: AsyncIOScheduler) -> None:
-    """Keep the scheduler for the runtime's lifetime; stop it (and its job) on cancel."""
-    try:
-        await asyncio.Event().wait()
-    finally:
-        scheduler.shutdown(wait=False)  # cancels a running cycle; its transaction rolls back
-        await asyncio.sleep(0)
