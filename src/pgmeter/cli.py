@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--dry-run", action="store_true", help="print what would be sent and exit")
             sub.add_argument("--status", action="store_true", help="show the outbox: pending, sent, failed")
     commands.add_parser("migrate", help="apply pending SQL migrations and exit")
+    from pgmeter.collect.run import add_arguments
+
+    add_arguments(commands.add_parser(
+        "collect", help="collect usage (HTTP, SQL, files, Prometheus, OTLP logs), buffer it on disk "
+                        "and deliver it to an OpenMeter-compatible endpoint"))
     return parser
 
 
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dev":
             return run_dev(args)
+        if args.command == "collect":  # its own config (collector.yaml); no Postgres, NATS or Valkey
+            from pgmeter.collect.run import run_collect
+
+            return run_collect(args)
         settings = load_settings(args.config)
         logs.configure(settings.log_level)
         if args.command == "migrate":
