@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,3 +121,42 @@ def wait_for(check: Callable[[], bool], timeout: float = 60, what: str = "condit
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class RecordingEndpoint:
+    """A real HTTP endpoint that answers from a script, for delivery's answers to
+    status codes pgmeter would only give under a fault (Retry-After, OpenMeter's 400
+    without indexes). ``answer(batch) -> (status, headers, body)``; batches that got a
+    2xx are recorded in ``accepted`` and every attempt in ``attempts`` (time, ids, status)."""
+
+    def __init__(self, answer: Callable[[list[dict[str, Any]]], tuple[int, dict[str, str], bytes]]) -> None:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        self.answer = answer
+        self.accepted: list[dict[str, Any]] = []
+        self.attempts: list[tuple[float, list[str], int, str | None]] = []
+
+        async def ingest(request: Request) -> Response:
+            batch = json.loads(await request.body())
+            status, headers, body = self.answer(batch)
+            self.attempts.append((time.monotonic(), [e["id"] for e in batch], status,
+                                  request.headers.get("authorization")))
+            if 200 <= status < 300:
+                self.accepted.extend(batch)
+            return Response(body, status_code=status, headers=headers,
+                            media_type="application/problem+json" if body else None)
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = Starlette(routes=[Route("/api/v1/events", ingest, methods=["POST"])])
+        self._server = ThreadedServer(app, "127.0.0.1", self.port)
+
+    def __enter__(self) -> RecordingEndpoint:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()

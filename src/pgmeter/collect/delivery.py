@@ -110,7 +110,11 @@ class Delivery:
         problem = _problem(response)
         detail = str(problem.get("detail") or response.text[:2000])
         bad: dict[int, str] = {}
-        for error in problem.get("validationErrors") or []:
+        # pgmeter puts them under "extensions"; RFC 7807 allows them at the top level too.
+        extensions = problem.get("extensions")
+        errors = (extensions.get("validationErrors") if isinstance(extensions, dict) else None) \
+            or problem.get("validationErrors") or []
+        for error in errors if isinstance(errors, list) else []:
             index = error.get("index") if isinstance(error, dict) else None
             if isinstance(index, int) and 0 <= index < len(batch):
                 message = f"{error.get('field', '')} {error.get('message', '')}".strip()
