@@ -24,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pgmeter.collect.mapping import MappingError
 from pgmeter.collect.pipeline import Pipeline
-from pgmeter.config import CollectorConfig, LimitsConfig
+from pgmeter.config import CollectorConfig, ConfigError, LimitsConfig
 from pgmeter.ingest.limits import EventLimits
 
 log = logging.getLogger("pgmeter.collect")
@@ -46,7 +47,12 @@ class Collector:
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
         limits = event_limits(config.limits)
-        self.pipelines = [Pipeline(p, Path(config.buffer), limits) for p in config.pipelines]
+        self.pipelines = []
+        for pipeline_config in config.pipelines:
+            try:
+                self.pipelines.append(Pipeline(pipeline_config, Path(config.buffer), limits))
+            except MappingError as exc:
+                raise ConfigError(f"pipeline {pipeline_config.name}: {exc}") from None
         self.routes: list[Route] = []
         self.runners: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         for pipeline in self.pipelines:

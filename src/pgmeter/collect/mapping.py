@@ -46,10 +46,12 @@ class Mapping:
         self._compiled: Any = None
         if program:
             try:
+                # Alone first, so an error's line and column are the program's own ($id declared).
+                jq.compile(program, args={"id": ""})
                 # $id without recompiling per record: the input is [record, id].
                 self._compiled = jq.compile(f". as [$__record, $id] | $__record | ({program}\n)")
             except ValueError as exc:
-                raise MappingError(f"mapping does not compile: {exc}") from None
+                raise MappingError("mapping does not compile: " + " ".join(str(exc).split())) from None
 
     def apply(self, record: Any, record_id: str, now: int | None = None) -> Mapped:
         """Map one source record whose deterministic id is ``record_id``."""

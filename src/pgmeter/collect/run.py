@@ -57,7 +57,6 @@ def run_collect(args: argparse.Namespace) -> int:
 
     from pgmeter import logs
     from pgmeter.collect.app import create_app
-    from pgmeter.collect.mapping import MappingError
 
     config = config_of(args)
     logs.configure(config.log_level)
@@ -72,9 +71,10 @@ def run_collect(args: argparse.Namespace) -> int:
         print(f"pgmeter: cannot listen on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
-        app = create_app(config)
-    except MappingError as exc:
-        raise ConfigError(f"collect: {exc}") from None
+        app = create_app(config)  # ConfigError for a mapping that does not compile: exit 2
+    except ConfigError:
+        sock.close()
+        raise
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
