@@ -122,7 +122,8 @@ class Delivery:
         if not bad and len(batch) == 1:
             bad[0] = detail
         if bad:
-            items = [(batch[i], f"endpoint answered {status}: {reason}", detail) for i, reason in sorted(bad.items())]
+            items: list[tuple[Queued, str, str | None]] = [
+                (batch[i], f"endpoint answered {status}: {reason}", detail) for i, reason in sorted(bad.items())]
             await asyncio.to_thread(self.buffer.dead_letter, items)
             metrics.DEAD_LETTERED.labels(self.name, f"endpoint {status}").inc(len(items))
             log.warning("events dead-lettered: the endpoint refused them",

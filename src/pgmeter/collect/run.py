@@ -15,6 +15,9 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from pgmeter.config import CollectorConfig, ConfigError, load_collector_config
 
@@ -40,16 +43,17 @@ def config_of(args: argparse.Namespace) -> CollectorConfig:
                if not value]
     if missing:
         raise ConfigError(f"collect: {', '.join(missing)} required (or --config FILE)")
-    pipeline: dict[str, object] = {
+    pipeline: dict[str, Any] = {
         "name": "http", "source": {"type": "http"},
         "to": {"url": args.to, "token": args.token or os.environ.get(TOKEN_ENV) or None},
     }
     if args.buffer_max_bytes:
         pipeline["bufferMaxBytes"] = args.buffer_max_bytes
     try:
-        return CollectorConfig(listen=args.listen, buffer=args.buffer, pipelines=[pipeline])
-    except ValueError as exc:
-        raise ConfigError(f"collect: {str(exc).splitlines()[0]}: {exc}".replace("\n", " ")) from None
+        return CollectorConfig.model_validate({"listen": args.listen, "buffer": args.buffer, "pipelines": [pipeline]})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"collect: {problems}") from None
 
 
 def run_collect(args: argparse.Namespace) -> int:

@@ -44,13 +44,14 @@ class SqlSource:
             raise ConfigError(f"pipeline {pipeline.name}: an sql source needs url, table and key (or cursor)")
         self.pipeline = pipeline
         self.config = config
+        self.url = config.url
         self.table = config.table
         self.key = config.key or config.cursor or ""
         self.cursor = config.cursor or self.key
         self.state_key = f"sql:{self.table}:{self.cursor}:{self.key}"
         table = sql.Identifier(*self.table.split("."))
         cursor, key = sql.Identifier(self.cursor), sql.Identifier(self.key)
-        where = [sql.SQL("({}, {}) > (%(cursor)s, %(key)s)").format(cursor, key)]
+        where: list[sql.Composable] = [sql.SQL("({}, {}) > (%(cursor)s, %(key)s)").format(cursor, key)]
         if config.settle:
             where.append(sql.SQL("{} <= now() - %(settle)s::interval").format(cursor))
         self._first = self._query(table, cursor, key, where[1:])
@@ -75,7 +76,7 @@ class SqlSource:
         interval = self.config.interval.total_seconds()
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.config.url, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
                     while True:
                         read = await self.read_once(conn)
                         if read < self.config.batch:
