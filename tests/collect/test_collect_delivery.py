@@ -16,14 +16,14 @@ from tests.support.ingest import make_event, post_events, stored_count, wait_unt
 TOKEN = "collector-token-0123456789"
 
 
-def pipeline(url: str, **to: object) -> dict[str, object]:
-    return {"name": "p", "source": {"type": "http"}, "to": {"url": url, "linger": "10ms", **to}}
+def pipeline(url: str, name: str = "p", **to: object) -> dict[str, object]:
+    return {"name": name, "source": {"type": "http"}, "to": {"url": url, "linger": "10ms", **to}}
 
 
 def test_a_refused_event_is_dead_lettered_with_pgmeters_detail_and_the_rest_delivered(
         settings: Settings, tmp_path: Path) -> None:
     # The collector allows longer ids than the endpoint: the endpoint's 400 names the event.
-    config = collector_config(tmp_path / "buf", [pipeline(f"http://{settings.address}", batchSize=50)],
+    config = collector_config(tmp_path / "buf", [pipeline(f"http://{settings.address}", "refusals", batchSize=50)],
                               limits={"eventIdBytes": 1024})
     long_id = "L" * 300
     events = [make_event(f"ok-{i}") for i in range(10)]
@@ -42,8 +42,11 @@ def test_a_refused_event_is_dead_lettered_with_pgmeters_detail_and_the_rest_deli
     assert dead[0]["reason"] == "endpoint answered 400: id must be at most 256 bytes (UTF-8)"
     assert dead[0]["detail"] == ("invalid event: 1 of 11 events invalid: event 4: id must be at most 256 bytes "
                                  "(UTF-8)")
-    assert 'pgmeter_collect_dead_lettered_events_total{pipeline="p",reason="endpoint 400"} 1.0' in metrics
-    assert 'pgmeter_collect_delivered_events_total{pipeline="p"} 10.0' in metrics
+    # (a pipeline name of its own: the metrics live as long as the test process)
+    assert 'pgmeter_collect_dead_lettered_events_total{pipeline="refusals",reason="endpoint 400"} 1.0' in metrics
+    assert 'pgmeter_collect_delivered_events_total{pipeline="refusals"} 10.0' in metrics
+    assert 'pgmeter_collect_received_events_total{pipeline="refusals"} 11.0' in metrics
+    assert 'pgmeter_collect_delivery_seconds_count{pipeline="refusals"} 1.0' in metrics
 
 
 def test_without_indexes_the_batch_is_halved_until_the_bad_event_is_alone(tmp_path: Path) -> None:
@@ -79,7 +82,7 @@ def test_retry_after_is_honoured_and_the_token_is_sent(tmp_path: Path) -> None:
         return 204, {}, b""
 
     with RecordingEndpoint(answer) as endpoint:
-        config = collector_config(tmp_path / "buf", [pipeline(endpoint.url, token=TOKEN,
+        config = collector_config(tmp_path / "buf", [pipeline(endpoint.url, "retry-after", token=TOKEN,
                                                               backoffInitial="1ms", backoffMax="5ms")])
         with CollectorServer(config) as collector, httpx.Client(base_url=collector.base_url) as client:
             assert post_events(client, [make_event("a"), make_event("b")]).status_code == 204
@@ -91,7 +94,7 @@ def test_retry_after_is_honoured_and_the_token_is_sent(tmp_path: Path) -> None:
     assert auth1 == auth3 == f"Bearer {TOKEN}"
     # The backoff alone would retry within 5 ms; Retry-After says 2 s, then 1 s.
     assert t2 - t1 >= 1.9 and t3 - t2 >= 0.9
-    assert 'pgmeter_collect_delivery_failures_total{cause="503",pipeline="p"} 1.0' in failures
+    assert 'pgmeter_collect_delivery_failures_total{cause="503",pipeline="retry-after"} 1.0' in failures
 
 
 def test_the_token_selects_the_namespace_and_a_wrong_one_is_retried_not_dropped(

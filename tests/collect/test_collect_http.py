@@ -15,8 +15,8 @@ from tests.support.collect import CollectorServer, collector_config, stored_ids,
 from tests.support.ingest import BATCH, CLOUDEVENT, JSON, make_event, post_events, stored_count, wait_until_stored
 
 
-def http_pipeline(url: str, **extra: object) -> dict[str, object]:
-    return {"name": "http", "source": {"type": "http"}, "to": {"url": url, "linger": "10ms"}, **extra}
+def http_pipeline(url: str, name: str = "http", **extra: object) -> dict[str, object]:
+    return {"name": name, "source": {"type": "http"}, "to": {"url": url, "linger": "10ms"}, **extra}
 
 
 def test_all_three_content_types_are_delivered_once_with_their_ids_and_times(
@@ -78,7 +78,7 @@ def test_refusals_are_the_apis_word_for_word(settings: Settings, tmp_path: Path,
 
 def test_full_buffer_answers_503_and_keeps_everything_it_accepted(settings: Settings, tmp_path: Path) -> None:
     """The documented policy: the HTTP source refuses with 503 + Retry-After; nothing accepted is lost."""
-    config = collector_config(tmp_path / "buf", [http_pipeline(f"http://{settings.address}",
+    config = collector_config(tmp_path / "buf", [http_pipeline(f"http://{settings.address}", "full",
                                                                bufferMaxBytes=4096)])
     accepted: list[str] = []
     refused = 0
@@ -95,11 +95,13 @@ def test_full_buffer_answers_503_and_keeps_everything_it_accepted(settings: Sett
                 assert response.json()["detail"].startswith("events not stored: buffer full")
                 refused += 1
         stats = collector.collector.pipelines[0].buffer.stats()
+        ready = client.get("/readyz").json()["pipelines"]["full"]
+        assert ready["buffered"] == len(accepted) and ready["endpointReachable"] is False
         assert refused > 0 and len(accepted) == stats.events
         assert stats.bytes <= 4096
         metrics = client.get("/metrics").text
-        assert f'pgmeter_collect_refused_total{{pipeline="http"}} {float(refused)}' in metrics
-        assert f'pgmeter_collect_buffer_events{{pipeline="http"}} {float(len(accepted))}' in metrics
+        assert f'pgmeter_collect_refused_total{{pipeline="full"}} {float(refused)}' in metrics
+        assert f'pgmeter_collect_buffer_events{{pipeline="full"}} {float(len(accepted))}' in metrics
         with AppServer(settings, {"api", "sink"}):
             wait_until_stored(settings.postgres.url, len(accepted))
             wait_for(lambda: collector.collector.pipelines[0].buffer.stats().events == 0, what="buffer drained")
