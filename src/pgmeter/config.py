@@ -428,8 +428,8 @@ class DeliveryConfig(Section):
     """Where a pipeline delivers: any OpenMeter-compatible ``POST /api/v1/events``."""
 
     url: str
-    # The bearer token, or the name of an environment variable holding it (the chart
-    # passes it from a Secret that way; a token never has to sit in the file).
+    # The bearer token, or the name of an environment variable holding it; with neither,
+    # PGMETER_COLLECT_TOKEN (the chart passes its Secret that way: no token in the file).
     token: str | None = None
     token_env: str | None = Field(default=None, alias="tokenEnv")
     batch_size: int = Field(default=500, ge=1, le=10_000, alias="batchSize")

@@ -25,6 +25,7 @@ from pgmeter.ingest.limits import EventLimits
 log = logging.getLogger("pgmeter.collect")
 
 FULL_RETRY_SECONDS = 1.0
+TOKEN_ENV = "PGMETER_COLLECT_TOKEN"
 
 
 class Pipeline:
@@ -36,7 +37,9 @@ class Pipeline:
         self.mapping = Mapping(config.mapping, self.event_source, limits)
         self.limits = limits
         to = config.to
-        token = to.token or (os.environ.get(to.token_env) if to.token_env else None)
+        # No token in the file: the one named by tokenEnv, else PGMETER_COLLECT_TOKEN (how
+        # the chart passes its Secret, and how the flags take it).
+        token = to.token or os.environ.get(to.token_env or TOKEN_ENV) or None
         self.delivery = Delivery(config.name, self.buffer, to.url, token=token, batch_size=to.batch_size,
                                  batch_bytes=to.batch_bytes, linger=to.linger.total_seconds(),
                                  backoff_initial=to.backoff_initial.total_seconds(),
