@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 
 from pgmeter.collect.ids import event_id
@@ -87,3 +88,31 @@ def test_two_replicas_on_the_same_table_count_each_row_once(settings: Settings, 
         wait_until_stored(url, 200)
     assert stored_count(url) == 200
     assert len(set(stored_ids(url))) == 200
+
+
+def test_a_full_buffer_holds_the_source_back_without_skipping_a_row(database_url: str, tmp_path: Path) -> None:
+    """The documented policy for pull sources: wait (cursor unchanged), then go on - nothing dropped."""
+    make_table(database_url)
+    insert_rows(database_url, 1, 100)
+    endpoint_up = False
+
+    def answer(batch: list[dict[str, Any]]) -> tuple[int, dict[str, str], bytes]:
+        return (204, {}, b"") if endpoint_up else (503, {"Retry-After": "0.05"}, b"")
+
+    with RecordingEndpoint(answer) as endpoint:
+        pipeline = {**sql_pipeline("held", database_url, endpoint.url), "bufferMaxBytes": 2048}
+        config = collector_config(tmp_path / "buf", [pipeline])
+        with CollectorServer(config) as collector, httpx.Client(base_url=collector.base_url) as client:
+            buffer = collector.collector.pipelines[0].buffer
+            wait_for(lambda: 'pgmeter_collect_refused_total{pipeline="held"}' in client.get("/metrics").text,
+                     what="the source refused by the full buffer")
+            # The first batch (40 rows, more than the bound) went into the empty buffer;
+            # the second waits, and the committed cursor stays after row 40.
+            assert buffer.stats().events == 40
+            assert buffer.get_state("sql:public.usage_rows:row_id:row_id") == '["40", "40"]'
+            assert endpoint.accepted == []
+            endpoint_up = True
+            wait_for(lambda: len(endpoint.accepted) == 100, what="every row once the endpoint is back")
+            wait_for(lambda: buffer.stats().events == 0, what="drained")
+    assert [e["id"] for e in endpoint.accepted] == [
+        event_id("billing-db", "sql", "public.usage_rows", str(i)) for i in range(1, 101)]

@@ -126,9 +126,11 @@ class Buffer:
         Concurrent callers share one commit (see the module docstring).
         """
         size = sum(len(b) for b in bodies)
-        # Checked (and reserved) here so a refused request never waits for a commit.
+        # Checked (and reserved) here so a refused request never waits for a commit. An
+        # empty buffer takes any one write, so a source batch larger than the bound
+        # cannot wait forever: the bound is max_bytes plus at most one write.
         with self._lock:
-            if bodies and self._bytes + size > self.max_bytes:
+            if bodies and self._bytes and self._bytes + size > self.max_bytes:
                 raise BufferFull(f"buffer full ({self._bytes} of {self.max_bytes} bytes queued)")
             self._bytes += size
             self._count += len(bodies)
