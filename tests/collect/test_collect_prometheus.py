@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,12 @@ def pipeline(prometheus: str, to: str) -> dict[str, Any]:
             "mapping": MAPPING, "eventSource": "prometheus", "to": {"url": to, "linger": "10ms"}}
 
 
+def stored_at(url: str, event_type: str, at: datetime) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM events WHERE type = %s AND time = %s", (event_type, at)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def rows(url: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT type, subject, time, data->'value', count(*) OVER (PARTITION BY type, subject, time)"
@@ -55,7 +61,11 @@ def test_replicas_and_a_restart_count_every_series_once_per_instant(
                      and int(buffer.get_state("prometheus:calls") or 0) >= (time.time() - 1.5) * 1000 - 1000,
                      what="caught up")
             wait_for(lambda: buffer.stats().events == 0, what="drained")
-            time.sleep(0.5)  # the sink commits what the api took
+            # The sink has committed the last instant of each query (delivered in order).
+            for name, series in (("calls", 2), ("up", 1)):
+                last = datetime.fromtimestamp(int(buffer.get_state(f"prometheus:{name}") or 0) / 1000, UTC)
+                wait_for(lambda name=name, last=last, series=series: stored_at(  # type: ignore[misc]
+                    settings.postgres.url, name, last) == series, what=f"{name} at {last} stored")
     found = rows(settings.postgres.url)
     assert found and all(r[4] == 1 for r in found)  # each series once per instant
     calls = [r for r in found if r[0] == "calls"]
