@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="events per request")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each is reported")
+    parser.add_argument("--delivery-batch", type=int, default=500, help="the collector's to.batchSize")
     args = parser.parse_args(argv)
     print(f"pgmeter collect benchmark: {args.events:,} events in batches of {args.batch}, "
           f"{args.concurrency} in flight, {os.cpu_count()} cores shared by everything", flush=True)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         config = svc.workdir / "collector.yaml"
         config.write_text(yaml.safe_dump({
             "listen": listen, "buffer": str(svc.workdir / "buffer"), "logLevel": "warning",
-            "pipelines": [{"name": "http", "source": {"type": "http"}, "to": {"url": api.url}}]}))
+            "pipelines": [{"name": "http", "source": {"type": "http"}, "to": {"url": api.url, "batchSize": args.delivery_batch}}]}))
         log = open(Path(svc.workdir) / "collector.log", "ab")  # noqa: SIM115 - closed below
         collector = subprocess.Popen([sys.executable, "-m", "pgmeter", "collect", "--config", str(config)],
                                      stdout=log, stderr=subprocess.STDOUT)
