@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         config = svc.workdir / "collector.yaml"
         config.write_text(yaml.safe_dump({
             "listen": listen, "buffer": str(svc.workdir / "buffer"), "logLevel": "warning",
-            "pipelines": [{"name": "http", "source": {"type": "http"}, "to": {"url": api.url, "batchSize": args.delivery_batch}}]}))
+            "pipelines": [{"name": "http", "source": {"type": "http"},
+                           "to": {"url": api.url, "batchSize": args.delivery_batch}}]}))
         log = open(Path(svc.workdir) / "collector.log", "ab")  # noqa: SIM115 - closed below
         collector = subprocess.Popen([sys.executable, "-m", "pgmeter", "collect", "--config", str(config)],
                                      stdout=log, stderr=subprocess.STDOUT)
