@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import psycopg
 
+from pgmeter.collect.ids import event_id
 from pgmeter.config import Settings
 from tests.support.app import AppServer
 from tests.support.collect import CollectorProcess, CollectorServer, collector_config, stored_ids, wait_for
@@ -85,3 +88,34 @@ def test_kill_9_mid_delivery_then_restart_every_event_once(settings: Settings, t
         finally:
             collector.stop()
     assert stored_ids(settings.postgres.url) == ids
+
+
+def test_kill_9_of_an_sql_collector_mid_read_then_restart_every_row_once(settings: Settings, tmp_path: Path) -> None:
+    url = settings.postgres.url
+    total = 3000
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE calls (id bigint PRIMARY KEY, tpp text NOT NULL)")
+        conn.execute("INSERT INTO calls SELECT g, 'tpp-' || (g %% 7) FROM generate_series(1, %s) g", (total,))
+    config = collector_config(tmp_path / "buf", [{
+        "name": "rows", "source": {"type": "sql", "url": url, "table": "calls", "key": "id", "batch": 50,
+                                   "interval": "50ms"},
+        "mapping": '{type: "api.call", subject: .tpp}', "eventSource": "calls-db",
+        "to": {"url": f"http://{settings.address}", "linger": "10ms", "batchSize": 100}}])
+    collector = CollectorProcess(config, tmp_path)
+    with AppServer(settings, {"api", "sink"}):
+        collector.start()
+        try:
+            wait_for(lambda: stored_count(url) > 0, what="first rows delivered")
+            collector.kill()
+            with sqlite3.connect(tmp_path / "buf" / "rows.sqlite") as db:
+                row = db.execute("SELECT value FROM state").fetchone()
+            assert row is not None and int(json.loads(row[0])[0]) < total  # killed mid-read
+            collector.start()
+            wait_until_stored(url, total)
+            wait_for(lambda: httpx.get(f"{collector.base_url}/readyz").json()["pipelines"]["rows"]["buffered"] == 0,
+                     what="drained after restart")
+        finally:
+            collector.stop()
+    assert stored_count(url) == total
+    expected = sorted(event_id("calls-db", "sql", "calls", str(i)) for i in range(1, total + 1))
+    assert stored_ids(url) == expected
