@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each is reported")
     parser.add_argument("--delivery-batch", type=int, default=500, help="the collector's to.batchSize")
+    parser.add_argument("--in-flight", type=int, default=None, help="the collector's to.maxInFlight (default: its own)")
     args = parser.parse_args(argv)
     print(f"pgmeter collect benchmark: {args.events:,} events in batches of {args.batch}, "
           f"{args.concurrency} in flight, {os.cpu_count()} cores shared by everything", flush=True)
@@ -111,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         sink.start()
         listen = f"127.0.0.1:{free_port()}"
         config = svc.workdir / "collector.yaml"
+        to: dict[str, object] = {"url": api.url, "batchSize": args.delivery_batch}
+        if args.in_flight:
+            to["maxInFlight"] = args.in_flight
         config.write_text(yaml.safe_dump({
             "listen": listen, "buffer": str(svc.workdir / "buffer"), "logLevel": "warning",
-            "pipelines": [{"name": "http", "source": {"type": "http"},
-                           "to": {"url": api.url, "batchSize": args.delivery_batch}}]}))
+            "pipelines": [{"name": "http", "source": {"type": "http"}, "to": to}]}))
         log = open(Path(svc.workdir) / "collector.log", "ab")  # noqa: SIM115 - closed below
         collector = subprocess.Popen([sys.executable, "-m", "pgmeter", "collect", "--config", str(config)],
                                      stdout=log, stderr=subprocess.STDOUT)

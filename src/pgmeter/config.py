@@ -439,6 +439,10 @@ class DeliveryConfig(Section):
     backoff_initial: Duration = Field(default=timedelta(milliseconds=500), alias="backoffInitial")
     backoff_max: Duration = Field(default=timedelta(seconds=30), alias="backoffMax")
     timeout: Duration = Field(default=timedelta(seconds=30))
+    # Batches in flight at once (each resolved by its own worker). More hides a far
+    # endpoint's round trip; next to the endpoint one is fastest (bench/collect.py:
+    # 12.7k / 11.9k / 11.1k events/s with 1 / 2 / 4 on the shared 2-core machine).
+    max_in_flight: int = Field(default=1, ge=1, le=64, alias="maxInFlight")
 
 
 class CollectSourceConfig(Section):

@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -14,7 +15,14 @@ import psycopg
 from pgmeter.collect.ids import event_id
 from pgmeter.config import Settings
 from tests.support.app import AppServer
-from tests.support.collect import CollectorProcess, CollectorServer, collector_config, stored_ids, wait_for
+from tests.support.collect import (
+    CollectorProcess,
+    CollectorServer,
+    RecordingEndpoint,
+    collector_config,
+    stored_ids,
+    wait_for,
+)
 from tests.support.ingest import make_event, post_events, stored_count, wait_until_stored
 
 
@@ -65,18 +73,27 @@ def test_endpoint_down_for_a_while_then_back_every_event_once(settings: Settings
 
 
 def test_kill_9_mid_delivery_then_restart_every_event_once(settings: Settings, tmp_path: Path) -> None:
-    total = 4000
-    config = collector_config(tmp_path / "buf", [pipeline(f"http://{settings.address}", batchSize=100)])
-    collector = CollectorProcess(config, tmp_path)
-    with AppServer(settings, {"api", "sink"}):
+    total = 2000
+    forwarded: list[int] = []
+
+    def slow_pgmeter(batch: list[dict[str, Any]]) -> tuple[int, dict[str, str], bytes]:
+        # A far endpoint: pgmeter behind 100 ms of latency, so a kill lands mid-delivery.
+        time.sleep(0.1)
+        answer = httpx.post(f"http://{settings.address}/api/v1/events", content=json.dumps(batch),
+                            headers={"content-type": "application/cloudevents-batch+json"}, timeout=30)
+        forwarded.append(answer.status_code)
+        return answer.status_code, {}, answer.content
+
+    with AppServer(settings, {"api", "sink"}), RecordingEndpoint(slow_pgmeter) as endpoint:
+        config = collector_config(tmp_path / "buf", [pipeline(endpoint.url, batchSize=100)])
+        collector = CollectorProcess(config, tmp_path)
         collector.start()
         try:
             ids = [f"k-{i:05d}" for i in range(total)]
             with httpx.Client(base_url=collector.base_url, timeout=10) as client:
                 for start in range(0, total, 500):
                     assert post_events(client, [make_event(i) for i in ids[start:start + 500]]).status_code == 204
-            # Delivery is under way: some stored, not all.
-            wait_for(lambda: stored_count(settings.postgres.url) > 0, what="first delivery")
+            wait_for(lambda: 204 in forwarded, what="a first delivered batch")
             collector.kill()
             # Killed mid-way: events were still waiting in the buffer file.
             with sqlite3.connect(tmp_path / "buf" / "p.sqlite") as db:

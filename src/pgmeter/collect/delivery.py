@@ -1,6 +1,7 @@
 """Delivery: buffer -> any OpenMeter-compatible ``POST /api/v1/events``.
 
-One batch in flight per pipeline, oldest events first, as
+Up to ``max_in_flight`` batches in flight per pipeline (each worker claims the next
+events in buffer order and keeps its batch until every event in it is resolved), as
 ``application/cloudevents-batch+json``. What each answer does:
 
 - 2xx: the batch leaves the buffer (the only way an event leaves, besides dead letters).
@@ -43,7 +44,8 @@ MAX_RETRY_AFTER = 300.0
 class Delivery:
     def __init__(self, name: str, buffer: Buffer, url: str, *, token: str | None = None,
                  batch_size: int = 500, batch_bytes: int = 512 * 1024, linger: float = 0.1,
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0, timeout: float = 30.0) -> None:
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, timeout: float = 30.0,
+                 max_in_flight: int = 1) -> None:
         self.name = name
         self.buffer = buffer
         self.url = url.rstrip("/")
@@ -58,22 +60,37 @@ class Delivery:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.timeout = timeout
-        self._limit = batch_size  # shrinks while isolating an event the endpoint refuses
-        self._attempt = 0
+        self.max_in_flight = max_in_flight
+        # Batches are claimed in buffer order by one worker at a time: the highest
+        # sequence handed out so far. A restart starts from 0 (everything still in the
+        # buffer is sent again; ids make that harmless).
+        self._claimed = 0
+        self._claim = asyncio.Lock()
         self.connected = False  # the last attempt reached the endpoint (for /readyz)
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            while True:
+        """``max_in_flight`` workers, each resolving one batch at a time (a far endpoint's
+        round trip would otherwise cap throughput at one batch per round trip)."""
+        # A restart (after an unexpected error) sends everything still buffered again;
+        # the TaskGroup takes every worker down with the one that failed.
+        self._claimed = 0
+        async with httpx.AsyncClient(timeout=self.timeout) as client, asyncio.TaskGroup() as workers:
+            for _ in range(self.max_in_flight):
+                workers.create_task(self._worker(client))
+
+    async def _worker(self, client: httpx.AsyncClient) -> None:
+        while True:
+            async with self._claim:
                 batch = await self._next_batch()
-                await self._send(client, batch)
+                self._claimed = batch[-1].seq
+            await self._resolve(client, batch)
 
     async def _next_batch(self) -> list[Queued]:
         deadline: float | None = None
         while True:
             self.buffer.arrived.clear()
-            batch = await asyncio.to_thread(self.buffer.peek, self._limit, self.batch_bytes)
-            if batch and (len(batch) >= self._limit or deadline is not None and time.monotonic() >= deadline):
+            batch = await asyncio.to_thread(self.buffer.peek, self.batch_size, self.batch_bytes, self._claimed)
+            if batch and (len(batch) >= self.batch_size or deadline is not None and time.monotonic() >= deadline):
                 return batch
             if batch and deadline is None:
                 deadline = time.monotonic() + self.linger
@@ -83,30 +100,39 @@ class Delivery:
             except TimeoutError:
                 pass
 
-    async def _send(self, client: httpx.AsyncClient, batch: list[Queued]) -> None:
-        body = ("[" + ",".join(q.body for q in batch) + "]").encode("utf-8", "surrogatepass")
-        started = time.monotonic()
-        try:
-            response = await client.post(self.url, content=body, headers=self.headers)
-        except httpx.HTTPError as exc:
-            self.connected = False
-            await self._retry_later(type(exc).__name__, None, str(exc))
-            return
-        self.connected = True
-        status = response.status_code
-        if 200 <= status < 300:
-            metrics.DELIVERY_SECONDS.labels(self.name).observe(time.monotonic() - started)
-            await asyncio.to_thread(self.buffer.ack, [q.seq for q in batch])
-            metrics.DELIVERED.labels(self.name).inc(len(batch))
-            self._attempt = 0
-            self._limit = min(self.batch_size, self._limit * 2)
-            return
-        if status in (400, 413):
-            await self._refused(batch, status, response)
-            return
-        await self._retry_later(str(status), response.headers.get("retry-after"), response.text[:200])
+    async def _resolve(self, client: httpx.AsyncClient, batch: list[Queued]) -> None:
+        """Send ``batch`` until every event in it is acknowledged or dead-lettered."""
+        parts = [batch]
+        attempt = 0
+        while parts:
+            part = parts.pop()
+            body = ("[" + ",".join(q.body for q in part) + "]").encode("utf-8", "surrogatepass")
+            started = time.monotonic()
+            try:
+                response = await client.post(self.url, content=body, headers=self.headers)
+            except httpx.HTTPError as exc:
+                self.connected = False
+                parts.append(part)
+                await self._retry_later(attempt, type(exc).__name__, None, str(exc))
+                attempt += 1
+                continue
+            self.connected = True
+            status = response.status_code
+            if 200 <= status < 300:
+                metrics.DELIVERY_SECONDS.labels(self.name).observe(time.monotonic() - started)
+                await asyncio.to_thread(self.buffer.ack, [q.seq for q in part])
+                metrics.DELIVERED.labels(self.name).inc(len(part))
+                attempt = 0
+            elif status in (400, 413):
+                parts.extend(await self._refused(part, status, response))
+            else:
+                parts.append(part)
+                await self._retry_later(attempt, str(status), response.headers.get("retry-after"),
+                                        response.text[:200])
+                attempt += 1
 
-    async def _refused(self, batch: list[Queued], status: int, response: httpx.Response) -> None:
+    async def _refused(self, batch: list[Queued], status: int, response: httpx.Response) -> list[list[Queued]]:
+        """Dead-letter what the endpoint named as bad; the parts still to send."""
         problem = _problem(response)
         detail = str(problem.get("detail") or response.text[:2000])
         bad: dict[int, str] = {}
@@ -121,27 +147,28 @@ class Delivery:
                 bad[index] = f"{bad[index]}; {message}" if index in bad else message
         if not bad and len(batch) == 1:
             bad[0] = detail
-        if bad:
-            items: list[tuple[Queued, str, str | None]] = [
-                (batch[i], f"endpoint answered {status}: {reason}", detail) for i, reason in sorted(bad.items())]
-            await asyncio.to_thread(self.buffer.dead_letter, items)
-            metrics.DEAD_LETTERED.labels(self.name, f"endpoint {status}").inc(len(items))
-            log.warning("events dead-lettered: the endpoint refused them",
-                        extra={"pipeline": self.name, "status": status, "events": len(items), "detail": detail})
-            return
-        # No index to go by: halve until the refused event is alone.
-        self._limit = max(1, len(batch) // 2)
+        if not bad:
+            # No index to go by: halve until the refused event is alone (first half first).
+            middle = len(batch) // 2
+            return [batch[middle:], batch[:middle]]
+        items: list[tuple[Queued, str, str | None]] = [
+            (batch[i], f"endpoint answered {status}: {reason}", detail) for i, reason in sorted(bad.items())]
+        await asyncio.to_thread(self.buffer.dead_letter, items)
+        metrics.DEAD_LETTERED.labels(self.name, f"endpoint {status}").inc(len(items))
+        log.warning("events dead-lettered: the endpoint refused them",
+                    extra={"pipeline": self.name, "status": status, "events": len(items), "detail": detail})
+        rest = [q for i, q in enumerate(batch) if i not in bad]
+        return [rest] if rest else []
 
-    async def _retry_later(self, cause: str, retry_after: str | None, detail: str) -> None:
+    async def _retry_later(self, attempt: int, cause: str, retry_after: str | None, detail: str) -> None:
         metrics.DELIVERY_FAILURES.labels(self.name, cause).inc()
         delay = _retry_after_seconds(retry_after)
         if delay is None:
-            ceiling = min(self.backoff_max, self.backoff_initial * (2 ** min(self._attempt, 30)))
-            delay = random.uniform(0, ceiling)  # full jitter: replicas do not retry in step
-        self._attempt += 1
-        if self._attempt == 1 or self._attempt % 10 == 0:
+            ceiling = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
+            delay = random.uniform(0, ceiling)  # full jitter: workers and replicas do not retry in step
+        if attempt == 0 or (attempt + 1) % 10 == 0:
             log.warning("delivery failed; retrying", extra={"pipeline": self.name, "cause": cause,
-                                                             "attempt": self._attempt, "delay": round(delay, 3),
+                                                             "attempt": attempt + 1, "delay": round(delay, 3),
                                                              "detail": detail})
         await asyncio.sleep(delay)
 

@@ -43,7 +43,8 @@ class Pipeline:
         self.delivery = Delivery(config.name, self.buffer, to.url, token=token, batch_size=to.batch_size,
                                  batch_bytes=to.batch_bytes, linger=to.linger.total_seconds(),
                                  backoff_initial=to.backoff_initial.total_seconds(),
-                                 backoff_max=to.backoff_max.total_seconds(), timeout=to.timeout.total_seconds())
+                                 backoff_max=to.backoff_max.total_seconds(), timeout=to.timeout.total_seconds(),
+                                 max_in_flight=to.max_in_flight)
 
     def map(self, records: list[tuple[Any, str]]) -> Mapped:
         """Map ``(record, deterministic id)`` pairs; invalid results come back in ``rejected``."""
