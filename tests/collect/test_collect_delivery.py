@@ -114,3 +114,34 @@ def test_the_token_selects_the_namespace_and_a_wrong_one_is_retried_not_dropped(
             wait_until_stored(settings.postgres.url, 2, namespace="tenant-a")
             wait_for(lambda: collector.collector.pipelines[0].buffer.stats().events == 0, what="drained")
     assert stored_count(settings.postgres.url) == 2
+
+
+def test_several_batches_in_flight_send_each_event_once(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    in_flight = 0
+    most = 0
+    lock = threading.Lock()
+
+    def slow(batch: list[dict[str, Any]]) -> tuple[int, dict[str, str], bytes]:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(0.05)
+        with lock:
+            in_flight -= 1
+        return 204, {}, b""
+
+    with RecordingEndpoint(slow, concurrent=True) as endpoint:
+        config = collector_config(tmp_path / "buf", [pipeline(endpoint.url, "parallel", batchSize=25, maxInFlight=4)])
+        ids = [f"par-{i:04d}" for i in range(1000)]
+        with CollectorServer(config) as collector, httpx.Client(base_url=collector.base_url) as client:
+            for start in range(0, len(ids), 250):
+                assert post_events(client, [make_event(i) for i in ids[start:start + 250]]).status_code == 204
+            wait_for(lambda: len(endpoint.accepted) >= 1000, what="all delivered")
+            wait_for(lambda: collector.collector.pipelines[0].buffer.stats().events == 0, what="drained")
+    assert sorted(e["id"] for e in endpoint.accepted) == ids  # each once: batches never overlap
+    assert all(len(attempt[1]) <= 25 for attempt in endpoint.attempts)
+    assert most > 1  # they really were in flight together

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -124,12 +125,14 @@ def wait_for(check: Callable[[], bool], timeout: float = 60, what: str = "condit
 
 
 class RecordingEndpoint:
-    """A real HTTP endpoint that answers from a script, for delivery's answers to
+    """A real HTTP endpoint that answers from a script (``concurrent``: several requests at
+    once, the answer run in threads), for delivery's answers to
     status codes pgmeter would only give under a fault (Retry-After, OpenMeter's 400
     without indexes). ``answer(batch) -> (status, headers, body)``; batches that got a
     2xx are recorded in ``accepted`` and every attempt in ``attempts`` (time, ids, status)."""
 
-    def __init__(self, answer: Callable[[list[dict[str, Any]]], tuple[int, dict[str, str], bytes]]) -> None:
+    def __init__(self, answer: Callable[[list[dict[str, Any]]], tuple[int, dict[str, str], bytes]], *,
+                 concurrent: bool = False) -> None:
         from starlette.applications import Starlette
         from starlette.requests import Request
         from starlette.responses import Response
@@ -141,7 +144,10 @@ class RecordingEndpoint:
 
         async def ingest(request: Request) -> Response:
             batch = json.loads(await request.body())
-            status, headers, body = self.answer(batch)
+            if concurrent:  # the answer may block: in a thread, so requests overlap
+                status, headers, body = await asyncio.to_thread(self.answer, batch)
+            else:
+                status, headers, body = self.answer(batch)
             self.attempts.append((time.monotonic(), [e["id"] for e in batch], status,
                                   request.headers.get("authorization")))
             if 200 <= status < 300:
