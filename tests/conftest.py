@@ -121,6 +121,7 @@ def settings(database_url: str, nats_server: services.ProcessServer,
         nats={"url": nats_server.url, "stream": f"T_{tag}", "subject_prefix": f"t{tag}.events",
               "consumer": f"sink_{tag}"},
         valkey={"url": valkey_server.url, "key_prefix": f"t{tag}:"},
+        portal={"token_secret": f"test-portal-signing-key-{tag}-0123456789"},
     )
     yield built
     asyncio.run(_delete_stream(nats_server.url, built.nats.stream))

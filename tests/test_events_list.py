@@ -109,6 +109,12 @@ def test_validation_errors_follow_openmeters_messages(client: httpx.Client) -> N
 
 def test_filters(client: httpx.Client) -> None:
     assert [i["event"]["id"] for i in listed(client, id="unique")] == ["unique-null", "unique-number"]
+    # OpenMeter's id filter is id LIKE '%<id>%' with the value unescaped: % and _ are
+    # wildcards, a backslash escapes.
+    assert [i["event"]["id"] for i in listed(client, id="unique_n")] == ["unique-null", "unique-number"]
+    assert [i["event"]["id"] for i in listed(client, id="u%e-nu%r")] == ["unique-number"]
+    assert listed(client, id="unique\\_n") == []
+    assert listed(client, id="\\") == [] and listed(client, id="x\\") == []
     assert {i["event"]["subject"] for i in listed(client, subject="subject-1")} == {"subject-1"}
     assert listed(client, subject="subject") == []  # exact, not partial
     assert len(listed(client, limit=3)) == 3

@@ -154,7 +154,8 @@ def test_optional_attributes_and_extensions_are_accepted(client: httpx.Client, m
         make_event(data=None),                      # no data at all
         make_event(data={}),                        # empty object
         make_event(datacontenttype="application/json", dataschema="https://example.com/schema", data={"a": 1}),
-        make_event(time=None, datacontenttype=None, dataschema=None, data=None, mycustomext="kept-out"),
+        make_event(time=None, dataschema=None, data=None, mycustomext="kept-out"),
+        make_event(dataschema="urn:example:schema:v1", data={"a": 1}),
         {**make_event(), "data": None, "time": None},
     ]
     before = time.time()
@@ -243,12 +244,22 @@ def test_data_must_be_an_object_or_null(client: httpx.Client, content_type: str,
 
 
 @pytest.mark.parametrize("content_type", CONTENT_TYPES)
-@pytest.mark.parametrize("value", ["application/xml", "text/plain", "", 5])
+@pytest.mark.parametrize("value", ["application/xml", "text/plain", "", 5, None])
 def test_datacontenttype_must_be_application_json(client: httpx.Client, content_type: str, value: Any) -> None:
     event = make_event(datacontenttype=value, data={"a": 1})
     errors = problem(post_events(client, body_for(content_type, [event]), content_type), 400)["extensions"][
         "validationErrors"]
     assert [e["field"] for e in errors] == ["datacontenttype"]
+
+
+@pytest.mark.parametrize("content_type", CONTENT_TYPES)
+@pytest.mark.parametrize("value", ["", "not a uri", "schema.json", "://x", "https://x/%zz", "http://x/\u0001", 5])
+def test_dataschema_must_be_a_uri(client: httpx.Client, content_type: str, value: Any) -> None:
+    # OpenMeter's Event schema: dataschema is a string in format uri (null is allowed).
+    event = make_event(dataschema=value, data={"a": 1})
+    errors = problem(post_events(client, body_for(content_type, [event]), content_type), 400)["extensions"][
+        "validationErrors"]
+    assert [e["field"] for e in errors] == ["dataschema"]
 
 
 @pytest.mark.parametrize("content_type", CONTENT_TYPES)
@@ -353,8 +364,18 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
     problem(response, 413)
 
 
-def test_wrong_method_is_405_problem(client: httpx.Client) -> None:
-    problem(client.put("/api/v1/events", content=b"{}"), 405)
+def test_wrong_method_is_405_problem_allowing_every_method_of_the_path(client: httpx.Client) -> None:
+    def allow(response: httpx.Response) -> set[str]:
+        assert response.status_code == 405
+        return set(response.headers["allow"].split(", "))
+
+    response = client.put("/api/v1/events", content=b"{}")
+    problem(response, 405)
+    assert allow(response) == {"GET", "HEAD", "POST"}
+    assert allow(client.options("/api/v1/events")) == {"GET", "HEAD", "POST"}
+    assert allow(client.patch("/api/v1/meters/x")) == {"DELETE", "GET", "HEAD", "PUT"}
+    assert allow(client.delete("/api/v1/meters")) == {"GET", "HEAD", "POST"}
+    assert allow(client.put("/api/v1/meters/x/query")) == {"GET", "HEAD", "POST"}
 
 
 def test_ingested_counter_counts_acknowledged_events(client: httpx.Client) -> None:

@@ -108,7 +108,10 @@ def test_list_is_a_plain_array_with_order_and_deleted_filter(api: httpx.Client) 
     assert slugs(api.get("/api/v1/meters", params={"orderBy": "aggregation"})) == ["b_meter", "a_meter"]
     assert slugs(api.get("/api/v1/meters", params={"includeDeleted": "true", "orderBy": "createdAt"})) == [
         "b_meter", "a_meter", "c_meter"]
-    for bad in ({"order": "UP"}, {"orderBy": "slug"}, {"includeDeleted": "maybe"}):
+    # OpenMeter's Pagination: pageSize is 1 to 1000.
+    assert slugs(api.get("/api/v1/meters", params={"pageSize": 1000})) == ["a_meter", "b_meter"]
+    for bad in ({"order": "UP"}, {"orderBy": "slug"}, {"includeDeleted": "maybe"}, {"pageSize": "1001"},
+                {"pageSize": "0"}, {"page": "0"}):
         response = api.get("/api/v1/meters", params=bad)
         assert response.status_code == 400 and response.json()["extensions"]["parameter"] in bad
 
@@ -119,6 +122,12 @@ def test_lookup_validates_the_path(api: httpx.Client) -> None:
     missing = api.get("/api/v1/meters/nope")
     assert missing.status_code == 404 and missing.json()["detail"] == "meter not found: nope"
     assert api.get("/api/v1/meters/01ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 404
+    # OpenMeter's pattern takes a ULID in any case: a valid id of no meter is 404.
+    created = create(api, slug="cased", aggregation="COUNT", eventType="e").json()
+    assert api.get(f"/api/v1/meters/{created['id']}").status_code == 200
+    assert api.get(f"/api/v1/meters/{created['id'].lower()}").status_code == 404
+    assert api.get("/api/v1/meters/01arZ3NDEKTSV4RRFFQ69G5FAV").status_code == 404
+    assert api.get("/api/v1/meters/81ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 400  # past the ULID range
 
 
 def test_put_replaces_group_by_and_metadata_resets_name_keeps_description(api: httpx.Client,
@@ -160,6 +169,14 @@ def test_put_replaces_group_by_and_metadata_resets_name_keeps_description(api: h
 
     bad = api.put("/api/v1/meters/tokens", json={"groupBy": {"subject": "$.s"}})
     assert bad.status_code == 400
+    # OpenMeter's MeterUpdate: name is 1 to 256 characters; description and groupBy
+    # are not nullable (metadata is).
+    for body, field in (({"name": ""}, "name"), ({"name": None}, "name"), ({"description": None}, "description"),
+                        ({"groupBy": None}, "groupBy")):
+        refused = api.put("/api/v1/meters/tokens", json=body)
+        assert refused.status_code == 400, body
+        assert [e["field"] for e in refused.json()["extensions"]["validationErrors"]] == [field]
+    assert api.put("/api/v1/meters/tokens", json={"metadata": None}).status_code == 200
     assert api.put("/api/v1/meters/nope", json={}).status_code == 404
 
 

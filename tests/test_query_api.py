@@ -6,6 +6,7 @@ exact response format and every 400.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -109,9 +110,22 @@ def test_windows_carry_the_zone_offset_and_dst_days_are_23_hours(api: httpx.Clie
     ({"windowTimeZone": "../../etc/passwd"}, "windowTimeZone", "invalid time zone"),
     ({"groupBy": "region"}, "groupBy", "invalid group by: region"),
     ({"groupBy": "customer_id"}, "groupBy", "customer_id"),
-    ({"filterGroupBy": "{'model': 'x'}"}, "filterGroupBy", "deepObject"),
+    ({"filterGroupBy": "model=x"}, "filterGroupBy", "deepObject"),
+    ({"filterGroupBy": "{'model': 1}"}, "filterGroupBy", "object of strings"),
     ({"filterGroupBy[region]": "eu"}, "filterGroupBy[region]", "region"),
-    ({"advancedMeterGroupByFilters": '{"model": {"$eq": "x"}}'}, "advancedMeterGroupByFilters", "not supported"),
+    ({"advancedMeterGroupByFilters": '{"region": {"$eq": "x"}}'}, "advancedMeterGroupByFilters",
+     "meter does not have group by: region"),
+    ({"advancedMeterGroupByFilters": '{"model": {"$eq": "x", "$ne": "y"}}'}, "advancedMeterGroupByFilters",
+     "filter is invalid: multiple operators are set"),
+    ({"advancedMeterGroupByFilters": '{"model": {"$in": ["x", ""]}}'}, "advancedMeterGroupByFilters",
+     "filter is invalid: format mismatch"),
+    ({"advancedMeterGroupByFilters": '{"model": {"$regex": "x"}}'}, "advancedMeterGroupByFilters",
+     "unknown operator '$regex'"),
+    ({"advancedMeterGroupByFilters": '{"model": {"$like": "x\\\\"}}'},
+     "advancedMeterGroupByFilters", "escape character"),
+    ({"advancedMeterGroupByFilters": '{"model": '}, "advancedMeterGroupByFilters", "JSON object"),
+    ({"advancedMeterGroupByFilters": '{"model": {"$eq": "x"}}', "filterGroupBy[model]": "x"},
+     "advancedMeterGroupByFilters", "cannot be used together"),
     ({"clientId": "x" * 37}, "clientId", "clientId"),
 ])
 def test_bad_parameters_are_400_naming_the_parameter(api: httpx.Client, params: dict[str, str],
@@ -129,10 +143,16 @@ def test_repeated_scalars_and_unknown_customers(api: httpx.Client) -> None:
     assert query(api, "calls", filterCustomerId="01ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 404
 
 
-def test_post_takes_lists_and_an_empty_body(api: httpx.Client) -> None:
+def test_post_takes_lists_and_no_body(api: httpx.Client) -> None:
     post = api.post("/api/v1/meters/tokens/query", json={"filterGroupBy": {"model": ["x", "y"]}, "groupBy": ["model"]})
     assert [(r["groupBy"], r["value"]) for r in post.json()["data"]] == [({"model": "x"}, 11), ({"model": "y"}, 2.5)]
+    assert api.post("/api/v1/meters/tokens/query", json={}).json()["data"][0]["value"] == 13.5
+    # No body is {} (the Python SDK's query_csv_post sends none; OpenMeter answers 400).
     assert api.post("/api/v1/meters/tokens/query").json()["data"][0]["value"] == 13.5
+    # An empty filter list is dropped, after its key is checked (OpenMeter).
+    empty = api.post("/api/v1/meters/tokens/query", json={"filterGroupBy": {"model": []}})
+    assert empty.status_code == 200 and empty.json()["data"][0]["value"] == 13.5
+    assert api.post("/api/v1/meters/tokens/query", json={"filterGroupBy": {"region": []}}).status_code == 400
     assert api.post("/api/v1/meters/tokens/query", json={"subject": "a"}).status_code == 400
     assert api.post("/api/v1/meters/tokens/query", json={"from": "2024-01-11T00:00:00Z",
                                                          "to": "2024-01-10T00:00:00Z"}).status_code == 400
@@ -149,9 +169,9 @@ def test_csv(api: httpx.Client) -> None:
         "2024-01-10T00:00:00Z,2024-01-11T00:00:00Z,a,x,10.000000\n"
         "2024-01-10T00:00:00Z,2024-01-11T00:00:00Z,a,y,2.500000\n"
         "2024-01-11T00:00:00Z,2024-01-12T00:00:00Z,b,x,1.000000\n")
-    post = api.post("/api/v1/meters/calls/query", headers={"Accept": "text/csv"})
+    post = api.post("/api/v1/meters/calls/query", headers={"Accept": "text/csv"}, json={})
     assert post.text == "window_start,window_end,value\n2024-01-10T01:00:00Z,2024-01-11T02:01:00Z,3.000000\n"
-    listed = api.post("/api/v1/meters/calls/query", headers={"Accept": "text/csv, application/json"})
+    listed = api.post("/api/v1/meters/calls/query", headers={"Accept": "text/csv, application/json"}, json={})
     assert listed.headers["content-type"] == "application/json"
 
 
@@ -163,3 +183,50 @@ def test_read_your_writes_and_latency_metric(api: httpx.Client, settings: Settin
     # One query, counted once, under no meter name (metrics name no tenant by default).
     assert delta(before, after, "openmeter_query_latency_seconds_count", meter="") == 1
     assert delta(before, after, "openmeter_query_latency_seconds_count") == 1
+
+
+def test_empty_and_local_window_time_zones_are_utc(api: httpx.Client) -> None:
+    # Go's time.LoadLocation: "" is UTC and "Local" the server's zone (UTC here, no TZ set).
+    utc = query(api, "tokens", windowSize="DAY", windowTimeZone="UTC").json()["data"]
+    assert [r["windowStart"] for r in utc] == ["2024-01-10T00:00:00Z", "2024-01-11T00:00:00Z"]
+    for zone in ("", "Local"):
+        assert query(api, "tokens", windowSize="DAY", windowTimeZone=zone).json()["data"] == utc
+        post = api.post("/api/v1/meters/tokens/query", json={"windowSize": "DAY", "windowTimeZone": zone})
+        assert post.json()["data"] == utc
+
+
+def test_advanced_filters_on_get_and_post(api: httpx.Client) -> None:
+    def values(response: httpx.Response) -> list[tuple[str, float]]:
+        assert response.status_code == 200, response.text
+        return [(r["groupBy"]["model"], r["value"]) for r in response.json()["data"]]
+
+    for filters, expected in (
+        ({}, [("x", 11), ("y", 2.5)]),
+        ({"model": {}}, [("x", 11), ("y", 2.5)]),
+        ({"model": {"$eq": "x"}}, [("x", 11)]),
+        ({"model": {"$ne": "x"}}, [("y", 2.5)]),
+        ({"model": {"$in": ["y", "z"]}}, [("y", 2.5)]),
+        ({"model": {"$in": []}}, []),
+        ({"model": {"$nin": []}}, [("x", 11), ("y", 2.5)]),
+        ({"model": {"$like": "_"}}, [("x", 11), ("y", 2.5)]),
+        ({"model": {"$ilike": "X"}}, [("x", 11)]),
+        ({"model": {"$nlike": "x%"}}, [("y", 2.5)]),
+        ({"model": {"$gt": "x"}}, [("y", 2.5)]),
+        ({"model": {"$or": [{"$eq": "x"}, {"$eq": "y"}]}}, [("x", 11), ("y", 2.5)]),
+        ({"model": {"$and": [{"$gte": "x"}, {"$lt": "y"}]}}, [("x", 11)]),
+        ({"model": {"$or": [{}, {"$eq": "y"}]}}, [("y", 2.5)]),  # an empty member is dropped
+        ({"model": {"$eq": None, "$ne": "y"}}, [("x", 11)]),  # null is absent
+        ({"model": {"$exists": True}}, [("x", 11), ("y", 2.5)]),
+        ({"model": {"$contains": "X"}}, [("x", 11)]),
+    ):
+        get = api.get("/api/v1/meters/tokens/query", params={"groupBy": "model",
+                                                             "advancedMeterGroupByFilters": json.dumps(filters)})
+        assert values(get) == expected, filters
+        post = api.post("/api/v1/meters/tokens/query", json={"groupBy": ["model"],
+                                                             "advancedMeterGroupByFilters": filters})
+        assert values(post) == expected, filters
+    # Without grouping by the key, the filter still applies (the subject-only levels are skipped).
+    total = query(api, "tokens", advancedMeterGroupByFilters='{"model": {"$eq": "y"}}').json()["data"]
+    assert [r["value"] for r in total] == [2.5]
+    post = api.post("/api/v1/meters/tokens/query", json={"advancedMeterGroupByFilters": {"region": {}}})
+    assert post.status_code == 400 and "meter does not have group by: region" in post.json()["detail"]

@@ -40,6 +40,10 @@ def test_wheel_ships_every_module_and_data_file(tmp_path: Path) -> None:
     sql_files = {f"pgmeter/sql/{p.relative_to(REPO / 'sql')}" for p in (REPO / "sql").rglob("*.sql")}
     assert sql_files and sql_files <= names
     assert {"pgmeter/api/openapi.yaml", "pgmeter/devstack/example.yaml", "pgmeter/py.typed"} <= names
+    static = REPO / "src" / "pgmeter" / "console" / "static"
+    console_files = {f"pgmeter/console/static/{p.relative_to(static)}" for p in static.rglob("*") if p.is_file()}
+    assert "pgmeter/console/static/vendor/chart.js.LICENSE.md" in console_files
+    assert console_files <= names, console_files - names
 
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import signal
 import socket
 import sys
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--dry-run", action="store_true", help="print what would be sent and exit")
             sub.add_argument("--status", action="store_true", help="show the outbox: pending, sent, failed")
     commands.add_parser("migrate", help="apply pending SQL migrations and exit")
+    demo = commands.add_parser("demo", help="send realistic Open Banking traffic to a running api")
+    demo.add_argument("--url", default="http://127.0.0.1:8888", help="the api (default: http://127.0.0.1:8888)")
+    demo.add_argument("--token", help="bearer token, if the api has auth on")
+    demo.add_argument("--events", type=int, default=5000, help="how many events (default: 5000)")
+    demo.add_argument("--rate", type=float, default=1000, help="events per second (default: 1000)")
+    demo.add_argument("--hours", type=float, default=6, help="spread event times over the last N hours (default: 6)")
+    demo.add_argument("--seed", type=int, help="random seed, for the same traffic every time")
     from pgmeter.collect.run import add_arguments
 
     add_arguments(commands.add_parser(
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dev":
             return run_dev(args)
+        if args.command == "demo":
+            return run_demo(args)
         if args.command == "collect":  # its own config (collector.yaml); no Postgres, NATS or Valkey
             from pgmeter.collect.run import run_collect
 
@@ -105,6 +115,27 @@ def run_migrate(settings: Settings) -> int:
     for migration in applied:
         log.info("applied migration", extra={"version": migration.version, "migration": migration.name})
     print(f"schema up to date ({len(applied)} migration(s) applied)")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import time
+    from datetime import timedelta
+
+    import httpx
+
+    from pgmeter import demo
+
+    if args.events < 1 or args.rate <= 0 or args.hours <= 0:
+        return fail("--events, --rate and --hours must be positive", 2)
+    started = time.monotonic()
+    try:
+        summary = demo.run(args.url, args.token, args.events, args.rate, timedelta(hours=args.hours), args.seed)
+    except demo.DemoError as exc:
+        return fail(str(exc), 1)
+    except httpx.HTTPError as exc:
+        return fail(f"cannot reach {args.url}: {exc} (is `make run` up?)", 1)
+    print(demo.report(summary, args.url, time.monotonic() - started))
     return 0
 
 
@@ -183,6 +214,9 @@ def run_dev(args: argparse.Namespace) -> int:
         settings.postgres.url = stack.postgres_url
         settings.nats.url = stack.nats_url
         settings.valkey.url = stack.valkey_url
+        if not settings.portal.token_secret:
+            # Portal tokens work out of the box; they end with this run.
+            settings.portal.token_secret = secrets.token_urlsafe(32)
         code = run_migrate(settings)
         if code:
             return code
@@ -201,6 +235,7 @@ def dev_banner(settings: Settings, stack: DevStack) -> str:
     return "\n".join([
         "",
         "pgmeter dev is up.",
+        f"  console   {base}/   (sample traffic to look at: .venv/bin/pgmeter demo --url {base})",
         f"  api       {base}/api/v1{auth}",
         f"  meters    {meters}",
         f"  postgres  {stack.postgres_url}",

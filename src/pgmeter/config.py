@@ -269,6 +269,19 @@ class LagoConfig(Section):
         return self
 
 
+class PortalConfig(Section):
+    """OpenMeter's consumer portal: subject-scoped tokens a TPP's own UI can query with."""
+
+    # HS256 key the portal tokens are signed with. Unset: the portal routes answer
+    # 501 (``pgmeter dev`` makes a random one per run). In Kubernetes it comes from a
+    # Secret as PGMETER_PORTAL_TOKEN_SECRET, never from a plain value.
+    token_secret: str | None = Field(default=None, alias="tokenSecret", repr=False, min_length=32)
+    # A token's lifetime when the request gives no expiresAt (OpenMeter: 1h).
+    token_expiration: Duration = Field(default=timedelta(hours=1), alias="tokenExpiration")
+    # Origins whose browsers may call the portal query route (CORS); empty: none.
+    cors_allowed_origins: list[str] = Field(default_factory=list, alias="corsAllowedOrigins")
+
+
 class Settings(BaseSettings):
     """All of pgmeter's settings. Build it with :func:`load_settings`."""
 
@@ -294,6 +307,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    portal: PortalConfig = Field(default_factory=PortalConfig)
     # Bearer token -> namespace. Empty means auth is off.
     auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens",
                                         validation_alias=AliasChoices("authTokens", "auth_tokens"))

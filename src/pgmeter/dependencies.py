@@ -57,6 +57,8 @@ def describe(exc: BaseException) -> str:
         return "timed out"
     if name.endswith("ConnectionError"):
         return "connection failed"
+    if type(exc).__module__.startswith("nats") and name in ("Error", "NoServersError"):
+        return "server unreachable"  # nats-py raises its bare base class when no server answers
     return name
 
 

@@ -14,10 +14,11 @@ from pgmeter.runtime import Runtime
 
 
 def api_routes() -> list[BaseRoute]:
-    from pgmeter.api import customers, docs, entitlements, events, features, meters, query
+    from pgmeter.api import customers, docs, entitlements, events, features, meters, portal, query
+    from pgmeter.console import routes as console
 
     return [*events.routes, *meters.routes, *query.routes, *customers.routes, *features.routes,
-            *entitlements.routes, *docs.routes]
+            *entitlements.routes, *docs.routes, *portal.routes, *console.routes]
 
 
 async def start(runtime: Runtime) -> None:
@@ -32,7 +33,7 @@ async def start(runtime: Runtime) -> None:
         from pgmeter.ingest import publisher
         from pgmeter.query.cache import QueryCache
 
-        runtime.extras["query_cache"] = QueryCache(runtime.valkey, runtime.settings)
+        runtime.query_cache = QueryCache(runtime.valkey, runtime.settings)
         await publisher.start(runtime)
     if "sink" in runtime.roles:
         from pgmeter.sink import worker

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import nats
@@ -27,6 +27,13 @@ from pgmeter import metric_labels
 from pgmeter.config import Settings
 from pgmeter.db.pool import create_pool
 from pgmeter.dependencies import DEPENDENCY_ERRORS, Dependency, describe
+from pgmeter.ingest.limits import EventLimits
+
+if TYPE_CHECKING:  # the roles import the runtime; the runtime only names them
+    from pgmeter.ingest.publisher import Publisher
+    from pgmeter.query.cache import QueryCache
+    from pgmeter.rollup.refresher import Refresher
+    from pgmeter.sink.worker import Sink
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +58,18 @@ class Runtime:
     js: JetStreamContext
     valkey: Any | None = None  # valkey.asyncio.Valkey when configured
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    # Filled by roles that want to be checked by /readyz: name -> async check.
-    readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
     dependencies: dict[str, Dependency] = field(default_factory=dict)
+    # What the roles started, for the api and for each other; None where the role does
+    # not run in this process.
+    publisher: Publisher | None = None
+    query_cache: QueryCache | None = None
+    sink: Sink | None = None
+    refresher: Refresher | None = None
+    # The event limits in force, resolved from the settings once.
+    event_limits: EventLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.event_limits = EventLimits.of(self.settings)
 
     def dependency(self, name: str) -> Dependency:
         """The state of ``postgres``, ``nats`` or ``valkey`` in this process."""

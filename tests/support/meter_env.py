@@ -9,6 +9,7 @@ query strings.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,6 +102,8 @@ def query_string(query: oracle.Query) -> list[tuple[str, str]]:
     params += [("groupBy", g) for g in query.group_by]
     for key, values in query.filter_group_by.items():
         params += [(f"filterGroupBy[{key}]", v) for v in values]
+    if query.advanced:
+        params.append(("advancedMeterGroupByFilters", json.dumps(query.advanced)))
     return params
 
 
@@ -118,4 +121,6 @@ def query_body(query: oracle.Query) -> dict[str, Any]:
         body["groupBy"] = list(query.group_by)
     if query.filter_group_by:
         body["filterGroupBy"] = {k: list(v) for k, v in query.filter_group_by.items()}
+    if query.advanced:
+        body["advancedMeterGroupByFilters"] = query.advanced
     return body

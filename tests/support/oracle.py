@@ -202,6 +202,8 @@ class Query:
     subjects: tuple[str, ...] = ()
     group_by: tuple[str, ...] = ()
     filter_group_by: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # advancedMeterGroupByFilters as sent: {key: filter object}.
+    advanced: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,10 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
             continue
         if query.subjects and event.subject not in query.subjects:
             continue
-        if any(event.group(meter.group_by[k]) not in values for k, values in query.filter_group_by.items()):
+        if any(values and event.group(meter.group_by[k]) not in values
+               for k, values in query.filter_group_by.items()):
+            continue
+        if any(string_filter(f, event.group(meter.group_by[k])) is False for k, f in query.advanced.items()):
             continue
         start = window_start(event.time, query.window_size, zone) if query.window_size else None
         key = (start, event.subject if by_subject else None,
@@ -284,3 +289,80 @@ def _aggregate(meter: MeterDef, events: list[Stored]) -> Decimal | None:
     if meter.aggregation == "LATEST":
         return max(valued, key=lambda ev: (_second(ev[0].time), ev[0].seq))[1]
     raise ValueError(meter.aggregation)
+
+
+# -- advancedMeterGroupByFilters ----------------------------------------------------
+#
+# OpenMeter's FilterString over a group-by value, written from its documentation and
+# the semantics of its ClickHouse query: one operator per object; a null operator is
+# absent; an object without one (and an $and/$or whose members are all such) puts
+# no condition, and such members are left out of their $and/$or. LIKE patterns:
+# % any run, _ one character, a backslash takes the next character literally.
+# $ilike lowers ASCII letters only; ordering compares UTF-8 bytes. pgmeter's
+# extensions: $exists (value non-empty), $contains/$ncontains (ASCII-case-insensitive
+# substring).
+
+
+def _ascii_lower(text: str) -> str:
+    return "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in text)
+
+
+def _like_tokens(pattern: str) -> list[tuple[str, str]]:
+    tokens, index = [], 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            tokens.append(("char", pattern[index + 1]))
+            index += 2
+            continue
+        tokens.append(("many", "") if char == "%" else ("one", "") if char == "_" else ("char", char))
+        index += 1
+    return tokens
+
+
+def like(value: str, pattern: str) -> bool:
+    """SQL LIKE by dynamic programming over (pattern token, value position)."""
+    tokens = _like_tokens(pattern)
+    reachable = {0}  # positions in value after the tokens so far
+    for kind, char in tokens:
+        following: set[int] = set()
+        for position in reachable:
+            if kind == "many":
+                following.update(range(position, len(value) + 1))
+            elif position < len(value) and (kind == "one" or value[position] == char):
+                following.add(position + 1)
+        reachable = following
+        if not reachable:
+            return False
+    return len(value) in reachable
+
+
+def string_filter(f: dict[str, Any], value: str) -> bool | None:
+    """Whether ``value`` passes filter ``f``; None when ``f`` puts no condition."""
+    present = {op: arg for op, arg in f.items() if arg is not None}
+    if not present:
+        return None
+    (op, arg), = present.items()
+    if op in ("$and", "$or"):
+        verdicts = [v for v in (string_filter(child, value) for child in arg) if v is not None]
+        if not verdicts:
+            return None
+        return all(verdicts) if op == "$and" else any(verdicts)
+    raw = value.encode()
+    return {
+        "$eq": lambda: value == arg,
+        "$ne": lambda: value != arg,
+        "$in": lambda: value in arg,
+        "$nin": lambda: value not in arg,
+        "$like": lambda: like(value, arg),
+        "$nlike": lambda: not like(value, arg),
+        "$ilike": lambda: like(_ascii_lower(value), _ascii_lower(arg)),
+        "$nilike": lambda: not like(_ascii_lower(value), _ascii_lower(arg)),
+        "$contains": lambda: _ascii_lower(arg) in _ascii_lower(value),
+        "$ncontains": lambda: _ascii_lower(arg) not in _ascii_lower(value),
+        "$gt": lambda: raw > arg.encode(),
+        "$gte": lambda: raw >= arg.encode(),
+        "$lt": lambda: raw < arg.encode(),
+        "$lte": lambda: raw <= arg.encode(),
+        "$exists": lambda: (value != "") == arg,
+    }[op]()

@@ -2,8 +2,9 @@
 
 With no tokens configured (the default, and ``pgmeter dev``), every request works
 in ``settings.namespace``. With tokens, every ``/api/v1`` route but the health
-probe needs ``Authorization: Bearer <token>`` and works only in that token's
-namespace: handlers never take the namespace from the request itself, so a token
+probe, the OpenAPI document and the portal query (it checks its own JWT) needs
+``Authorization: Bearer <token>`` and works only in that token's namespace:
+handlers never take the namespace from the request itself, so a token
 cannot write or read another namespace's events, meters or usage.
 """
 
@@ -16,7 +17,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pgmeter.api.problems import problem_response
 
-OPEN_PATHS = frozenset({"/api/v1/health"})
+# No data behind these: the probe and the API's own description (the console renders it).
+OPEN_PATHS = frozenset({"/api/v1/health", "/api/v1/openapi.json"})
+# The portal query carries a portal token (a JWT), not a namespace token; the route
+# checks it itself (pgmeter.api.portal) and takes the namespace from it.
+PORTAL_QUERY_PREFIX = "/api/v1/portal/meters/"
 
 
 def namespace_of(request: Request) -> str:
@@ -36,7 +41,9 @@ class AuthMiddleware:
             return
         scope.setdefault("state", {})
         path: str = scope["path"]
-        if not self.tokens or not path.startswith("/api/") or path in OPEN_PATHS:
+        # The console at / and its static files hold no data: they load without a token.
+        if (not self.tokens or not path.startswith("/api/") or path in OPEN_PATHS
+                or path.startswith(PORTAL_QUERY_PREFIX)):
             scope["state"]["namespace"] = self.default_namespace
             await self.app(scope, receive, send)
             return

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from pgmeter.api import shapes
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.entitlements import V1_ADMIN, at_param, customer_of_path, value_json
-from pgmeter.api.meters import json_body, runtime_of
+from pgmeter.api.http import json_body, runtime_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements import balance, service, store
 from pgmeter.meters.ulid import new_ulid

@@ -24,13 +24,14 @@ from starlette.routing import Route
 
 from pgmeter.api import shapes
 from pgmeter.api.auth import namespace_of
-from pgmeter.api.meters import format_time, json_body, runtime_of, time_param
+from pgmeter.api.http import json_body, runtime_of, time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements import balance, service, store
 from pgmeter.entitlements.periods import IntervalError, ceil_minute, floor_minute, parse_interval
 from pgmeter.entitlements.service import EntitlementInput, GrantInput
 from pgmeter.meters.ulid import is_ulid
 from pgmeter.query.params import QueryError, WindowSize, zone
+from pgmeter.times import format_rfc3339
 
 EXPIRATION_DURATIONS = ("HOUR", "DAY", "WEEK", "MONTH", "YEAR")
 MAX_HISTORY_WINDOWS = 1000
@@ -135,14 +136,14 @@ def entitlement_json(ent: store.Entitlement, customer: store.Customer, api: Api,
         if ent.type == "metered":
             timeline = balance.Timeline.of(ent, resets or [])
             lo, hi = timeline.period_at(now)
-            body["currentUsagePeriod"] = {"from": format_time(lo), "to": format_time(hi)}
-            body["lastReset"] = format_time(timeline.last_reset)
+            body["currentUsagePeriod"] = {"from": format_rfc3339(lo), "to": format_rfc3339(hi)}
+            body["lastReset"] = format_rfc3339(timeline.last_reset)
         else:
             lo, hi = recurrence.period_at(now)
-            body["currentUsagePeriod"] = {"from": format_time(lo), "to": format_time(hi)}
+            body["currentUsagePeriod"] = {"from": format_rfc3339(lo), "to": format_rfc3339(hi)}
     if ent.type == "metered":
         assert ent.measure_usage_from is not None
-        body["measureUsageFrom"] = format_time(ent.measure_usage_from)
+        body["measureUsageFrom"] = format_rfc3339(ent.measure_usage_from)
         body["isSoftLimit"] = ent.is_soft_limit
         body["isUnlimited"] = False
         if ent.issue_after_reset is not None:
@@ -162,14 +163,14 @@ def grant_json(grant: store.GrantRow, api: Api) -> dict[str, Any]:
     now = datetime.now(UTC)
     body: dict[str, Any] = {"id": grant.id, "entitlementId": grant.entitlement_id,
                             "amount": shapes.number(grant.amount), "priority": grant.priority,
-                            "effectiveAt": format_time(grant.effective_at)}
+                            "effectiveAt": format_rfc3339(grant.effective_at)}
     if grant.expiration_duration is not None:
         body["expiration"] = {"duration": grant.expiration_duration, "count": grant.expiration_count}
-        body["expiresAt"] = format_time(grant.expires_at) if grant.expires_at else None
+        body["expiresAt"] = format_rfc3339(grant.expires_at) if grant.expires_at else None
     elif not api.v2:
         # v1's schema requires an expiration: OpenMeter shows 100 years from now.
         body["expiration"] = {"duration": "YEAR", "count": 100}
-        body["expiresAt"] = format_time((now + HUNDRED_YEARS).replace(microsecond=0))
+        body["expiresAt"] = format_rfc3339((now + HUNDRED_YEARS).replace(microsecond=0))
     body["maxRolloverAmount"] = shapes.number(grant.max_rollover)
     body["minRolloverAmount"] = shapes.number(grant.min_rollover)
     if grant.metadata is not None:
@@ -179,7 +180,7 @@ def grant_json(grant: store.GrantRow, api: Api) -> dict[str, Any]:
     recurrence = grant.recurrence
     if recurrence is not None and grant.recurrence_interval is not None:
         body["recurrence"] = shapes.period(grant.recurrence_interval, recurrence.anchor)
-        body["nextRecurrence"] = format_time(recurrence.next_at_or_after(now))
+        body["nextRecurrence"] = format_rfc3339(recurrence.next_at_or_after(now))
     body.update(shapes.times(voidedAt=grant.voided_at, createdAt=grant.created_at, updatedAt=grant.updated_at,
                              deletedAt=grant.deleted_at))
     return body
@@ -391,7 +392,7 @@ def _routes(api: Api) -> list[Route]:
         hi = shapes.query_time(request, "to") or datetime.now(UTC)
         assert ent.measure_usage_from is not None
         if lo < ent.measure_usage_from:
-            raise bad_request(f"from {format_time(lo)} cannot be before {format_time(ent.measure_usage_from)}",
+            raise bad_request(f"from {format_rfc3339(lo)} cannot be before {format_rfc3339(ent.measure_usage_from)}",
                               parameter="from")
         lo, hi = floor_minute(lo), ceil_minute(hi)
         if lo >= hi:
@@ -410,11 +411,11 @@ def _routes(api: Api) -> list[Route]:
             return {k: shapes.number(v) for k, v in balances.items()}
 
         return JSONResponse({
-            "windowedHistory": [{"period": {"from": format_time(a.astimezone(tz)), "to": format_time(b.astimezone(tz))},
+            "windowedHistory": [{"period": {"from": format_rfc3339(a.astimezone(tz)), "to": format_rfc3339(b.astimezone(tz))},
                                  "usage": shapes.number(u), "balanceAtStart": shapes.number(bal)}
                                 for a, b, u, bal in result.windows],
             "burndownHistory": [{
-                "period": {"from": format_time(s.start), "to": format_time(s.end)},
+                "period": {"from": format_rfc3339(s.start), "to": format_rfc3339(s.end)},
                 "usage": shapes.number(s.usage), "overage": shapes.number(s.overage),
                 "balanceAtStart": shapes.number(sum(visible(s.balances_at_start, s.start).values(), Decimal(0))),
                 "grantBalancesAtStart": numbers(visible(s.balances_at_start, s.start)),

@@ -25,7 +25,6 @@ from starlette.types import Receive, Scope, Send
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.problems import bad_request, problem_response
 from pgmeter.ingest import cloudevents, listing, metrics
-from pgmeter.ingest.limits import EventLimits
 from pgmeter.ingest.publisher import PublishUnavailable
 from pgmeter.ingest.publisher import of as publisher_of
 from pgmeter.ingest.wire import EventTooLarge
@@ -33,14 +32,6 @@ from pgmeter.metric_labels import tenant
 
 RETRY_AFTER_SECONDS = "1"
 _ingested: dict[str, Counter] = {}
-
-
-def event_limits(runtime: Any) -> EventLimits:
-    """The process's event limits, resolved from the settings once."""
-    limits = runtime.extras.get("event_limits")
-    if limits is None:
-        limits = runtime.extras["event_limits"] = EventLimits.of(runtime.settings)
-    return limits
 
 
 def _ingested_counter(namespace: str) -> Counter:
@@ -75,7 +66,7 @@ class IngestEvents:
             await self._problem(scope, receive, send, 400, str(exc))
             return
         runtime = scope["app"].state.runtime
-        events, errors = cloudevents.validate_events(raw, event_limits(runtime), now)
+        events, errors = cloudevents.validate_events(raw, runtime.event_limits, now)
         if not errors and events:
             publisher = publisher_of(runtime)
             try:
@@ -105,7 +96,7 @@ class IngestEvents:
         message = await receive()
         body = message.get("body", b"")
         if not message.get("more_body", False):
-            return body  # type: ignore[no-any-return]
+            return body
         parts = [body]
         while message.get("more_body", False):
             message = await receive()

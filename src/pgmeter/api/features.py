@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from pgmeter.api import shapes
 from pgmeter.api.auth import namespace_of
-from pgmeter.api.meters import json_body, runtime_of
+from pgmeter.api.http import json_body, runtime_of
 from pgmeter.api.problems import Problem
 from pgmeter.entitlements import service, store
 

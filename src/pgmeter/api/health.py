@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import nats
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -48,7 +49,7 @@ async def _check_nats(runtime: Runtime) -> None:
         raise NotReady("not connected")
     if not nats_read_loop_alive(nc):
         raise NotReady("the client stopped reading (reconnecting)")
-    publisher = runtime.extras.get("publisher")
+    publisher = runtime.publisher
     if publisher is not None and publisher.stalled_for() > PUBLISH_STALL:
         raise NotReady("publishes are not acknowledged")
     await _probe_nats_server(runtime.settings.nats.url, **runtime.settings.nats.credentials())
@@ -78,11 +79,9 @@ def _outcome(result: BaseException | None) -> str:
 
 async def readiness(runtime: Runtime) -> dict[str, str]:
     """Each dependency's check: "ok" or "failed: <what>" (never an address or a server message)."""
-    checks = {"postgres": _check_postgres(runtime), "nats": _check_nats(runtime)}
+    checks: dict[str, Awaitable[None]] = {"postgres": _check_postgres(runtime), "nats": _check_nats(runtime)}
     if runtime.valkey is not None:
         checks["valkey"] = _check_valkey(runtime)
-    for name, check in runtime.readiness.items():
-        checks[name] = check()
     outcomes = await asyncio.gather(
         *(asyncio.wait_for(check, READY_TIMEOUT) for check in checks.values()), return_exceptions=True
     )
@@ -102,7 +101,7 @@ async def readiness(runtime: Runtime) -> dict[str, str]:
 async def readyz(request: Request) -> Response:
     results = await readiness(request.app.state.runtime)
     failed = {name for name, value in results.items() if value != "ok"}
-    ready = not failed & {*REQUIRED, *request.app.state.runtime.readiness}
+    ready = not failed & set(REQUIRED)
     status = "ok" if not failed else "degraded" if ready else "unavailable"
     return JSONResponse({"status": status, "checks": results}, status_code=200 if ready else 503)
 

@@ -7,7 +7,6 @@ its own SDK), and group-by keys ``subject`` and ``customer_id`` are rejected.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,35 +17,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pgmeter.api.auth import namespace_of
+from pgmeter.api.http import json_body, runtime_of, single_param, time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements.service import Refused, check_meter_change
 from pgmeter.meters import store
 from pgmeter.meters.model import Aggregation, MeterSpec, check_limits
 from pgmeter.query.engine import distinct_values
-from pgmeter.query.params import QueryError, TooManyRows, parse_time
-from pgmeter.runtime import Runtime
+from pgmeter.query.params import TooManyRows
+from pgmeter.times import format_rfc3339
 
 # {meterIdOrSlug}: a slug or a ULID, at most 64 characters (OpenMeter's validator).
-ID_OR_SLUG = re.compile(r"\A(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Z]{25})\Z")
+# OpenMeter's pattern takes a ULID in either case; ids are stored upper case, so a
+# lower- or mixed-case one is a valid request that finds nothing (404, as OpenMeter).
+ID_OR_SLUG = re.compile(r"\A(?:[a-z0-9]+(?:_[a-z0-9]+)*|[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25})\Z")
+MAX_PAGE_SIZE = 1000  # OpenMeter's Pagination.pageSize maximum
 GROUP_VALUES_MAX_AGE = timedelta(days=90)
 GROUP_VALUES_MAX_SPAN = timedelta(days=30)
 GROUP_VALUES_DEFAULT_SPAN = timedelta(hours=24)
-
-
-def runtime_of(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-def format_time(value: datetime) -> str:
-    """RFC 3339 as Go prints it: ``Z`` for UTC, fraction without trailing zeros."""
-    text = value.isoformat()
-    if value.microsecond:
-        head, _, rest = text.partition(".")
-        digits, offset = rest[:6].rstrip("0"), rest[6:]
-        text = f"{head}.{digits}{offset}"
-    if text.endswith("+00:00"):
-        text = text[:-6] + "Z"
-    return text
 
 
 def meter_json(meter: store.Meter) -> dict[str, Any]:
@@ -57,22 +44,22 @@ def meter_json(meter: store.Meter) -> dict[str, Any]:
     body["aggregation"] = str(meter.aggregation)
     body["eventType"] = meter.event_type
     if meter.event_from is not None:
-        body["eventFrom"] = format_time(meter.event_from)
+        body["eventFrom"] = format_rfc3339(meter.event_from)
     if meter.value_property and meter.aggregation is not Aggregation.COUNT:
         body["valueProperty"] = meter.value_property
     if meter.group_by:
         body["groupBy"] = meter.group_by
     body["metadata"] = meter.metadata
     body["annotations"] = meter.annotations
-    body["createdAt"] = format_time(meter.created_at)
-    body["updatedAt"] = format_time(meter.updated_at)
+    body["createdAt"] = format_rfc3339(meter.created_at)
+    body["updatedAt"] = format_rfc3339(meter.updated_at)
     if meter.deleted_at is not None:
-        body["deletedAt"] = format_time(meter.deleted_at)
+        body["deletedAt"] = format_rfc3339(meter.deleted_at)
     if meter.failure is not None:
         # pgmeter's extension, present only while the refresher sets the meter aside.
         body["pgmeterState"] = {
-            "status": "failing", "reason": meter.failure.reason, "since": format_time(meter.failure.since),
-            "nextAttempt": format_time(meter.failure.next_attempt), "failures": meter.failure.failures}
+            "status": "failing", "reason": meter.failure.reason, "since": format_rfc3339(meter.failure.since),
+            "nextAttempt": format_rfc3339(meter.failure.next_attempt), "failures": meter.failure.failures}
     return body
 
 
@@ -98,28 +85,11 @@ def limits_problem(request: Request, spec: MeterSpec) -> Problem | None:
                    extensions={"validationErrors": errors})
 
 
-async def json_body(request: Request, *, empty: Any = None) -> Any:
-    raw = await request.body()
-    if not raw.strip():
-        if empty is not None:
-            return empty
-        raise bad_request("request body must be a JSON object")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("request body is not valid JSON") from None
-    except RecursionError:  # thousands of nested arrays: the parser gives up (was a 500)
-        raise bad_request("request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    return body
-
-
 def id_or_slug(request: Request) -> str:
     value = request.path_params["meterIdOrSlug"]
     if len(value) > 64 or not ID_OR_SLUG.match(value):
         raise bad_request(f"meterIdOrSlug must be a meter slug or ULID: {value!r}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
@@ -132,46 +102,39 @@ async def find_meter(request: Request, *, active: bool = False) -> store.Meter:
     return meter
 
 
-def _single(request: Request, name: str) -> str | None:
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise bad_request(f"{name} may be given once", parameter=name)
-    return values[0] if values else None
-
-
-def time_param(name: str, value: Any) -> datetime | None:
-    """An optional RFC 3339 parameter (query string or JSON body); 400 naming it if bad."""
-    if value is None:
-        return None
-    try:
-        return parse_time(name, value)
-    except QueryError as exc:
-        raise bad_request(str(exc), parameter=name) from None
+def page_params(request: Request) -> tuple[int | None, int | None]:
+    """``page`` (>= 1) and ``pageSize`` (1 to 1000), as OpenMeter's Pagination checks them."""
+    values: list[int | None] = []
+    for name in ("page", "pageSize"):
+        value = single_param(request, name)
+        if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
+            raise bad_request(f"{name} must be a positive integer", parameter=name)
+        if name == "pageSize" and value is not None and int(value) > MAX_PAGE_SIZE:
+            raise bad_request(f"pageSize must be at most {MAX_PAGE_SIZE}", parameter="pageSize")
+        values.append(None if value is None else int(value))
+    return values[0], values[1]
 
 
 def _time_param(request: Request, name: str) -> datetime | None:
-    return time_param(name, _single(request, name))
+    return time_param(name, single_param(request, name))
 
 
 async def list_meters(request: Request) -> Response:
     # An empty value is a wrong value, not the default.
-    order = _single(request, "order")
+    order = single_param(request, "order")
     order = "ASC" if order is None else order
     if order not in ("ASC", "DESC"):
         raise bad_request("order must be ASC or DESC", parameter="order")
-    order_by = _single(request, "orderBy")
+    order_by = single_param(request, "orderBy")
     order_by = "key" if order_by is None else order_by
     if order_by not in store.ORDER_COLUMNS:
         raise bad_request(f"orderBy must be one of {', '.join(store.ORDER_COLUMNS)}", parameter="orderBy")
-    include = _single(request, "includeDeleted")
+    include = single_param(request, "includeDeleted")
     include = "false" if include is None else include.lower()
     if include not in ("true", "false"):
         raise bad_request("includeDeleted must be true or false", parameter="includeDeleted")
     # page and pageSize are checked, then ignored: OpenMeter answers one unpaginated array.
-    for name in ("page", "pageSize"):
-        value = _single(request, name)
-        if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
-            raise bad_request(f"{name} must be a positive integer", parameter=name)
+    page_params(request)
     async with runtime_of(request).api_pool.acquire() as conn:
         meters = await store.list_meters(conn, namespace_of(request), order_by=order_by,
                                          descending=order == "DESC", include_deleted=include == "true")
@@ -221,10 +184,28 @@ class MeterUpdate(BaseModel):
     metadata: dict[str, str] | None = None
 
 
+def _explicit_nulls(body: dict[str, Any]) -> None:
+    """OpenMeter's MeterUpdate: ``name`` is a string of 1 to 256 characters and
+    ``description`` and ``groupBy`` are not nullable, so ``""`` or null is a 400, not
+    "absent" (only ``metadata`` is nullable)."""
+    errors = []
+    if "name" in body and (body["name"] is None or body["name"] == ""):
+        errors.append(("name", "name must be a string of 1 to 256 characters"))
+    for field in ("description", "groupBy"):
+        if field in body and body[field] is None:
+            errors.append((field, f"{field} must not be null"))
+    if errors:
+        raise Problem(400, "; ".join(f"{field}: {message}" for field, message in errors),
+                      extensions={"validationErrors": [{"code": "invalid", "field": field, "message": message}
+                                                       for field, message in errors]})
+
+
 async def update_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
     try:
-        update = MeterUpdate.model_validate(await json_body(request))
+        body = await json_body(request)
+        _explicit_nulls(body)
+        update = MeterUpdate.model_validate(body)
         problem = limits_problem(request, store.updated_spec(
             meter, name=update.name, description=update.description, group_by=update.group_by or {},
             metadata=update.metadata))

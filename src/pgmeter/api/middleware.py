@@ -67,7 +67,7 @@ def _route_template(scope: Scope) -> str:
     for route in getattr(router, "routes", []):
         match, _ = route.matches(scope)
         if match is Match.FULL:
-            return getattr(route, "path", scope["path"])
+            return str(getattr(route, "path", scope["path"]))
     return "unmatched"
 
 

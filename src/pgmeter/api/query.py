@@ -1,14 +1,20 @@
 """``GET`` and ``POST /api/v1/meters/{meterIdOrSlug}/query``: OpenMeter's meter query.
 
 Parsing only: both forms become one :class:`QueryParams` and go to
-:func:`pgmeter.query.engine.run_query`. Deliberate differences from OpenMeter,
-all from the API reference's recommendations: a bare ``filterGroupBy=`` key (what
-the Python SDK sends for a dict) is a 400 instead of silently unfiltered data,
-and a POST without a body means ``{}``.
+:func:`pgmeter.query.engine.run_query`. ``advancedMeterGroupByFilters`` is JSON in
+the query string and an object in the body (:mod:`pgmeter.query.filters`).
+
+Two deliberate differences, both so that every call of OpenMeter's Python SDK
+works: a POST without a body means ``{}`` (the SDK's ``query_csv_post`` can send
+no body; OpenMeter answers it 400), and a bare ``filterGroupBy=`` key holding an
+object of strings (what the SDK sends for ``filter_group_by``: the dict's Python
+repr) filters, where OpenMeter silently ignores it and answers unfiltered usage;
+any other bare value is a 400.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -22,17 +28,31 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from pgmeter.api.meters import find_meter, format_time, json_body, runtime_of, time_param
+from pgmeter.api.http import json_body, runtime_of, time_param
+from pgmeter.api.meters import find_meter
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
+from pgmeter.query import filters as string_filters
 from pgmeter.query.cache import Body
-from pgmeter.query.params import QueryError, QueryParams, QueryResult, QueryRow, TooManyRows, WindowSize, validate
+from pgmeter.query.params import (
+    QueryError,
+    QueryParams,
+    QueryResult,
+    QueryRow,
+    TooManyRows,
+    WindowSize,
+    validate,
+    zone_name,
+)
+from pgmeter.times import format_rfc3339
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
 # Rows rendered per chunk of a streamed answer: big enough that chunking costs
 # nothing measurable, small enough that the event loop runs every few milliseconds.
 CHUNK_ROWS = 1000
 _DEEP_OBJECT = re.compile(r"^filterGroupBy\[([^\[\]]+)\]$")
+# A bare filterGroupBy= object: bounded before it is parsed (literal_eval recurses).
+_MAX_BARE_FILTER = 64 * 1024
 _SCALARS = ("from", "to", "windowSize", "windowTimeZone", "clientId")
 
 
@@ -67,6 +87,29 @@ def _strings(name: str, value: Any) -> list[str]:
     return value
 
 
+def _bare_filter(text: str) -> dict[str, str]:
+    """A bare ``filterGroupBy=`` key: what the Python SDK sends for ``filter_group_by``
+    (the dict's Python repr, ``{'model': 'x'}``), or the same object as JSON.
+
+    OpenMeter's deepObject binder ignores the bare key and answers unfiltered usage;
+    pgmeter applies it, and refuses anything that is not such an object of strings.
+    """
+    wrong = bad_request("filterGroupBy= must be an object of strings such as {\"model\": \"x\"} "
+                        "(or use the deepObject form filterGroupBy[key]=value)", parameter="filterGroupBy")
+    if len(text) > _MAX_BARE_FILTER:
+        raise wrong
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise wrong from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise wrong
+    return value
+
+
 def params_from_query(request: Request) -> QueryParams:
     scalars: dict[str, str] = {}
     subjects: list[str] = []
@@ -80,16 +123,17 @@ def params_from_query(request: Request) -> QueryParams:
             group_by.append(value)
         elif name.startswith("filterGroupBy"):
             match = _DEEP_OBJECT.match(name)
-            if not match:
+            if match:
+                filters.setdefault(match[1], []).append(value)
+            elif name == "filterGroupBy":
+                for key, item in _bare_filter(value).items():
+                    filters.setdefault(key, []).append(item)
+            else:
                 raise bad_request(f"{name} is not supported; filter with the deepObject form "
                                   "filterGroupBy[key]=value", parameter="filterGroupBy")
-            filters.setdefault(match[1], []).append(value)
         elif name == "filterCustomerId":
             customers.append(value)
-        elif name == "advancedMeterGroupByFilters":
-            raise bad_request("advancedMeterGroupByFilters is not supported; use filterGroupBy",
-                              parameter="advancedMeterGroupByFilters")
-        elif name in _SCALARS:
+        elif name in _SCALARS or name == string_filters.PARAMETER:
             if name in scalars:
                 raise bad_request(f"{name} may be given once", parameter=name)
             scalars[name] = value
@@ -101,10 +145,18 @@ def params_from_query(request: Request) -> QueryParams:
     return QueryParams(
         from_=time_param("from", scalars.get("from")), to=time_param("to", scalars.get("to")),
         window_size=_window_size(scalars.get("windowSize")),
-        window_time_zone=scalars.get("windowTimeZone", "UTC"),
+        window_time_zone=zone_name(scalars.get("windowTimeZone")),
         subjects=tuple(subjects), group_by=tuple(group_by),
         filter_group_by={key: tuple(values) for key, values in filters.items()},
+        advanced_filters=_advanced(string_filters.parse_json, scalars.get(string_filters.PARAMETER, "")),
     )
+
+
+def _advanced(parse: Any, raw: Any) -> dict[str, string_filters.StringFilter]:
+    try:
+        return dict(parse(raw))
+    except QueryError as exc:
+        raise bad_request(str(exc), parameter=exc.parameter) from None
 
 
 def params_from_body(body: dict[str, Any]) -> QueryParams:
@@ -115,10 +167,9 @@ def params_from_body(body: dict[str, Any]) -> QueryParams:
             raise bad_request("filterGroupBy must be an object of {key: [values]}", parameter="filterGroupBy")
         for key, values in raw_filters.items():
             values = [values] if isinstance(values, str) else values
-            filters[key] = tuple(_strings(f"filterGroupBy[{key}]", values))
-    if body.get("advancedMeterGroupByFilters"):
-        raise bad_request("advancedMeterGroupByFilters is not supported; use filterGroupBy",
-                          parameter="advancedMeterGroupByFilters")
+            items = tuple(_strings(f"filterGroupBy[{key}]", values))
+            # OpenMeter drops a key with an empty list (after checking the key).
+            filters[key] = items
     zone = body.get("windowTimeZone")
     if zone is not None and not isinstance(zone, str):
         raise bad_request("windowTimeZone must be a string", parameter="windowTimeZone")
@@ -126,10 +177,11 @@ def params_from_body(body: dict[str, Any]) -> QueryParams:
     _no_customers(_strings("filterCustomerId", body.get("filterCustomerId")))
     return QueryParams(
         from_=time_param("from", body.get("from")), to=time_param("to", body.get("to")),
-        window_size=_window_size(body.get("windowSize")), window_time_zone=zone or "UTC",
+        window_size=_window_size(body.get("windowSize")), window_time_zone=zone_name(zone),
         subjects=tuple(_strings("subject", body.get("subject"))),
         group_by=tuple(_strings("groupBy", body.get("groupBy"))),
         filter_group_by=filters,
+        advanced_filters=_advanced(string_filters.parse, body.get(string_filters.PARAMETER)),
     )
 
 
@@ -161,8 +213,8 @@ def _value_json(value: Decimal) -> str:
 
 
 def _row_json(row: QueryRow) -> str:
-    return (f'{{"value":{_value_json(row.value)},"windowStart":"{format_time(row.window_start)}",'
-            f'"windowEnd":"{format_time(row.window_end)}","subject":{_ENCODER.encode(row.subject)},'
+    return (f'{{"value":{_value_json(row.value)},"windowStart":"{format_rfc3339(row.window_start)}",'
+            f'"windowEnd":"{format_rfc3339(row.window_end)}","subject":{_ENCODER.encode(row.subject)},'
             f'"groupBy":{_ENCODER.encode(row.group_by)}}}')
 
 
@@ -171,9 +223,9 @@ def iter_json(params: QueryParams, result: QueryResult) -> Iterator[bytes]:
     Starlette's JSONResponse would render for the whole document at once."""
     head: dict[str, Any] = {}
     if params.from_ is not None:
-        head["from"] = format_time(params.from_)
+        head["from"] = format_rfc3339(params.from_)
     if params.to is not None:
-        head["to"] = format_time(params.to)
+        head["to"] = format_rfc3339(params.to)
     if params.window_size is not None:
         head["windowSize"] = str(params.window_size)
     opening = _ENCODER.encode(head)[:-1] + ("," if head else "") + '"data":['
@@ -196,8 +248,8 @@ def iter_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Iterator
     for start in range(0, len(rows), CHUNK_ROWS):
         for row in rows[start:start + CHUNK_ROWS]:
             writer.writerow([
-                format_time(row.window_start.replace(microsecond=0)),
-                format_time(row.window_end.replace(microsecond=0)),
+                format_rfc3339(row.window_start.replace(microsecond=0)),
+                format_rfc3339(row.window_end.replace(microsecond=0)),
                 *([row.subject] if params.groups_by_subject else []),
                 *(row.group_by[key] for key in keys),
                 f"{float(row.value):f}",
@@ -220,7 +272,8 @@ async def _answer(request: Request, meter: Meter, params: QueryParams) -> Respon
         # Checked before the cache sees the parameters (it reads the zone, for one).
         validate(params, meter.group_by)
         runtime = runtime_of(request)
-        cache = runtime.extras["query_cache"]
+        cache = runtime.query_cache
+        assert cache is not None, "the api role makes the query cache"
         if wants_csv(request):
             body = await cache.respond(runtime.api_pool, meter, params, "csv",
                                        lambda result: iter_csv(meter, params, result))
@@ -242,7 +295,7 @@ async def query_get(request: Request) -> Response:
 
 async def query_post(request: Request) -> Response:
     meter = await find_meter(request)
-    body = await json_body(request, empty={})
+    body = await json_body(request, empty={})  # no body: {} (module docstring)
     return await _answer(request, meter, params_from_body(body))
 
 

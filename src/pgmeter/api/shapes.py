@@ -18,10 +18,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pgmeter.api.meters import format_time, time_param
+from pgmeter.api.http import time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements.periods import interval_iso, interval_name
 from pgmeter.entitlements.service import Refused
+from pgmeter.times import format_rfc3339
 
 MAX_KEY = 256
 MAX_NAME = 256
@@ -232,11 +233,11 @@ def number(value: Decimal) -> int | float:
 
 
 def period(interval: str, anchor: datetime) -> dict[str, Any]:
-    return {"interval": interval_name(interval), "anchor": format_time(anchor), "intervalISO": interval_iso(interval)}
+    return {"interval": interval_name(interval), "anchor": format_rfc3339(anchor), "intervalISO": interval_iso(interval)}
 
 
 def times(**values: datetime | None) -> dict[str, str]:
-    return {name: format_time(value) for name, value in values.items() if value is not None}
+    return {name: format_rfc3339(value) for name, value in values.items() if value is not None}
 
 
 MAX_PATH_PARAM = 256

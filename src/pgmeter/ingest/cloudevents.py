@@ -20,6 +20,7 @@ from typing import Any
 
 from pgmeter.ingest import jsonfast
 from pgmeter.ingest.limits import TEXT_FIELDS, EventLimits
+from pgmeter.times import parse_rfc3339
 
 # OpenMeter's three content types; the media type is compared without parameters.
 CLOUDEVENT = "application/cloudevents+json"
@@ -32,11 +33,6 @@ SPEC_VERSIONS = frozenset({"1.0", "0.3"})
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MICROSECOND = timedelta(microseconds=1)
 
-# RFC 3339 date-time as Go's time.RFC3339Nano parser accepts it: a "T", any number
-# of fractional digits, and "Z" or a numeric offset. Python's fromisoformat alone
-# would also take dates without a time, week dates and naive times.
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})\Z", re.ASCII)
 # An escaped NUL in JSON text that is not itself an escaped backslash followed by "u0000".
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -78,7 +74,7 @@ class BodyError(ValueError):
 def media_type(content_type: str | None) -> str:
     """``application/json; charset=utf-8`` -> ``application/json``."""
     if content_type in CONTENT_TYPES:
-        return content_type  # type: ignore[return-value]
+        return content_type
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
@@ -135,21 +131,9 @@ def parse_time(value: str) -> int:
     """RFC 3339 (any offset, any fractional digits) -> microseconds since the epoch, UTC.
 
     Digits beyond microseconds are dropped (truncated, as Go truncates to seconds).
-    Raises ``ValueError`` for anything else.
+    Raises ``ValueError`` for anything else (see :func:`pgmeter.times.parse_rfc3339`).
     """
-    if not _RFC3339.match(value):
-        raise ValueError("must be an RFC 3339 date-time, e.g. 2024-01-01T00:00:00Z")
-    # fromisoformat (3.11) takes any number of fractional digits, truncating past 6,
-    # but only an upper-case "T" and "Z".
-    if value[10] == "t":
-        value = f"{value[:10]}T{value[11:]}"
-    if value[-1] == "z":
-        value = value[:-1] + "Z"
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ValueError(f"is not a valid date-time: {exc}") from None
-    return (parsed - EPOCH) // ONE_MICROSECOND
+    return (parse_rfc3339(value) - EPOCH) // ONE_MICROSECOND
 
 
 def now_micros() -> int:
@@ -199,6 +183,17 @@ def data_text(data: dict[str, Any]) -> str:
     return text
 
 
+# An absolute URI (RFC 3986): a scheme, then no spaces or control characters, and
+# every % starting an escape. OpenMeter's document says ``format: uri``.
+_URI = re.compile(r"\A[A-Za-z][A-Za-z0-9+.\-]*:[^\x00-\x20\x7f]*\Z")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def is_uri(text: str) -> bool:
+    """Whether ``dataschema`` is a URI; refused ones are 400s at the door."""
+    return bool(_URI.match(text)) and not _BAD_ESCAPE.search(text)
+
+
 def _fast(event: dict[str, Any], now: int, bounds: Door) -> EventTuple | None:
     """The common case, checked with as little work as possible; ``None`` means "look closer".
 
@@ -233,11 +228,11 @@ def _fast(event: dict[str, Any], now: int, bounds: Door) -> EventTuple | None:
             return None
     else:
         return None
-    content_type = get("datacontenttype")
-    if content_type is not None and content_type != JSON:
+    content_type = get("datacontenttype", JSON)
+    if content_type != JSON:
         return None
     schema = get("dataschema")
-    if schema is not None and type(schema) is not str:
+    if schema is not None and (type(schema) is not str or not is_uri(schema)):
         return None
     data = get("data")
     if data is None:
@@ -301,13 +296,17 @@ def validate_event(event: Any, index: int, now: int, errors: list[FieldError], l
             if outside:
                 errors.append(FieldError(index, "time", outside))
 
-    content_type = event.get("datacontenttype")
-    if content_type is not None and (not isinstance(content_type, str) or media_type(content_type) != JSON):
+    # Absent is application/json; an explicit null is refused, as OpenMeter's
+    # CloudEvents decoder does.
+    content_type = event.get("datacontenttype", JSON)
+    if not isinstance(content_type, str) or media_type(content_type) != JSON:
         errors.append(FieldError(index, "datacontenttype",
                                  f"must be application/json, not {json.dumps(content_type)}"))
     schema = event.get("dataschema")
     if schema is not None and not isinstance(schema, str):
         errors.append(FieldError(index, "dataschema", f"must be a URI string, not {_json_type(schema)}"))
+    elif schema is not None and not is_uri(schema):
+        errors.append(FieldError(index, "dataschema", f"must be a URI (scheme:rest, RFC 3986), not {schema!r}"[:300]))
 
     data = event.get("data")
     text: str | None = None

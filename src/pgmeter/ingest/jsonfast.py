@@ -21,7 +21,7 @@ _FALLBACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_na
 
 def _build() -> Callable[[Any], str]:
     try:
-        from json.encoder import c_make_encoder, encode_basestring
+        from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 
         if c_make_encoder is None:
             return _FALLBACK.encode

@@ -2,8 +2,10 @@
 
 Parameter rules follow openmeter/meterevent (service.go, ListEventsParams.Validate):
 ``from`` defaults to 32 days ago and may not be older; ``to`` and ``ingestedAtTo``
-are exclusive; ``id`` is a substring match and ``subject`` an exact one; ``limit``
-is 1..100. OpenMeter stores whole seconds and compares ``time >= from.Unix()``, so
+are exclusive; ``id`` is OpenMeter's ``id LIKE '%<id>%'`` (the value is not escaped
+there, so ``%`` and ``_`` in it are wildcards and a backslash escapes the next
+character; pgmeter does the same) and ``subject`` an exact match; ``limit`` is
+1..100. OpenMeter stores whole seconds and compares ``time >= from.Unix()``, so
 bounds are truncated to the second here too; the stored microseconds are returned
 as they are.
 """
@@ -19,6 +21,7 @@ import asyncpg
 
 from pgmeter.ingest.validation import MeterRule, validation_error
 from pgmeter.query.params import TIME_MAX, TIME_MIN, TIME_RANGE_TEXT
+from pgmeter.times import format_rfc3339
 
 MAX_FROM_AGE = timedelta(days=32)
 # What Postgres cannot take as text: such a filter matches nothing and would fail the statement.
@@ -94,12 +97,8 @@ def _second(value: datetime) -> datetime:
 
 
 def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC; fractional digits only as far as they are non-zero (as Go prints)."""
-    value = value.astimezone(UTC)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
-    if value.microsecond:
-        text += f".{value.microsecond:06d}".rstrip("0")
-    return text + "Z"
+    """RFC 3339 in UTC, as Go prints it (see :mod:`pgmeter.times`)."""
+    return format_rfc3339(value, utc=True)
 
 
 async def load_meters(conn: asyncpg.Connection, namespace: str) -> list[MeterRule]:
@@ -124,7 +123,8 @@ async def list_events(pool: asyncpg.Pool, params: ListParams) -> list[dict[str, 
     if params.ingested_to is not None:
         add("ingested_at < {}", _second(params.ingested_to))
     if params.id is not None:
-        add("strpos(id, {}) > 0", params.id)
+        # OpenMeter's exact semantics: a LIKE pattern, wildcards included (module docstring).
+        add("id LIKE '%' || {} || '%'", params.id)
     if params.subject is not None:
         add("subject = {}", params.subject)
     args.append(params.limit)

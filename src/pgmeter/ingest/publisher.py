@@ -44,7 +44,6 @@ from pgmeter.runtime import Runtime, nats_read_loop_alive
 
 log = logging.getLogger(__name__)
 
-EXTRAS_KEY = "publisher"
 # A JetStream ack slower than this means the broker is unwell: the client gets a 503.
 PUBLISH_TIMEOUT = 5.0
 # Messages in flight per api process; beyond it sealed messages queue for a slot.
@@ -261,7 +260,7 @@ class Publisher:
 
 async def start(runtime: Runtime) -> None:
     publisher = Publisher(runtime.nats, runtime.js, runtime.settings, runtime.dependency("nats"))
-    runtime.extras[EXTRAS_KEY] = publisher
+    runtime.publisher = publisher
     runtime.spawn("ingest-publisher", _close_on_shutdown(publisher))
 
 
@@ -274,4 +273,5 @@ async def _close_on_shutdown(publisher: Publisher) -> None:
 
 
 def of(runtime: Runtime) -> Publisher:
-    return runtime.extras[EXTRAS_KEY]  # type: ignore[no-any-return]
+    assert runtime.publisher is not None, "the api role starts the publisher"
+    return runtime.publisher

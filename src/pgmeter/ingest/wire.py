@@ -172,7 +172,7 @@ def decode(payload: bytes) -> Decoded:
     for index, event in enumerate(events):
         reason = quick_check(event)
         if reason is None:
-            result.events.append((index, tuple(event)))  # type: ignore[arg-type]
+            result.events.append((index, tuple(event)))
         else:
             result.bad.append(BadItem(index, reason, item_payload(event)))
     return result

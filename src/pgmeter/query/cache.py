@@ -152,7 +152,7 @@ class QueryCache:
         return QueryResult(rows=[*cached.rows, *fresh.rows], watermark=fresh.watermark)
 
     async def _moment(self, pool: asyncpg.Pool, meter: Meter, params: QueryParams) -> _Moment:
-        unit = _TRUNC_UNIT.get(params.window_size) if params.window_size else "second"
+        unit = _TRUNC_UNIT[params.window_size] if params.window_size else "second"
         try:
             row = await self._moment_row(pool, meter, unit, params.window_time_zone)
         except asyncpg.InvalidParameterValueError:
@@ -194,6 +194,7 @@ class QueryCache:
             "window": params.window_size, "tz": params.window_time_zone,
             "subjects": sorted(params.subjects), "groupBy": list(params.group_by),
             "filter": {k: sorted(v) for k, v in sorted(params.filter_group_by.items())},
+            "advanced": {k: f.canonical() for k, f in sorted(params.advanced_filters.items())},
             "meter": meter.updated_at.isoformat(),
         }
         digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -204,6 +205,7 @@ class QueryCache:
         if time.monotonic() < self._skip_until:
             CACHE_BYPASS.labels("backoff").inc()
             return False
+        error: Exception
         try:
             return await asyncio.wait_for(getattr(self.valkey, method)(*args, **kwargs), self.timeout * 2)
         except (TimeoutError, ValkeyTimeoutError) as exc:

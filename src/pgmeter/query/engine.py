@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 from prometheus_client import Histogram
@@ -29,6 +29,7 @@ from psycopg import sql
 
 from pgmeter.meters.store import Meter
 from pgmeter.metric_labels import tenant
+from pgmeter.query import filters as string_filters
 from pgmeter.query.params import (
     QueryError,
     QueryParams,
@@ -62,7 +63,7 @@ _UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", 
               "GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "GMT+0", "GMT-0",
               "Etc/Greenwich", "Greenwich"}
 
-Db = asyncpg.Pool | asyncpg.Connection
+Db: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 
 @asynccontextmanager
@@ -144,7 +145,7 @@ async def run_query(db: Db, meter: Meter, params: QueryParams, *, max_rows: int 
 
 async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_rows: int | None) -> QueryResult:
     rollup, tables = await _rollup_of(conn, meter)
-    for key in (*params.meter_keys, *params.filter_group_by):
+    for key in (*params.meter_keys, *params.filter_group_by, *params.advanced_filters):
         if key not in rollup.group_keys:  # the meter changed since the caller read it
             raise QueryError("groupBy", f"invalid group by: {key}")
     window = params.window_size
@@ -212,16 +213,30 @@ class _Statement:
         self.key_columns = [rollup.column_of(key) for key in params.meter_keys]
         self.subject_filter = self.param(list(params.subjects), "text[]") if params.subjects else None
         self.group_filters = {rollup.column_of(key): self.param(list(values), "text[]")
-                              for key, values in params.filter_group_by.items()}
+                              for key, values in params.filter_group_by.items() if values}
+        self.advanced_filters = self._advanced(params)
         # Windowless answers report each group's first and last minute.
         self.extent = self.window is None
         # A query that neither groups nor filters by a meter key reads the
         # subject-only coarse levels: one row per subject and bucket.
-        self.by_subject_only = rollup.subject_levels and not self.key_columns and not self.group_filters
+        self.by_subject_only = (rollup.subject_levels and not self.key_columns and not self.group_filters
+                                and not self.advanced_filters)
 
     def param(self, value: Any, cast: str) -> str:
         self.args.append(value)
         return f"${len(self.args)}::{cast}"
+
+    _COLUMN = "\x00column\x00"  # stands for the (prefixed) group column in compiled filters
+
+    def _advanced(self, params: QueryParams) -> dict[str, str]:
+        """advancedMeterGroupByFilters compiled once (values bound once) per group column,
+        over the group value text the rollups and the raw branch both carry."""
+        compiled = {}
+        for key, f in sorted(params.advanced_filters.items()):
+            condition = string_filters.compile_sql(f, self._COLUMN, self.param)
+            if condition is not None:
+                compiled[self.rollup.column_of(key)] = condition
+        return compiled
 
     # -- pieces ------------------------------------------------------------------
 
@@ -248,6 +263,8 @@ class _Statement:
             if hashed:
                 conditions.append(f"{objects.text_key(prefix + column)} = ANY({self.hashes(placeholder)})")
             conditions.append(f"{prefix}{column} = ANY({placeholder})")
+        for column, condition in self.advanced_filters.items():
+            conditions.append(condition.replace(self._COLUMN, prefix + column))
         return conditions
 
     def hashes(self, placeholder: str) -> str:
@@ -279,7 +296,7 @@ class _Statement:
         aggregation reads, each once per event.
         """
         rollup = self.rollup
-        needed = sorted({*self.key_columns, *self.group_filters}, key=lambda c: int(c[1:]))
+        needed = sorted({*self.key_columns, *self.group_filters, *self.advanced_filters}, key=lambda c: int(c[1:]))
         groups = "".join(
             f", pgmeter_group_value(data #> {self.param(rollup.group_paths[int(c[1:]) - 1], 'text[]')}) AS {c}"
             for c in needed)

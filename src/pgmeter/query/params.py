@@ -8,14 +8,20 @@ every caller gets the same answers.
 
 from __future__ import annotations
 
+import os
 import re
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgmeter.query.filters import StringFilter
+
+from pgmeter.times import parse_rfc3339
 
 
 class WindowSize(StrEnum):
@@ -54,6 +60,9 @@ class QueryParams:
     group_by: tuple[str, ...] = ()
     # key -> accepted values (one value from GET, a list meaning IN from POST).
     filter_group_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # key -> advancedMeterGroupByFilters filter (pgmeter.query.filters); never together
+    # with filter_group_by. Keys whose filter filters nothing are dropped by validate().
+    advanced_filters: Mapping[str, StringFilter] = field(default_factory=dict)
 
     @property
     def groups_by_subject(self) -> bool:
@@ -107,31 +116,14 @@ def check_range(parameter: str, value: datetime, text: str) -> datetime:
     return value
 
 
-_RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$")
-
-
 def parse_time(parameter: str, text: Any) -> datetime:
-    """An RFC 3339 date-time with an offset; the fraction is kept to microseconds."""
+    """An RFC 3339 date-time with an offset (:func:`pgmeter.times.parse_rfc3339`), in range."""
     if not isinstance(text, str):
         raise QueryError(parameter, f"{parameter} must be an RFC 3339 date-time string")
-    match = _RFC3339.match(text)
-    if not match:
-        raise QueryError(parameter, f"{parameter} is not an RFC 3339 date-time: {text!r}")
-    year, month, day, hour, minute, second, fraction, offset = match.groups()
-    micros = int((fraction or "0")[:6].ljust(6, "0"))
-    if offset in ("Z", "z"):
-        tz = UTC
-    else:
-        sign = 1 if offset[0] == "+" else -1
-        hours, minutes = int(offset[1:3]), int(offset[4:6])
-        if hours > 23 or minutes > 59:
-            raise QueryError(parameter, f"{parameter} has an invalid offset: {text!r}")
-        tz = UTC if hours == minutes == 0 else timezone(sign * timedelta(hours=hours, minutes=minutes))
     try:
-        value = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
+        value = parse_rfc3339(text)
     except ValueError:
-        raise QueryError(parameter, f"{parameter} is not a valid date-time: {text!r}") from None
+        raise QueryError(parameter, f"{parameter} is not an RFC 3339 date-time: {text!r}") from None
     return check_range(parameter, value, text)
 
 
@@ -143,6 +135,33 @@ def check_text(parameter: str, value: str) -> None:
     match nothing, and sending it would fail the statement (a 500)."""
     if _UNSTORABLE.search(value):
         raise QueryError(parameter, f"{parameter} must not contain NUL characters or unpaired surrogates")
+
+
+def local_zone_name() -> str:
+    """The server's own zone as an IANA name (Go's ``Local``): ``TZ``, else the
+    ``/etc/localtime`` link, else UTC (the image has neither, so it is UTC)."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        target = os.readlink("/etc/localtime")
+        candidates.append(target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else "")
+    except OSError:
+        pass
+    for name in candidates:
+        if name and name != "Local":
+            try:
+                zoneinfo.ZoneInfo(name)
+                return name
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+                continue
+    return "UTC"
+
+
+def zone_name(value: str | None) -> str:
+    """``windowTimeZone`` as sent to an IANA name: absent or empty is UTC and ``Local``
+    the server's zone, as Go's ``time.LoadLocation`` has them (OpenMeter)."""
+    if not value:
+        return "UTC"
+    return local_zone_name() if value == "Local" else value
 
 
 def zone(name: str) -> zoneinfo.ZoneInfo:
@@ -166,11 +185,16 @@ def validate(params: QueryParams, group_keys: list[str] | dict[str, str]) -> Non
                                         "pgmeter has no customers)")
         if key != "subject" and key not in group_keys:
             raise QueryError("groupBy", f"invalid group by: {key}")
+    if params.filter_group_by and params.advanced_filters:
+        raise QueryError("advancedMeterGroupByFilters",
+                         "advanced meter group by filters and filter group by cannot be used together")
+    for key in params.advanced_filters:
+        if key not in group_keys:
+            raise QueryError("advancedMeterGroupByFilters", f"meter does not have group by: {key}")
     for key, values in params.filter_group_by.items():
         if key not in group_keys:
             raise QueryError(f"filterGroupBy[{key}]", f"invalid filterGroupBy key: {key} "
                                                       "(not a group-by key of the meter)")
-        if not values:
-            raise QueryError(f"filterGroupBy[{key}]", f"filterGroupBy[{key}] needs at least one value")
+        # An empty list filters nothing (OpenMeter drops it after checking the key).
         for value in values:
             check_text(f"filterGroupBy[{key}]", value)

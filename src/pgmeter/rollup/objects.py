@@ -221,7 +221,7 @@ def _view_columns(rollup: Rollup) -> sql.Composable:
     A key that would shadow a fixed column gets a ``group_`` prefix.
     """
     fixed = {"window_start", "window_end", "subject", "value"}
-    parts = []
+    parts: list[sql.Composable] = []
     for i, key in enumerate(rollup.group_keys):
         name = f"group_{key}" if key in fixed else key
         parts.append(sql.SQL("p.{} AS {}").format(sql.Identifier(f"g{i + 1}"), sql.Identifier(name)))
@@ -232,7 +232,7 @@ def _view_ddl(rollup: Rollup) -> str:
     state = rollup.state
     n = len(rollup.group_keys)
     value_path = path_param(rollup.value_path, None) if rollup.value_path is not None else None
-    common = dict(
+    common: dict[str, sql.Composable | str] = dict(
         view=sql.Identifier(VIEW_SCHEMA, rollup.view_name), m1=rollup.table("m1"),
         meter_id=sql.Literal(rollup.meter_id), namespace=sql.Literal(rollup.namespace),
         event_type=sql.Literal(rollup.event_type),

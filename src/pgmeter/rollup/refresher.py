@@ -314,7 +314,7 @@ async def start(runtime: Runtime) -> None:
     """Schedule refresh cycles for the life of the runtime."""
     settings = runtime.settings.refresher
     refresher = Refresher(runtime.pool, max_batch=settings.max_batch)
-    runtime.extras["refresher"] = refresher
+    runtime.refresher = refresher
     scheduler = AsyncIOScheduler(timezone=UTC)
     scheduler.add_job(
         _cycle, "interval", args=[refresher], seconds=settings.interval.total_seconds(),

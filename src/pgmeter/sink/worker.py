@@ -504,7 +504,7 @@ async def _run_writer(sink: Sink, slot: _Slot) -> None:
 
 async def start(runtime: Runtime) -> None:
     sink = Sink(runtime)
-    runtime.extras["sink"] = sink
+    runtime.sink = sink
     for number, slot in enumerate(sink.slots):
         runtime.spawn(f"sink-writer-{number}", _run_writer(sink, slot))
     runtime.spawn("sink-fetcher", sink.fetch_loop())
