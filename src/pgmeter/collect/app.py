@@ -126,12 +126,13 @@ def create_app(config: CollectorConfig) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         running = bool(collector.tasks) and all(not t.done() for t in collector.tasks)
-        body = {"status": "ready" if running else "not ready", "pipelines": collector.status()}
+        # SQLite reads take the buffer's lock: off the event loop, which serves the sources.
+        body = {"status": "ready" if running else "not ready", "pipelines": await asyncio.to_thread(collector.status)}
         return JSONResponse(body, status_code=200 if running else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         for pipeline in collector.pipelines:
-            pipeline.refresh_gauges()
+            await asyncio.to_thread(pipeline.refresh_gauges)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager

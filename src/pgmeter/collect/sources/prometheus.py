@@ -73,7 +73,7 @@ class PrometheusSource:
     async def catch_up(self, client: httpx.AsyncClient, name: str, promql: str) -> None:
         key = f"prometheus:{name}"
         due = self._due(int(time.time() * 1000))
-        saved = self.pipeline.buffer.get_state(key)
+        saved = await asyncio.to_thread(self.pipeline.buffer.get_state, key)
         if saved is None:
             instants = [due]
         else:

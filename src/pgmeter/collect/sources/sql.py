@@ -88,7 +88,7 @@ class SqlSource:
 
     async def read_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Read the next batch into the buffer; how many rows were read."""
-        position = self.position()
+        position = await asyncio.to_thread(self.position)  # the buffer's lock: off the event loop
         params: dict[str, Any] = {"limit": self.config.batch}
         if self.config.settle:
             params["settle"] = f"{self.config.settle.total_seconds()} seconds"
