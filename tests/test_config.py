@@ -92,7 +92,7 @@ def test_cli_missing_config_file_is_exit_2(tmp_path: Path) -> None:
 def test_help_lists_every_role() -> None:
     result = subprocess.run([sys.executable, "-m", "pgmeter", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for role in ("dev", "api", "sink", "refresher", "lago-sync", "migrate"):
+    for role in ("dev", "api", "sink", "refresher", "lago-sync", "migrate", "collect"):
         assert role in result.stdout
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,6 +28,7 @@ from pgmeter import demo
 from pgmeter.config import Settings
 from tests.support import events_sql, meter_env
 from tests.support.app import AppServer
+from tests.support.debian import installed
 from tests.support.events_sql import Event
 
 ADMIN = "console-admin-token-0123"
@@ -44,15 +43,7 @@ WAIT = 20  # seconds a page may take to show a result (generous: two shared core
 
 def _browser_paths() -> tuple[str, str]:
     """Debian's chromium and chromium-driver, installed with apt-get when missing."""
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if browser and driver:
-        return browser, driver
-    assert os.geteuid() == 0, "the browser tests need chromium and chromium-driver (apt-get install them)"
-    subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], check=True,
-                   stdout=subprocess.DEVNULL, timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert browser and driver, "apt-get installed chromium but it is not on PATH"
+    browser, driver = installed("chromium", "chromedriver", packages=("chromium", "chromium-driver"))
     return browser, driver
 
 

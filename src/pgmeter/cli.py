@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=1000, help="events per second (default: 1000)")
     demo.add_argument("--hours", type=float, default=6, help="spread event times over the last N hours (default: 6)")
     demo.add_argument("--seed", type=int, help="random seed, for the same traffic every time")
+    from pgmeter.collect.run import add_arguments
+
+    add_arguments(commands.add_parser(
+        "collect", help="collect usage (HTTP, SQL, files, Prometheus, OTLP logs), buffer it on disk "
+                        "and deliver it to an OpenMeter-compatible endpoint"))
     return parser
 
 
@@ -75,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_dev(args)
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "collect":  # its own config (collector.yaml); no Postgres, NATS or Valkey
+            from pgmeter.collect.run import run_collect
+
+            return run_collect(args)
         settings = load_settings(args.config)
         logs.configure(settings.log_level)
         if args.command == "migrate":

@@ -144,6 +144,9 @@ ALL_ON: dict[str, Any] = {
     "podDisruptionBudget": {"enabled": True},
     "helmTest": {"enabled": True},
     "migrations": {"enabled": True},
+    "collector": {"enabled": True, "tokenSecret": {"name": "pgmeter-collector-token", "key": "token"},
+                  "networkPolicy": {"ingress": [{"namespaceSelector": {"matchLabels": {
+                      "kubernetes.io/metadata.name": "gateway"}}}]}},
 }
 
 # Every toggle explicitly off.
@@ -161,6 +164,7 @@ ALL_OFF: dict[str, Any] = {
     "podDisruptionBudget": {"enabled": False},
     "helmTest": {"enabled": False},
     "migrations": {"enabled": False},
+    "collector": {"enabled": False},
 }
 
 

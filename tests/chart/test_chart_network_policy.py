@@ -38,8 +38,9 @@ def egress_to(spec: dict[str, Any], **match: str) -> dict[str, Any]:
 
 def test_ingress_admits_exactly_the_controller_to_the_api_and_monitoring_to_metrics(all_on_render) -> None:
     found = policies(all_on_render)
-    assert set(found) == {"pgmeter", "pgmeter-api", "pgmeter-lago-sync", "pgmeter-test"}
+    assert set(found) == {"pgmeter", "pgmeter-api", "pgmeter-lago-sync", "pgmeter-test", "pgmeter-collector"}
     http = [{"port": "http", "protocol": "TCP"}]
+    collector = {**SELECTOR, "app.kubernetes.io/component": "collector"}
     assert sorted(ingress_rules(all_on_render), key=repr) == sorted([
         # Monitoring scrapes every role (all pgmeter pods) on the metrics (http) port.
         (SELECTOR, {"namespaceSelector": {"matchLabels": {NS: "monitoring"}}}, http),
@@ -48,6 +49,9 @@ def test_ingress_admits_exactly_the_controller_to_the_api_and_monitoring_to_metr
          {"namespaceSelector": {"matchLabels": {NS: "traefik"}}}, http),
         ({**SELECTOR, "app.kubernetes.io/component": "api"},
          {"podSelector": {"matchLabels": {**SELECTOR, "app.kubernetes.io/component": "test"}}}, http),
+        # The collector delivers to the api, and its producers (configured peers) reach it.
+        ({**SELECTOR, "app.kubernetes.io/component": "api"}, {"podSelector": {"matchLabels": collector}}, http),
+        (collector, {"namespaceSelector": {"matchLabels": {NS: "gateway"}}}, http),
     ], key=repr)
     # The catch-all policy selects every pgmeter pod and denies any other ingress.
     assert found["pgmeter"]["podSelector"]["matchLabels"] == SELECTOR

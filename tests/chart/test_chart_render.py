@@ -53,6 +53,11 @@ def test_every_toggle_on_renders_every_optional_object(all_on_render) -> None:
         ("ExternalSecret", "pgmeter-valkey"),
         ("Deployment", "pgmeter-lago-sync"),
         ("ConfigMap", "pgmeter-dashboard"),
+        ("ConfigMap", "pgmeter-collector"),
+        ("PersistentVolumeClaim", "pgmeter-collector"),
+        ("Service", "pgmeter-collector"),
+        ("Deployment", "pgmeter-collector"),
+        ("NetworkPolicy", "pgmeter-collector"),
     }
 
 

@@ -27,10 +27,14 @@ def secret_ref(env: dict[str, Any]) -> tuple[str, str]:
 
 
 def workloads(rendered) -> dict[str, dict[str, Any]]:
-    """role -> Deployment or Job, keyed by the pgmeter subcommand it runs."""
+    """role -> Deployment or Job, keyed by the pgmeter subcommand it runs.
+
+    The collector (`pgmeter collect`, its own config, no Postgres/NATS/Valkey) is not
+    a role of the shared config: test_chart_collector.py covers it."""
     out = {}
     for doc in rendered.of_kind("Deployment") + rendered.of_kind("Job"):
-        out[container(doc)["args"][-1]] = doc
+        if container(doc)["args"][0] != "collect":
+            out[container(doc)["args"][-1]] = doc
     return out
 
 
@@ -242,7 +246,8 @@ def test_pod_security(all_on_render) -> None:
 def test_probes_and_ports(all_on_render) -> None:
     for doc in all_on_render.of_kind("Deployment"):
         c = container(doc)
-        assert c["ports"] == [{"name": "http", "containerPort": 8888, "protocol": "TCP"}]
+        port = 8080 if doc["metadata"]["name"] == "pgmeter-collector" else 8888
+        assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -261,7 +266,7 @@ def test_services_select_the_right_pods(all_on_render) -> None:
 
     assert selected(api["spec"]["selector"]) == {"pgmeter-api"}
     assert selected(metrics["spec"]["selector"]) == {"pgmeter-api", "pgmeter-sink", "pgmeter-refresher",
-                                                     "pgmeter-lago-sync"}
+                                                     "pgmeter-lago-sync", "pgmeter-collector"}
     monitor = all_on_render.get("ServiceMonitor", "pgmeter")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
     assert not monitor["spec"]["selector"]["matchLabels"].items() <= api["metadata"]["labels"].items()

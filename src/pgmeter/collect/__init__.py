@@ -1,0 +1,1 @@
+"""``pgmeter collect``: source -> mapping -> disk buffer -> delivery to an OpenMeter-compatible endpoint."""
