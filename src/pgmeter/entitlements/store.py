@@ -27,6 +27,14 @@ def _load(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _with_json(row: asyncpg.Record, *columns: str) -> dict[str, Any]:
+    """The row as keyword arguments, its JSON ``columns`` (selected as text) decoded."""
+    values = dict(row)
+    for column in columns:
+        values[column] = _load(values[column])
+    return values
+
+
 # -- customers -------------------------------------------------------------------
 
 @dataclass
@@ -341,12 +349,7 @@ _ENTITLEMENT = ("id, namespace, customer_id, feature_id, feature_key, type, meas
 
 
 def _entitlement(row: asyncpg.Record | None) -> Entitlement | None:
-    if row is None:
-        return None
-    values = dict(row)
-    values["metadata"] = _load(values["metadata"])
-    values["annotations"] = _load(values["annotations"])
-    return Entitlement(**values)
+    return None if row is None else Entitlement(**_with_json(row, "metadata", "annotations"))
 
 
 async def entitlement_by_id(conn: asyncpg.Connection, namespace: str, entitlement_id: str) -> Entitlement | None:
@@ -474,12 +477,7 @@ _GRANT = ("id, namespace, entitlement_id, amount, priority, effective_at, expira
 
 
 def _grant(row: asyncpg.Record | None) -> GrantRow | None:
-    if row is None:
-        return None
-    values = dict(row)
-    values["metadata"] = _load(values["metadata"])
-    values["annotations"] = _load(values["annotations"])
-    return GrantRow(**values)
+    return None if row is None else GrantRow(**_with_json(row, "metadata", "annotations"))
 
 
 async def insert_grant(conn: asyncpg.Connection, namespace: str, values: dict[str, Any]) -> GrantRow:

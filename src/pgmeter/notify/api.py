@@ -220,12 +220,21 @@ async def create_channel(request: Request) -> Response:
     return JSONResponse(channel_json(row), status_code=201)
 
 
-async def _channel(conn: asyncpg.Connection, request: Request) -> asyncpg.Record:
-    row = await conn.fetchrow(f"SELECT {_CHANNEL} FROM notification_channels WHERE namespace = $1 AND id = $2",
-                              namespace_of(request), _id(request, "channelId"))
+async def _found(conn: asyncpg.Connection, request: Request, table: str, columns: str, param: str,
+                 noun: str) -> asyncpg.Record:
+    """The row of ``table`` named by path parameter ``param`` in the caller's namespace, or 404.
+
+    ``table`` and ``columns`` are this module's constants, never input.
+    """
+    row = await conn.fetchrow(f"SELECT {columns} FROM {table} WHERE namespace = $1 AND id = $2",
+                              namespace_of(request), _id(request, param))
     if row is None:
-        raise Problem(404, f"channel {request.path_params['channelId']} not found")
+        raise Problem(404, f"{noun} {request.path_params[param]} not found")
     return row
+
+
+async def _channel(conn: asyncpg.Connection, request: Request) -> asyncpg.Record:
+    return await _found(conn, request, "notification_channels", _CHANNEL, "channelId", "channel")
 
 
 async def get_channel(request: Request) -> Response:
@@ -289,11 +298,7 @@ async def create_rule(request: Request) -> Response:
 
 
 async def _rule(conn: asyncpg.Connection, request: Request) -> asyncpg.Record:
-    row = await conn.fetchrow(f"SELECT {_RULE} FROM notification_rules WHERE namespace = $1 AND id = $2",
-                              namespace_of(request), _id(request, "ruleId"))
-    if row is None:
-        raise Problem(404, f"rule {request.path_params['ruleId']} not found")
-    return row
+    return await _found(conn, request, "notification_rules", _RULE, "ruleId", "rule")
 
 
 async def get_rule(request: Request) -> Response:
@@ -378,11 +383,7 @@ async def list_events(request: Request) -> Response:
 
 
 async def _event(conn: asyncpg.Connection, request: Request) -> asyncpg.Record:
-    row = await conn.fetchrow(f"SELECT {_EVENT} FROM notification_events WHERE namespace = $1 AND id = $2",
-                              namespace_of(request), _id(request, "eventId"))
-    if row is None:
-        raise Problem(404, f"event {request.path_params['eventId']} not found")
-    return row
+    return await _found(conn, request, "notification_events", _EVENT, "eventId", "event")
 
 
 async def get_event(request: Request) -> Response:
