@@ -403,11 +403,7 @@ class Settings(BaseSettings):
     @field_validator("auth_tokens")
     @classmethod
     def _token_namespaces(cls, value: dict[str, str]) -> dict[str, str]:
-        for token, namespace in value.items():
-            if len(token) < 16:
-                raise ValueError("tokens must be at least 16 characters")
-            _check_namespace(namespace)
-        return value
+        return _check_tokens(value)
 
     @model_validator(mode="after")
     def _meters_within_limits(self) -> Settings:
@@ -458,6 +454,15 @@ def is_namespace(value: str) -> bool:
 def _check_namespace(value: str) -> str:
     if not is_namespace(value):
         raise ValueError(f"namespace {value!r} must be 1 to {NAMESPACE_MAX_LENGTH} letters, digits, '-' or '_'")
+    return value
+
+
+def _check_tokens(value: dict[str, str]) -> dict[str, str]:
+    """``authTokens``, the api's and the collector's: token -> namespace."""
+    for token, namespace in value.items():
+        if len(token) < 16:
+            raise ValueError("tokens must be at least 16 characters")
+        _check_namespace(namespace)
     return value
 
 
@@ -566,6 +571,15 @@ class PipelineConfig(Section):
     to: DeliveryConfig
     # The buffer's bound: queued event text, in bytes.
     buffer_max_bytes: int = Field(default=1 << 30, ge=1024, alias="bufferMaxBytes")
+    # With the collector's authTokens: the namespace whose tokens this pipeline's push
+    # source takes (a tenant's token cannot post into another tenant's pipeline). Unset:
+    # any valid token.
+    namespace: str | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_subject_token(cls, value: str | None) -> str | None:
+        return None if value is None else _check_namespace(value)
 
 
 class CollectorConfig(Section):
@@ -574,7 +588,15 @@ class CollectorConfig(Section):
     log_level: str = Field(default="info", alias="logLevel")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, alias="maxBodyBytes")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    # Bearer token -> namespace for the push sources (HTTP, OTLP), as the api's authTokens.
+    # Empty: auth off. PGMETER_COLLECT_AUTH_TOKENS (JSON) when the file sets none.
+    auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens")
     pipelines: list[PipelineConfig] = Field(min_length=1)
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _token_namespaces(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_tokens(value)
 
     @field_validator("listen")
     @classmethod

@@ -20,10 +20,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pgmeter.api.auth import AuthMiddleware
+from pgmeter.collect import auth
 from pgmeter.collect.mapping import MappingError
 from pgmeter.collect.pipeline import Pipeline
 from pgmeter.config import CollectorConfig, ConfigError, LimitsConfig
@@ -147,6 +150,10 @@ def create_app(config: CollectorConfig) -> Starlette:
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),
               *collector.routes]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if config.auth_tokens:
+        middleware.append(Middleware(AuthMiddleware, tokens=config.auth_tokens, default_namespace="",
+                                     protects=auth.protects))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.collector = collector
     return app

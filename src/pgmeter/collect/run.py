@@ -4,13 +4,15 @@ Two ways to say what to run:
 
 - ``pgmeter collect --listen HOST:PORT --to URL --buffer DIR [--token TOKEN]``: one
   pipeline, OpenMeter's ingest API on HOST:PORT -> a disk buffer in DIR -> URL. The
-  token may come from ``PGMETER_COLLECT_TOKEN`` instead (kept out of ``ps``).
+  token may come from ``PGMETER_COLLECT_TOKEN`` instead (kept out of ``ps``); the
+  tokens producers must present, from ``PGMETER_COLLECT_AUTH_TOKENS``.
 - ``pgmeter collect --config collector.yaml``: any number of pipelines (docs/collect.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -22,6 +24,7 @@ from pydantic import ValidationError
 from pgmeter.config import CollectorConfig, ConfigError, load_collector_config
 
 TOKEN_ENV = "PGMETER_COLLECT_TOKEN"
+AUTH_TOKENS_ENV = "PGMETER_COLLECT_AUTH_TOKENS"  # JSON: {"<token>": "<namespace>"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +41,7 @@ def config_of(args: argparse.Namespace) -> CollectorConfig:
     if args.collector_config:
         if args.listen or args.to or args.buffer:
             raise ConfigError("collect: give either --config or --listen/--to/--buffer, not both")
-        return load_collector_config(args.collector_config)
+        return with_env_tokens(load_collector_config(args.collector_config))
     missing = [flag for flag, value in (("--listen", args.listen), ("--to", args.to), ("--buffer", args.buffer))
                if not value]
     if missing:
@@ -50,10 +53,31 @@ def config_of(args: argparse.Namespace) -> CollectorConfig:
     if args.buffer_max_bytes:
         pipeline["bufferMaxBytes"] = args.buffer_max_bytes
     try:
-        return CollectorConfig.model_validate({"listen": args.listen, "buffer": args.buffer, "pipelines": [pipeline]})
+        return with_env_tokens(CollectorConfig.model_validate(
+            {"listen": args.listen, "buffer": args.buffer, "pipelines": [pipeline]}))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"collect: {problems}") from None
+        raise ConfigError(f"collect: {problems(exc)}") from None
+
+
+def problems(exc: ValidationError) -> str:
+    """Field and message only: never the input (it may hold a token)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def with_env_tokens(config: CollectorConfig) -> CollectorConfig:
+    """``authTokens`` from PGMETER_COLLECT_AUTH_TOKENS when the file sets none (the chart
+    passes its Secret that way; the flags have no other way to take them)."""
+    raw = os.environ.get(AUTH_TOKENS_ENV)
+    if config.auth_tokens or not raw:
+        return config
+    try:
+        tokens = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{AUTH_TOKENS_ENV}: not JSON: {exc}") from None
+    try:
+        return CollectorConfig.model_validate({**config.model_dump(by_alias=True), "authTokens": tokens})
+    except ValidationError as exc:
+        raise ConfigError(f"{AUTH_TOKENS_ENV}: {problems(exc)}") from None
 
 
 def run_collect(args: argparse.Namespace) -> int:

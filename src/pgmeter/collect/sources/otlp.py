@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pgmeter.api.problems import problem_response
+from pgmeter.collect import auth
 from pgmeter.collect.buffer import BufferFull
 from pgmeter.collect.ids import content_hash, event_id
 from pgmeter.collect.mapping import rfc3339
@@ -49,6 +50,9 @@ class OtlpLogsSource:
         self.max_body_bytes = max_body_bytes
 
     async def handle(self, request: Request) -> Response:
+        refused = auth.refusal(request, self.pipeline.config)
+        if refused is not None:
+            return refused
         media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
         if media not in (PROTOBUF, JSON):
             return problem_response(415, f"unsupported content type {media or '(none)'}; use {PROTOBUF} or {JSON}")
