@@ -390,10 +390,7 @@ class Settings(BaseSettings):
     @field_validator("address")
     @classmethod
     def _address_has_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:8888")
-        return value
+        return _check_host_port(value, "127.0.0.1:8888")
 
     @field_validator("namespace")
     @classmethod
@@ -454,6 +451,13 @@ def is_namespace(value: str) -> bool:
 def _check_namespace(value: str) -> str:
     if not is_namespace(value):
         raise ValueError(f"namespace {value!r} must be 1 to {NAMESPACE_MAX_LENGTH} letters, digits, '-' or '_'")
+    return value
+
+
+def _check_host_port(value: str, example: str) -> str:
+    _, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port, e.g. {example}")
     return value
 
 
@@ -544,6 +548,8 @@ class CollectSourceConfig(Section):
     type: Literal["http", "sql", "file", "prometheus", "otlp_logs"]
     # http / otlp_logs: the path served on the collector's listen address.
     path: str | None = None
+    # otlp_logs: also serve OTLP over gRPC (LogsService) on this host:port. Unset: HTTP only.
+    grpc_listen: str | None = Field(default=None, alias="grpcListen")
     # sql: a Postgres table read incrementally by (cursor, key).
     url: str | None = None
     table: str | None = None
@@ -559,6 +565,12 @@ class CollectSourceConfig(Section):
     # sql, file, prometheus: how often to look for more.
     interval: Duration = Field(default=timedelta(seconds=5))
     batch: int = Field(default=1000, ge=1, le=100_000)
+
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _grpc_listen_has_port(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host_port(value, "0.0.0.0:4317")
 
 
 class PipelineConfig(Section):
@@ -601,10 +613,7 @@ class CollectorConfig(Section):
     @field_validator("listen")
     @classmethod
     def _listen_has_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 0.0.0.0:8080")
-        return value
+        return _check_host_port(value, "0.0.0.0:8080")
 
     @model_validator(mode="after")
     def _unique(self) -> CollectorConfig:

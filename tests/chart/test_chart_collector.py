@@ -95,3 +95,19 @@ def test_pipelines_get_the_default_destination_unless_they_name_one(render, tmp_
     assert loaded.pipelines[0].source.table == "usage"
     [claim] = rendered.get("StatefulSet", "pgmeter-collector")["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["storageClassName"] == "fast" and claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+def test_otlp_grpc_ports_are_opened_where_the_producers_reach(render) -> None:
+    pipelines = [{"name": "otel", "source": {"type": "otlp_logs", "grpcListen": "0.0.0.0:4317"}},
+                 {"name": "http", "source": {"type": "http"}}]
+    rendered = render({"networkPolicy": {"enabled": True},
+                       "collector": {"enabled": True, "pipelines": pipelines, "networkPolicy": {
+                           "ingress": [{"namespaceSelector": {"matchLabels": {"team": "gateway"}}}]}}})
+    [c] = rendered.get("StatefulSet", "pgmeter-collector")["spec"]["template"]["spec"]["containers"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "grpc-4317", "containerPort": 4317, "protocol": "TCP"}]
+    service = rendered.get("Service", "pgmeter-collector")
+    assert service["spec"]["ports"][1] == {"name": "grpc-4317", "port": 4317, "targetPort": "grpc-4317",
+                                           "protocol": "TCP"}
+    [rule] = rendered.get("NetworkPolicy", "pgmeter-collector")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}, {"port": "grpc-4317", "protocol": "TCP"}]

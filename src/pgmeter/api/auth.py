@@ -68,13 +68,19 @@ class AuthMiddleware:
     def _namespace_for(self, scope: Scope) -> str | None:
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() != b"bearer" or not token:
-                    return None
-                found = None
-                # Compare against every token in constant time; do not stop early.
-                for candidate, namespace in self.tokens:
-                    if hmac.compare_digest(candidate, token.strip()):
-                        found = namespace
-                return found
+                return bearer_namespace(self.tokens, value)
         return None
+
+
+def bearer_namespace(tokens: list[tuple[bytes, str]], authorization: bytes) -> str | None:
+    """The namespace of the token in an ``Authorization: Bearer <token>`` value, or None.
+    (Also for the collector's OTLP/gRPC source, whose metadata carries the same header.)"""
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    found = None
+    # Compare against every token in constant time; do not stop early.
+    for candidate, namespace in tokens:
+        if hmac.compare_digest(candidate, token.strip()):
+            found = namespace
+    return found

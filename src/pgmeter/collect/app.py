@@ -75,6 +75,12 @@ class Collector:
 
             self.routes.append(Route(source.path or "/v1/logs",
                                      OtlpLogsSource(pipeline, self.config.max_body_bytes).handle, methods=["POST"]))
+            if source.grpc_listen:
+                from pgmeter.collect.sources.otlp_grpc import OtlpGrpcLogsSource
+
+                grpc_source = OtlpGrpcLogsSource(pipeline, source.grpc_listen, self.config.max_body_bytes,
+                                                 self.config.auth_tokens)
+                self.runners.append((f"{pipeline.name}/otlp-grpc", grpc_source.run))
         elif source.type == "sql":
             from pgmeter.collect.sources.sql import SqlSource
 

@@ -70,10 +70,8 @@ class OtlpLogsSource:
                 json_format.Parse(raw.decode("utf-8"), message)
         except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError, OSError, zlib.error) as exc:
             return problem_response(400, f"not an OTLP ExportLogsServiceRequest: {exc}")
-        records = [(record, event_id(self.pipeline.event_source, "otlp-log", content_hash(record)))
-                   for record in flatten(message)]
         try:
-            await self.pipeline.offer(self.pipeline.map(records), block=False)
+            await self.take(message)
         except BufferFull as exc:
             return problem_response(503, f"logs not stored: {exc}; retry the request",
                                     headers={"Retry-After": "1"})
@@ -81,6 +79,13 @@ class OtlpLogsSource:
         if media == JSON:
             return Response(json_format.MessageToJson(answer), media_type=JSON)
         return Response(answer.SerializeToString(), media_type=PROTOBUF)
+
+    async def take(self, message: ExportLogsServiceRequest) -> None:
+        """Map and buffer a request's records (the HTTP and gRPC transports alike: the same
+        record gets the same id whichever way it came). Raises BufferFull."""
+        records = [(record, event_id(self.pipeline.event_source, "otlp-log", content_hash(record)))
+                   for record in flatten(message)]
+        await self.pipeline.offer(self.pipeline.map(records), block=False)
 
     def _decompress(self, body: bytes, encoding: str) -> bytes:
         if encoding.strip().lower() != "gzip":
