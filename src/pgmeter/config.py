@@ -545,13 +545,19 @@ class DeliveryConfig(Section):
 class CollectSourceConfig(Section):
     """One source. ``type`` picks which of the other fields apply (docs/collect.md)."""
 
-    type: Literal["http", "sql", "file", "prometheus", "otlp_logs"]
+    type: Literal["http", "sql", "file", "prometheus", "otlp_logs", "s3"]
     # http / otlp_logs: the path served on the collector's listen address.
     path: str | None = None
     # otlp_logs: also serve OTLP over gRPC (LogsService) on this host:port. Unset: HTTP only.
     grpc_listen: str | None = Field(default=None, alias="grpcListen")
-    # sql: a Postgres table read incrementally by (cursor, key).
+    # sql: a Postgres table read incrementally by (cursor, key). s3: an S3-compatible
+    # endpoint (path-style addressing); unset, AWS's own for `region`.
     url: str | None = None
+    # s3: JSON-lines objects (gzip or not) under `prefix` in `bucket`, in key order.
+    # Credentials: the AWS SDK's usual chain (AWS_ACCESS_KEY_ID..., a web identity).
+    bucket: str | None = None
+    prefix: str = ""
+    region: str | None = None
     table: str | None = None
     key: str | None = None
     cursor: str | None = None
