@@ -545,7 +545,7 @@ class DeliveryConfig(Section):
 class CollectSourceConfig(Section):
     """One source. ``type`` picks which of the other fields apply (docs/collect.md)."""
 
-    type: Literal["http", "sql", "file", "prometheus", "otlp_logs", "s3"]
+    type: Literal["http", "sql", "file", "prometheus", "otlp_logs", "s3", "kubernetes"]
     # http / otlp_logs: the path served on the collector's listen address.
     path: str | None = None
     # otlp_logs: also serve OTLP over gRPC (LogsService) on this host:port. Unset: HTTP only.
@@ -564,6 +564,12 @@ class CollectSourceConfig(Section):
     settle: Duration | None = None  # sql: read only rows whose cursor is at least this old
     # file: a JSON-lines file followed across rotation.
     file: str | None = None
+    # kubernetes: running pods' seconds at every multiple of `interval`; `url` the API
+    # server (unset: in-cluster, with the pod's service account token and CA).
+    namespaces: list[str] = Field(default_factory=list)  # [] = every namespace
+    label_selector: str | None = Field(default=None, alias="labelSelector")
+    token_file: str | None = Field(default=None, alias="tokenFile")
+    ca_file: str | None = Field(default=None, alias="caFile")
     # prometheus: instant queries at every multiple of `interval`, evaluated `offset` earlier.
     queries: dict[str, str] = Field(default_factory=dict)
     offset: Duration = Field(default=timedelta(0))

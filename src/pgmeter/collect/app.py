@@ -89,6 +89,10 @@ class Collector:
             from pgmeter.collect.sources.file import FileSource
 
             self.runners.append((f"{pipeline.name}/source", FileSource(pipeline, source).run))
+        elif source.type == "kubernetes":
+            from pgmeter.collect.sources.kubernetes import KubernetesSource
+
+            self.runners.append((f"{pipeline.name}/source", KubernetesSource(pipeline, source).run))
         elif source.type == "s3":
             from pgmeter.collect.sources.s3 import S3Source
 
