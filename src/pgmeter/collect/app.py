@@ -82,9 +82,14 @@ class Collector:
                                                  self.config.auth_tokens)
                 self.runners.append((f"{pipeline.name}/otlp-grpc", grpc_source.run))
         elif source.type == "sql":
-            from pgmeter.collect.sources.sql import SqlSource
+            from pgmeter.collect.sources.sql_sqlite import SqliteSource, is_sqlite
 
-            self.runners.append((f"{pipeline.name}/source", SqlSource(pipeline, source).run))
+            if is_sqlite(source.url):
+                self.runners.append((f"{pipeline.name}/source", SqliteSource(pipeline, source).run))
+            else:
+                from pgmeter.collect.sources.sql import SqlSource
+
+                self.runners.append((f"{pipeline.name}/source", SqlSource(pipeline, source).run))
         elif source.type == "file":
             from pgmeter.collect.sources.file import FileSource
 

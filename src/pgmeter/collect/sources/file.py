@@ -124,14 +124,7 @@ class FileSource:
             identity = event_id(self.pipeline.event_source, "file", self._inode, offset,
                                 hashlib.sha256(line).hexdigest())
             offset += len(line) + 1
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                rejects.append(Rejected(line.decode("utf-8", "backslashreplace"), f"not a JSON line: {exc}"))
-                continue
-            records.append((record, identity))
+            take_line(line, identity, records, rejects)
             if len(records) >= self.config.batch:
                 break
         mapped = self.pipeline.map(records)
@@ -149,6 +142,17 @@ class FileSource:
 
     def _state(self) -> dict[str, str]:
         return {self.state_key: json.dumps({"inode": self._inode, "offset": self._offset})}
+
+
+def take_line(line: bytes, identity: str, records: list[tuple[Any, str]], rejects: list[Rejected]) -> None:
+    """One line of a JSON-lines source (the file and S3 sources): a record with its id,
+    a dead letter when it is not JSON, nothing when it is blank."""
+    if not line.strip():
+        return
+    try:
+        records.append((json.loads(line), identity))
+    except (ValueError, RecursionError) as exc:
+        rejects.append(Rejected(line.decode("utf-8", "backslashreplace"), f"not a JSON line: {exc}"))
 
 
 def _inode(path: Path) -> int | None:

@@ -31,7 +31,7 @@ from typing import IO, Any
 from pgmeter.collect.buffer import Rejected
 from pgmeter.collect.ids import event_id
 from pgmeter.collect.pipeline import Pipeline
-from pgmeter.collect.sources.file import MAX_LINE_BYTES
+from pgmeter.collect.sources.file import MAX_LINE_BYTES, take_line
 from pgmeter.config import CollectSourceConfig, ConfigError
 
 log = logging.getLogger("pgmeter.collect.s3")
@@ -111,19 +111,14 @@ class S3Source:
                 rejects: list[Rejected] = []
                 for line in lines:
                     line_no += 1
-                    if line_no <= done or not line.strip():
+                    if line_no <= done:
                         continue
                     if len(line) > MAX_LINE_BYTES:
                         rejects.append(Rejected(line[:1024].decode("utf-8", "backslashreplace"),
                                                 f"line longer than {MAX_LINE_BYTES} bytes; skipped"))
                         continue
-                    try:
-                        record = json.loads(line)
-                    except (ValueError, RecursionError) as exc:
-                        rejects.append(Rejected(line.decode("utf-8", "backslashreplace"), f"not a JSON line: {exc}"))
-                        continue
-                    records.append((record, event_id(self.pipeline.event_source, "s3", self.bucket, key, etag,
-                                                     line_no)))
+                    take_line(line, event_id(self.pipeline.event_source, "s3", self.bucket, key, etag, line_no),
+                              records, rejects)
                 if line_no > done or finished:
                     mapped = self.pipeline.map(records)
                     mapped.rejected.extend(rejects)
