@@ -314,3 +314,15 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{- /* The collector's OTLP/gRPC ports (pipelines with source.grpcListen), as a JSON list:
+the container, its Service and its NetworkPolicy open the same ones. */ -}}
+{{- define "pgmeter.collectorGrpcPorts" -}}
+{{- $ports := list }}
+{{- range .Values.collector.pipelines }}
+{{- with (.source).grpcListen }}
+{{- $ports = append $ports (splitList ":" (toString .) | last | int) }}
+{{- end }}
+{{- end }}
+{{- toJson ($ports | uniq) }}
+{{- end }}

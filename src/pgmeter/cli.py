@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pgmeter.collect.run import add_arguments
 
     add_arguments(commands.add_parser(
-        "collect", help="collect usage (HTTP, SQL, files, Prometheus, OTLP logs), buffer it on disk "
+        "collect", help="collect usage (HTTP, SQL, files, S3, Prometheus, OTLP logs, Kubernetes pods), buffer it on disk "
                         "and deliver it to an OpenMeter-compatible endpoint"))
     return parser
 

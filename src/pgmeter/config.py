@@ -390,10 +390,7 @@ class Settings(BaseSettings):
     @field_validator("address")
     @classmethod
     def _address_has_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:8888")
-        return value
+        return _check_host_port(value, "127.0.0.1:8888")
 
     @field_validator("namespace")
     @classmethod
@@ -403,11 +400,7 @@ class Settings(BaseSettings):
     @field_validator("auth_tokens")
     @classmethod
     def _token_namespaces(cls, value: dict[str, str]) -> dict[str, str]:
-        for token, namespace in value.items():
-            if len(token) < 16:
-                raise ValueError("tokens must be at least 16 characters")
-            _check_namespace(namespace)
-        return value
+        return _check_tokens(value)
 
     @model_validator(mode="after")
     def _meters_within_limits(self) -> Settings:
@@ -458,6 +451,22 @@ def is_namespace(value: str) -> bool:
 def _check_namespace(value: str) -> str:
     if not is_namespace(value):
         raise ValueError(f"namespace {value!r} must be 1 to {NAMESPACE_MAX_LENGTH} letters, digits, '-' or '_'")
+    return value
+
+
+def _check_host_port(value: str, example: str) -> str:
+    _, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port, e.g. {example}")
+    return value
+
+
+def _check_tokens(value: dict[str, str]) -> dict[str, str]:
+    """``authTokens``, the api's and the collector's: token -> namespace."""
+    for token, namespace in value.items():
+        if len(token) < 16:
+            raise ValueError("tokens must be at least 16 characters")
+        _check_namespace(namespace)
     return value
 
 
@@ -536,17 +545,31 @@ class DeliveryConfig(Section):
 class CollectSourceConfig(Section):
     """One source. ``type`` picks which of the other fields apply (docs/collect.md)."""
 
-    type: Literal["http", "sql", "file", "prometheus", "otlp_logs"]
+    type: Literal["http", "sql", "file", "prometheus", "otlp_logs", "s3", "kubernetes"]
     # http / otlp_logs: the path served on the collector's listen address.
     path: str | None = None
-    # sql: a Postgres table read incrementally by (cursor, key).
+    # otlp_logs: also serve OTLP over gRPC (LogsService) on this host:port. Unset: HTTP only.
+    grpc_listen: str | None = Field(default=None, alias="grpcListen")
+    # sql: a Postgres table read incrementally by (cursor, key). s3: an S3-compatible
+    # endpoint (path-style addressing); unset, AWS's own for `region`.
     url: str | None = None
+    # s3: JSON-lines objects (gzip or not) under `prefix` in `bucket`, in key order.
+    # Credentials: the AWS SDK's usual chain (AWS_ACCESS_KEY_ID..., a web identity).
+    bucket: str | None = None
+    prefix: str = ""
+    region: str | None = None
     table: str | None = None
     key: str | None = None
     cursor: str | None = None
     settle: Duration | None = None  # sql: read only rows whose cursor is at least this old
     # file: a JSON-lines file followed across rotation.
     file: str | None = None
+    # kubernetes: running pods' seconds at every multiple of `interval`; `url` the API
+    # server (unset: in-cluster, with the pod's service account token and CA).
+    namespaces: list[str] = Field(default_factory=list)  # [] = every namespace
+    label_selector: str | None = Field(default=None, alias="labelSelector")
+    token_file: str | None = Field(default=None, alias="tokenFile")
+    ca_file: str | None = Field(default=None, alias="caFile")
     # prometheus: instant queries at every multiple of `interval`, evaluated `offset` earlier.
     queries: dict[str, str] = Field(default_factory=dict)
     offset: Duration = Field(default=timedelta(0))
@@ -554,6 +577,12 @@ class CollectSourceConfig(Section):
     # sql, file, prometheus: how often to look for more.
     interval: Duration = Field(default=timedelta(seconds=5))
     batch: int = Field(default=1000, ge=1, le=100_000)
+
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _grpc_listen_has_port(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host_port(value, "0.0.0.0:4317")
 
 
 class PipelineConfig(Section):
@@ -566,6 +595,15 @@ class PipelineConfig(Section):
     to: DeliveryConfig
     # The buffer's bound: queued event text, in bytes.
     buffer_max_bytes: int = Field(default=1 << 30, ge=1024, alias="bufferMaxBytes")
+    # With the collector's authTokens: the namespace whose tokens this pipeline's push
+    # source takes (a tenant's token cannot post into another tenant's pipeline). Unset:
+    # any valid token.
+    namespace: str | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_subject_token(cls, value: str | None) -> str | None:
+        return None if value is None else _check_namespace(value)
 
 
 class CollectorConfig(Section):
@@ -574,15 +612,20 @@ class CollectorConfig(Section):
     log_level: str = Field(default="info", alias="logLevel")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, alias="maxBodyBytes")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    # Bearer token -> namespace for the push sources (HTTP, OTLP), as the api's authTokens.
+    # Empty: auth off. PGMETER_COLLECT_AUTH_TOKENS (JSON) when the file sets none.
+    auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens")
     pipelines: list[PipelineConfig] = Field(min_length=1)
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _token_namespaces(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_tokens(value)
 
     @field_validator("listen")
     @classmethod
     def _listen_has_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("must be host:port, e.g. 0.0.0.0:8080")
-        return value
+        return _check_host_port(value, "0.0.0.0:8080")
 
     @model_validator(mode="after")
     def _unique(self) -> CollectorConfig:

@@ -68,10 +68,10 @@ class Rendered:
         return sorted((d["kind"], d["metadata"]["name"]) for d in self.docs)
 
     def pod_specs(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(kind/name, pod spec) for every Deployment, Job and Pod."""
+        """(kind/name, pod spec) for every Deployment, StatefulSet, Job and Pod."""
         for d in self.docs:
             name = f'{d["kind"]}/{d["metadata"]["name"]}'
-            if d["kind"] in ("Deployment", "Job"):
+            if d["kind"] in ("Deployment", "StatefulSet", "Job"):
                 yield name, d["spec"]["template"]["spec"]
             elif d["kind"] == "Pod":
                 yield name, d["spec"]

@@ -1,5 +1,5 @@
-"""The optional collector component: off by default; on, a Deployment with a PVC for its
-buffer whose collector.yaml is valid for `pgmeter collect --config`."""
+"""The optional collector component: off by default; on, a StatefulSet whose replicas each
+have their own buffer claim, with a collector.yaml valid for `pgmeter collect --config`."""
 
 from __future__ import annotations
 
@@ -33,24 +33,50 @@ def test_on_one_http_pipeline_to_the_releases_api_with_the_token_from_a_secret(r
     assert pipeline.to.token is None and pipeline.to.token_env is None
     assert pipeline.buffer_max_bytes == 858993459
 
-    deployment = rendered.get("Deployment", "pgmeter-collector")
-    spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    spec = rendered.get("StatefulSet", "pgmeter-collector")["spec"]
+    assert spec["replicas"] == 1
     pod = spec["template"]["spec"]
     [c] = pod["containers"]
     assert c["args"] == ["collect", "--config", "/etc/pgmeter-collect/collector.yaml"]
     env = {e["name"]: e for e in c["env"]}
     assert env["PGMETER_COLLECT_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "collect-token", "key": "t"}
+    assert "PGMETER_COLLECT_AUTH_TOKENS" not in env  # no authTokensSecret: the push sources are open
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes[mounts["/var/lib/pgmeter-collect"]]["persistentVolumeClaim"] == {"claimName": "pgmeter-collector"}
+    # The buffer is the replica's own claim, from the template; the config a ConfigMap.
+    assert mounts["/var/lib/pgmeter-collect"] not in volumes
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == mounts["/var/lib/pgmeter-collect"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert volumes[mounts["/etc/pgmeter-collect"]]["configMap"]["name"] == "pgmeter-collector"
-    pvc = rendered.get("PersistentVolumeClaim", "pgmeter-collector")
-    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
-    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert not rendered.of_kind("PersistentVolumeClaim")
     service = rendered.get("Service", "pgmeter-collector")
     assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "collector"
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+
+
+def test_ha_replicas_each_with_their_own_buffer_and_a_stable_name(render) -> None:
+    rendered = render({"collector": {"enabled": True, "replicas": 3,
+                                     "authTokensSecret": {"name": "producer-tokens", "key": "tokens.json"}}})
+    statefulset = rendered.get("StatefulSet", "pgmeter-collector")
+    spec = statefulset["spec"]
+    assert spec["replicas"] == 3
+    # Stable identity: the governing Service is headless and selects exactly these pods.
+    headless = rendered.get("Service", spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    # Independent replicas; a buffer (undelivered events) outlives a scale-down and the release.
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]  # one pod per buffer file
+    [c] = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PGMETER_COLLECT_AUTH_TOKENS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "producer-tokens", "key": "tokens.json"}
 
 
 def test_pipelines_get_the_default_destination_unless_they_name_one(render, tmp_path: Path) -> None:
@@ -67,5 +93,21 @@ def test_pipelines_get_the_default_destination_unless_they_name_one(render, tmp_
     assert [(p.name, p.to.url) for p in loaded.pipelines] == [("db", "https://metering.example"),
                                                               ("elsewhere", "https://om.example")]
     assert loaded.pipelines[0].source.table == "usage"
-    pvc = rendered.get("PersistentVolumeClaim", "pgmeter-collector")
-    assert pvc["spec"]["storageClassName"] == "fast" and pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    [claim] = rendered.get("StatefulSet", "pgmeter-collector")["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["storageClassName"] == "fast" and claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+def test_otlp_grpc_ports_are_opened_where_the_producers_reach(render) -> None:
+    pipelines = [{"name": "otel", "source": {"type": "otlp_logs", "grpcListen": "0.0.0.0:4317"}},
+                 {"name": "http", "source": {"type": "http"}}]
+    rendered = render({"networkPolicy": {"enabled": True},
+                       "collector": {"enabled": True, "pipelines": pipelines, "networkPolicy": {
+                           "ingress": [{"namespaceSelector": {"matchLabels": {"team": "gateway"}}}]}}})
+    [c] = rendered.get("StatefulSet", "pgmeter-collector")["spec"]["template"]["spec"]["containers"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "grpc-4317", "containerPort": 4317, "protocol": "TCP"}]
+    service = rendered.get("Service", "pgmeter-collector")
+    assert service["spec"]["ports"][1] == {"name": "grpc-4317", "port": 4317, "targetPort": "grpc-4317",
+                                           "protocol": "TCP"}
+    [rule] = rendered.get("NetworkPolicy", "pgmeter-collector")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}, {"port": "grpc-4317", "protocol": "TCP"}]

@@ -65,6 +65,11 @@ RENDERS = {
     "ingress-no-host": ({"ingress": {"enabled": True}}, ()),
     "auth-off": ({"auth": {"enabled": False}}, ()),
     "nats-user-password": ({"nats": {"credentials": {"type": "userPassword", "secretName": "pgmeter-nats"}}}, ()),
+    "collector-ha": ({"networkPolicy": {"enabled": True}, "collector": {
+        "enabled": True, "replicas": 3, "storage": {"storageClassName": "fast"},
+        "authTokensSecret": {"name": "producer-tokens", "key": "tokens.json"},
+        "pipelines": [{"name": "otel", "source": {"type": "otlp_logs", "grpcListen": "0.0.0.0:4317"}}],
+        "networkPolicy": {"ingress": [{"podSelector": {}}]}}}, ()),
     "nats-token": ({"nats": {"credentials": {"type": "token", "secretName": "pgmeter-nats"}}}, ()),
     "network-policy-pod-peers": ({"lago": {"enabled": True}, "networkPolicy": {"enabled": True, "ingress": {
         "api": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},

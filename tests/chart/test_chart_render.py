@@ -54,9 +54,9 @@ def test_every_toggle_on_renders_every_optional_object(all_on_render) -> None:
         ("Deployment", "pgmeter-lago-sync"),
         ("ConfigMap", "pgmeter-dashboard"),
         ("ConfigMap", "pgmeter-collector"),
-        ("PersistentVolumeClaim", "pgmeter-collector"),
         ("Service", "pgmeter-collector"),
-        ("Deployment", "pgmeter-collector"),
+        ("Service", "pgmeter-collector-headless"),
+        ("StatefulSet", "pgmeter-collector"),
         ("NetworkPolicy", "pgmeter-collector"),
     }
 

@@ -244,7 +244,7 @@ def test_pod_security(all_on_render) -> None:
 
 
 def test_probes_and_ports(all_on_render) -> None:
-    for doc in all_on_render.of_kind("Deployment"):
+    for doc in all_on_render.of_kind("Deployment") + all_on_render.of_kind("StatefulSet"):
         c = container(doc)
         port = 8080 if doc["metadata"]["name"] == "pgmeter-collector" else 8888
         assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
@@ -261,7 +261,7 @@ def test_services_select_the_right_pods(all_on_render) -> None:
 
     def selected(selector: dict[str, str]) -> set[str]:
         return {d["metadata"]["name"] for d in all_on_render.docs
-                if d["kind"] in ("Deployment", "Job")
+                if d["kind"] in ("Deployment", "StatefulSet", "Job")
                 and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()}
 
     assert selected(api["spec"]["selector"]) == {"pgmeter-api"}

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from pgmeter.collect.buffer import Rejected
 from pgmeter.collect.mapping import Mapping, MappingError
 from pgmeter.config import LimitsConfig
 from pgmeter.devstack.process import free_port
@@ -46,9 +47,12 @@ def test_a_program_may_emit_several_events_or_none_and_defaults_are_filled() -> 
 
 def test_failures_are_dead_letter_reasons_not_exceptions() -> None:
     out = mapping('if .bad then error("no good") else . end').apply({"bad": True}, "rid", NOW)
-    assert out.events == [] and out.rejected == [('{"bad": true}', "mapping failed: no good")]
+    # Each keeps the source record and its id: a replay maps it again (pgmeter.collect.dead_letters).
+    assert out.events == [] and out.rejected == [
+        Rejected('{"bad": true}', "mapping failed: no good", '{"bad": true}', "rid")]
     out = mapping(".n").apply({"n": 5}, "rid", NOW)
-    assert out.rejected == [("5", "invalid event: an event must be a JSON object, not a number")]
+    assert out.rejected == [Rejected("5", "invalid event: an event must be a JSON object, not a number",
+                                     '{"n": 5}', "rid")]
     out = mapping('{type: "t", subject: "s", time: "later"}').apply({}, "rid", NOW)
     assert out.rejected[0][1] == "invalid event: time must be an RFC 3339 date-time, e.g. 2024-01-01T00:00:00Z"
     with pytest.raises(MappingError, match="mapping does not compile"):

@@ -11,6 +11,7 @@ cannot write or read another namespace's events, meters or usage.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -24,16 +25,25 @@ OPEN_PATHS = frozenset({"/api/v1/health", "/api/v1/openapi.json"})
 PORTAL_QUERY_PREFIX = "/api/v1/portal/meters/"
 
 
+def api_protects(path: str) -> bool:
+    """The api's rule: every ``/api/`` path needs a token but the open ones. The console
+    at / and its static files hold no data: they load without a token."""
+    return path.startswith("/api/") and path not in OPEN_PATHS and not path.startswith(PORTAL_QUERY_PREFIX)
+
+
 def namespace_of(request: Request) -> str:
     """The namespace this request may act in (set by :class:`AuthMiddleware`)."""
     return request.scope["state"]["namespace"]
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, tokens: dict[str, str], default_namespace: str) -> None:
+    def __init__(self, app: ASGIApp, *, tokens: dict[str, str], default_namespace: str,
+                 protects: Callable[[str], bool] = api_protects) -> None:
+        """``protects(path)``: whether a path needs a token (the collector passes its own rule)."""
         self.app = app
         self.tokens = [(token.encode(), namespace) for token, namespace in tokens.items()]
         self.default_namespace = default_namespace
+        self.protects = protects
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,9 +51,7 @@ class AuthMiddleware:
             return
         scope.setdefault("state", {})
         path: str = scope["path"]
-        # The console at / and its static files hold no data: they load without a token.
-        if (not self.tokens or not path.startswith("/api/") or path in OPEN_PATHS
-                or path.startswith(PORTAL_QUERY_PREFIX)):
+        if not self.tokens or not self.protects(path):
             scope["state"]["namespace"] = self.default_namespace
             await self.app(scope, receive, send)
             return
@@ -60,13 +68,19 @@ class AuthMiddleware:
     def _namespace_for(self, scope: Scope) -> str | None:
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() != b"bearer" or not token:
-                    return None
-                found = None
-                # Compare against every token in constant time; do not stop early.
-                for candidate, namespace in self.tokens:
-                    if hmac.compare_digest(candidate, token.strip()):
-                        found = namespace
-                return found
+                return bearer_namespace(self.tokens, value)
         return None
+
+
+def bearer_namespace(tokens: list[tuple[bytes, str]], authorization: bytes) -> str | None:
+    """The namespace of the token in an ``Authorization: Bearer <token>`` value, or None.
+    (Also for the collector's OTLP/gRPC source, whose metadata carries the same header.)"""
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    found = None
+    # Compare against every token in constant time; do not stop early.
+    for candidate, namespace in tokens:
+        if hmac.compare_digest(candidate, token.strip()):
+            found = namespace
+    return found

@@ -20,10 +20,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pgmeter.api.auth import AuthMiddleware
+from pgmeter.collect import auth
 from pgmeter.collect.mapping import MappingError
 from pgmeter.collect.pipeline import Pipeline
 from pgmeter.config import CollectorConfig, ConfigError, LimitsConfig
@@ -72,14 +75,33 @@ class Collector:
 
             self.routes.append(Route(source.path or "/v1/logs",
                                      OtlpLogsSource(pipeline, self.config.max_body_bytes).handle, methods=["POST"]))
-        elif source.type == "sql":
-            from pgmeter.collect.sources.sql import SqlSource
+            if source.grpc_listen:
+                from pgmeter.collect.sources.otlp_grpc import OtlpGrpcLogsSource
 
-            self.runners.append((f"{pipeline.name}/source", SqlSource(pipeline, source).run))
+                grpc_source = OtlpGrpcLogsSource(pipeline, source.grpc_listen, self.config.max_body_bytes,
+                                                 self.config.auth_tokens)
+                self.runners.append((f"{pipeline.name}/otlp-grpc", grpc_source.run))
+        elif source.type == "sql":
+            from pgmeter.collect.sources.sql_sqlite import SqliteSource, is_sqlite
+
+            if is_sqlite(source.url):
+                self.runners.append((f"{pipeline.name}/source", SqliteSource(pipeline, source).run))
+            else:
+                from pgmeter.collect.sources.sql import SqlSource
+
+                self.runners.append((f"{pipeline.name}/source", SqlSource(pipeline, source).run))
         elif source.type == "file":
             from pgmeter.collect.sources.file import FileSource
 
             self.runners.append((f"{pipeline.name}/source", FileSource(pipeline, source).run))
+        elif source.type == "kubernetes":
+            from pgmeter.collect.sources.kubernetes import KubernetesSource
+
+            self.runners.append((f"{pipeline.name}/source", KubernetesSource(pipeline, source).run))
+        elif source.type == "s3":
+            from pgmeter.collect.sources.s3 import S3Source
+
+            self.runners.append((f"{pipeline.name}/source", S3Source(pipeline, source).run))
         elif source.type == "prometheus":
             from pgmeter.collect.sources.prometheus import PrometheusSource
 
@@ -147,6 +169,10 @@ def create_app(config: CollectorConfig) -> Starlette:
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),
               *collector.routes]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if config.auth_tokens:
+        middleware.append(Middleware(AuthMiddleware, tokens=config.auth_tokens, default_namespace="",
+                                     protects=auth.protects))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.collector = collector
     return app

@@ -11,8 +11,11 @@ Three tables:
 - ``events``: CloudEvents waiting for delivery, oldest first. A row leaves only when
   the endpoint answered 2xx (:meth:`Buffer.ack`) or refused it for good
   (:meth:`Buffer.dead_letter`).
-- ``dead_letters``: what can never be delivered, with the reason (and the endpoint's
-  problem detail) - kept for an operator, never retried.
+- ``dead_letters``: what could not be delivered, with the reason (and the endpoint's
+  problem detail), and for what a mapping refused, the source record and its
+  deterministic id - kept for an operator, never retried on its own;
+  ``pgmeter collect dead-letters replay`` (:mod:`pgmeter.collect.dead_letters`) puts
+  them back after a fix.
 - ``state``: a source's position (SQL cursor, file offset, last Prometheus tick),
   written in the *same transaction* as the events read up to it, so a crash can
   neither skip rows nor read them twice.
@@ -37,7 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -51,7 +54,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     at REAL NOT NULL,
     reason TEXT NOT NULL,
     detail TEXT,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    record TEXT,
+    record_id TEXT
 );
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
@@ -60,8 +65,17 @@ CREATE TABLE IF NOT EXISTS state (
 """
 
 
-# One source's write: (event texts, source state, [(dead-letter payload, reason)]).
-Write = tuple[list[str], dict[str, str], list[tuple[str, str]]]
+class Rejected(NamedTuple):
+    """A dead letter on its way in, from a source or its mapping."""
+
+    payload: str  # what failed: the source record, the mapped event, or the raw line
+    reason: str
+    record: str | None = None  # the source record as JSON, when a mapping can take it again
+    record_id: str | None = None  # and its deterministic id (so a replay keeps the event ids)
+
+
+# One source's write: (event texts, source state, dead letters).
+Write = tuple[list[str], dict[str, str], list[Rejected]]
 
 
 class BufferFull(Exception):
@@ -97,8 +111,18 @@ class Buffer:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(dead_letters)")}
+        for column in ("record", "record_id"):  # a buffer file from before replay existed
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE dead_letters ADD COLUMN {column} TEXT")
         row = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
         self._count, self._bytes = int(row[0]), int(row[1])
+        # Puts reserved in the counts but not yet committed: what a recount keeps (below).
+        self._reserved_count = self._reserved_bytes = 0
+        # Another process (the dead-letters command) may add events to this file while
+        # the collector runs; SQLite's data_version changes when it does, and the counts
+        # are then taken again from the table (see _follow_others).
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
         self._pending: list[tuple[Write, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.arrived = asyncio.Event()  # set on every put: wakes delivery from its linger
@@ -115,15 +139,15 @@ class Buffer:
                                [(b, len(b), now) for b in bodies])
                 db.executemany("INSERT INTO state (key, value) VALUES (?, ?) "
                                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", list(state.items()))
-                db.executemany("INSERT INTO dead_letters (at, reason, detail, payload) VALUES (?, ?, NULL, ?)",
-                               [(now, reason, payload) for payload, reason in rejects])
+                db.executemany("INSERT INTO dead_letters (at, payload, reason, record, record_id) "
+                               "VALUES (?, ?, ?, ?, ?)", [(now, *reject) for reject in rejects])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
     async def put(self, bodies: list[str], state: dict[str, str] | None = None,
-                  rejects: list[tuple[str, str]] | None = None) -> None:
+                  rejects: list[Rejected] | None = None) -> None:
         """Durably queue ``bodies``, with the source ``state`` they bring it to and the
         ``(payload, reason)`` dead letters found on the way, in one transaction; returns
         once committed. Raises :class:`BufferFull` (and then writes nothing).
@@ -139,6 +163,8 @@ class Buffer:
                 raise BufferFull(f"buffer full ({self._bytes} of {self.max_bytes} bytes queued)")
             self._bytes += size
             self._count += len(bodies)
+            self._reserved_bytes += size
+            self._reserved_count += len(bodies)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(((bodies, state or {}, rejects or []), future))
         if self._writer is None or self._writer.done():
@@ -168,7 +194,12 @@ class Buffer:
 
     def _write_locked(self, items: list[Write]) -> None:
         with self._lock:
-            self._write(items)
+            try:
+                self._write(items)
+            finally:  # committed (now in the table) or failed (put takes its share back)
+                with self._counts:
+                    self._reserved_bytes -= sum(len(b) for bodies, _, _ in items for b in bodies)
+                    self._reserved_count -= sum(len(bodies) for bodies, _, _ in items)
 
     # -- reading -------------------------------------------------------------------
 
@@ -176,6 +207,7 @@ class Buffer:
         """The oldest queued events past sequence ``after``: at most ``limit`` and
         ``max_bytes`` (but at least one)."""
         with self._lock:
+            self._follow_others()
             rows = self._db.execute("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (after, limit)).fetchall()
         out: list[Queued] = []
@@ -240,6 +272,18 @@ class Buffer:
             size += sum(r[0] for r in rows)
         return count, size
 
+    def _follow_others(self) -> None:
+        """Take the counts again from the table when another connection committed to it
+        (called with the connection's lock held, so no write of ours is half done)."""
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return
+        self._data_version = version
+        count, size = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
+        with self._counts:
+            self._count = int(count) + self._reserved_count
+            self._bytes = int(size) + self._reserved_bytes
+
     def _forget(self, removed: tuple[int, int]) -> None:
         with self._counts:
             self._count -= removed[0]
@@ -254,15 +298,49 @@ class Buffer:
 
     def stats(self) -> Stats:
         with self._lock:
+            self._follow_others()
             row = self._db.execute("SELECT enqueued_at FROM events ORDER BY seq LIMIT 1").fetchone()
             oldest = row[0] if row else None
             dead = self._db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             return Stats(self._count, self._bytes, max(0.0, time.time() - oldest) if oldest else 0.0, int(dead))
 
-    def dead_letters(self) -> list[dict[str, Any]]:
+    def dead_letters(self, seqs: list[int] | None = None) -> list[dict[str, Any]]:
+        """Dead letters, oldest first (only ``seqs``, when given)."""
+        query = "SELECT seq, at, reason, detail, payload, record, record_id FROM dead_letters"
         with self._lock:
-            rows = self._db.execute("SELECT at, reason, detail, payload FROM dead_letters ORDER BY seq").fetchall()
-        return [{"at": r[0], "reason": r[1], "detail": r[2], "payload": r[3]} for r in rows]
+            if seqs is None:
+                rows = self._db.execute(query + " ORDER BY seq").fetchall()
+            else:
+                rows = []
+                for start in range(0, len(seqs), 500):
+                    part = seqs[start:start + 500]
+                    rows += self._db.execute(f"{query} WHERE seq IN ({','.join('?' * len(part))})", part).fetchall()
+                rows.sort()
+        return [{"seq": r[0], "at": r[1], "reason": r[2], "detail": r[3], "payload": r[4], "record": r[5],
+                 "recordId": r[6]} for r in rows]
+
+    def replay(self, seqs: list[int], at: float, bodies: list[str], rejects: list[Rejected]) -> None:
+        """Dead letters ``seqs`` go back: ``bodies`` queued for delivery, what still fails
+        (``rejects``) dead-lettered again with its new reason (``at`` kept: the moment the
+        record was collected), all in one transaction. Past the size bound if need be:
+        an operator's replay is not a source to push back on."""
+        now = time.time()
+        with self._lock:
+            self._follow_others()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM dead_letters WHERE seq = ?", [(seq,) for seq in seqs])
+                self._db.executemany("INSERT INTO events (body, size, enqueued_at) VALUES (?, ?, ?)",
+                                     [(b, len(b), now) for b in bodies])
+                self._db.executemany("INSERT INTO dead_letters (at, payload, reason, record, record_id) "
+                                     "VALUES (?, ?, ?, ?, ?)", [(at, *reject) for reject in rejects])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            with self._counts:
+                self._count += len(bodies)
+                self._bytes += sum(len(b) for b in bodies)
 
     def close(self) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from typing import Any
 
 import jq
 
+from pgmeter.collect.buffer import Rejected
 from pgmeter.ingest import cloudevents, jsonfast
 from pgmeter.ingest.limits import EventLimits
 
@@ -31,7 +32,7 @@ from pgmeter.ingest.limits import EventLimits
 @dataclass
 class Mapped:
     events: list[str]  # valid CloudEvents as JSON text, each with an explicit time
-    rejected: list[tuple[str, str]]  # (payload, reason)
+    rejected: list[Rejected]
 
 
 class MappingError(ValueError):
@@ -62,7 +63,8 @@ class Mapping:
             try:
                 results = self._compiled.input_value([record, record_id]).all()
             except ValueError as exc:
-                out.rejected.append((_text(record), f"mapping failed: {exc}"))
+                text = _text(record)
+                out.rejected.append(Rejected(text, f"mapping failed: {exc}", text, record_id))
                 return out
         flat: list[Any] = []
         for result in results:
@@ -70,6 +72,9 @@ class Mapping:
         now = cloudevents.now_micros() if now is None else now
         for n, event in enumerate(flat):
             self.check(event, record_id if n == 0 else f"{record_id}-{n}", now, out)
+        if out.rejected:  # kept with the record, so a fixed mapping can take it again
+            text = _text(record)
+            out.rejected = [r._replace(record=text, record_id=record_id) for r in out.rejected]
         return out
 
     def check(self, event: Any, default_id: str, now: int, out: Mapped) -> None:
@@ -82,7 +87,7 @@ class Mapping:
         checked = cloudevents.validate_event(event, 0, now, errors, self.limits)
         if checked is None:
             reason = "; ".join(f"{e.field + ' ' if e.field else ''}{e.message}" for e in errors)
-            out.rejected.append((_text(event), f"invalid event: {reason}"))
+            out.rejected.append(Rejected(_text(event), f"invalid event: {reason}"))
             return
         out.events.append(event_text(event, checked[4]))
 

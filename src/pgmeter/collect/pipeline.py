@@ -28,11 +28,16 @@ FULL_RETRY_SECONDS = 1.0
 TOKEN_ENV = "PGMETER_COLLECT_TOKEN"
 
 
+def event_source(config: PipelineConfig) -> str:
+    """The CloudEvent ``source`` when the mapping sets none (and part of every derived id)."""
+    return config.event_source or f"pgmeter-collect/{config.name}"
+
+
 class Pipeline:
     def __init__(self, config: PipelineConfig, buffer_dir: Path, limits: EventLimits) -> None:
         self.config = config
         self.name = config.name
-        self.event_source = config.event_source or f"pgmeter-collect/{config.name}"
+        self.event_source = event_source(config)
         self.buffer = Buffer(buffer_dir / f"{config.name}.sqlite", config.buffer_max_bytes)
         self.mapping = Mapping(config.mapping, self.event_source, limits)
         self.limits = limits
@@ -79,7 +84,7 @@ class Pipeline:
             metrics.DEAD_LETTERED.labels(self.name, "invalid").inc(len(mapped.rejected))
             log.warning("events dead-lettered: invalid after mapping",
                         extra={"pipeline": self.name, "events": len(mapped.rejected),
-                               "reason": mapped.rejected[0][1]})
+                               "reason": mapped.rejected[0].reason})
 
     def refresh_gauges(self) -> None:
         stats = self.buffer.stats()

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from pgmeter.collect.buffer import Rejected
 from pgmeter.collect.ids import event_id
 from pgmeter.collect.mapping import Mapped
 from pgmeter.collect.pipeline import Pipeline
@@ -117,20 +118,13 @@ class FileSource:
                 await self._skip_long_line(chunk)
             return 0
         records: list[tuple[Any, str]] = []
-        rejects: list[tuple[str, str]] = []
+        rejects: list[Rejected] = []
         offset = self._offset
         for line in chunk[:end + 1].split(b"\n")[:-1]:
             identity = event_id(self.pipeline.event_source, "file", self._inode, offset,
                                 hashlib.sha256(line).hexdigest())
             offset += len(line) + 1
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                rejects.append((line.decode("utf-8", "backslashreplace"), f"not a JSON line: {exc}"))
-                continue
-            records.append((record, identity))
+            take_line(line, identity, records, rejects)
             if len(records) >= self.config.batch:
                 break
         mapped = self.pipeline.map(records)
@@ -142,12 +136,23 @@ class FileSource:
     async def _skip_long_line(self, chunk: bytes) -> None:
         # Never blocks the file: the oversized line is dead-lettered (its start) and skipped.
         self._offset += len(chunk)
-        reject = (chunk[:1024].decode("utf-8", "backslashreplace"),
-                  f"line longer than {len(chunk)} bytes; skipped")
+        reject = Rejected(chunk[:1024].decode("utf-8", "backslashreplace"),
+                          f"line longer than {len(chunk)} bytes; skipped")
         await self.pipeline.offer(Mapped([], [reject]), self._state(), block=True)
 
     def _state(self) -> dict[str, str]:
         return {self.state_key: json.dumps({"inode": self._inode, "offset": self._offset})}
+
+
+def take_line(line: bytes, identity: str, records: list[tuple[Any, str]], rejects: list[Rejected]) -> None:
+    """One line of a JSON-lines source (the file and S3 sources): a record with its id,
+    a dead letter when it is not JSON, nothing when it is blank."""
+    if not line.strip():
+        return
+    try:
+        records.append((json.loads(line), identity))
+    except (ValueError, RecursionError) as exc:
+        rejects.append(Rejected(line.decode("utf-8", "backslashreplace"), f"not a JSON line: {exc}"))
 
 
 def _inode(path: Path) -> int | None:

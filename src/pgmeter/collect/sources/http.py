@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pgmeter.api.problems import problem_response
+from pgmeter.collect import auth
 from pgmeter.collect.buffer import BufferFull
 from pgmeter.collect.mapping import Mapped, event_text
 from pgmeter.collect.pipeline import Pipeline
@@ -35,6 +36,9 @@ class HttpSource:
         self.max_body_bytes = max_body_bytes
 
     async def handle(self, request: Request) -> Response:
+        refused = auth.refusal(request, self.pipeline.config)
+        if refused is not None:
+            return refused
         now = cloudevents.now_micros()
         content_type = request.headers.get("content-type")
         media = cloudevents.media_type(content_type)

@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pgmeter.api.problems import problem_response
+from pgmeter.collect import auth
 from pgmeter.collect.buffer import BufferFull
 from pgmeter.collect.ids import content_hash, event_id
 from pgmeter.collect.mapping import rfc3339
@@ -49,6 +50,9 @@ class OtlpLogsSource:
         self.max_body_bytes = max_body_bytes
 
     async def handle(self, request: Request) -> Response:
+        refused = auth.refusal(request, self.pipeline.config)
+        if refused is not None:
+            return refused
         media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
         if media not in (PROTOBUF, JSON):
             return problem_response(415, f"unsupported content type {media or '(none)'}; use {PROTOBUF} or {JSON}")
@@ -66,10 +70,8 @@ class OtlpLogsSource:
                 json_format.Parse(raw.decode("utf-8"), message)
         except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError, OSError, zlib.error) as exc:
             return problem_response(400, f"not an OTLP ExportLogsServiceRequest: {exc}")
-        records = [(record, event_id(self.pipeline.event_source, "otlp-log", content_hash(record)))
-                   for record in flatten(message)]
         try:
-            await self.pipeline.offer(self.pipeline.map(records), block=False)
+            await self.take(message)
         except BufferFull as exc:
             return problem_response(503, f"logs not stored: {exc}; retry the request",
                                     headers={"Retry-After": "1"})
@@ -77,6 +79,13 @@ class OtlpLogsSource:
         if media == JSON:
             return Response(json_format.MessageToJson(answer), media_type=JSON)
         return Response(answer.SerializeToString(), media_type=PROTOBUF)
+
+    async def take(self, message: ExportLogsServiceRequest) -> None:
+        """Map and buffer a request's records (the HTTP and gRPC transports alike: the same
+        record gets the same id whichever way it came). Raises BufferFull."""
+        records = [(record, event_id(self.pipeline.event_source, "otlp-log", content_hash(record)))
+                   for record in flatten(message)]
+        await self.pipeline.offer(self.pipeline.map(records), block=False)
 
     def _decompress(self, body: bytes, encoding: str) -> bytes:
         if encoding.strip().lower() != "gzip":

@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import math
-import time
 from typing import Any
 
 import httpx
@@ -34,6 +33,7 @@ import httpx
 from pgmeter.collect.ids import content_hash, event_id
 from pgmeter.collect.mapping import rfc3339
 from pgmeter.collect.pipeline import Pipeline
+from pgmeter.collect.sources.ticks import Ticks
 from pgmeter.config import CollectSourceConfig, ConfigError
 
 log = logging.getLogger("pgmeter.collect.prometheus")
@@ -50,12 +50,7 @@ class PrometheusSource:
         self.pipeline = pipeline
         self.config = config
         self.url = config.url.rstrip("/") + "/api/v1/query"
-        self.interval_ms = max(1, int(config.interval.total_seconds() * 1000))
-        self.offset_ms = int(config.offset.total_seconds() * 1000)
-
-    def _due(self, now_ms: int) -> int:
-        """The latest instant whose offset has passed."""
-        return (now_ms - self.offset_ms) // self.interval_ms * self.interval_ms
+        self.ticks = Ticks(config.interval.total_seconds(), config.offset.total_seconds(), config.max_catch_up)
 
     async def run(self) -> None:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -66,24 +61,15 @@ class PrometheusSource:
                     except (httpx.HTTPError, QueryFailed) as exc:
                         log.warning("prometheus query failed; retrying", extra={
                             "pipeline": self.pipeline.name, "query": name, "error": str(exc)})
-                now_ms = int(time.time() * 1000)
-                next_due = self._due(now_ms) + self.interval_ms + self.offset_ms
-                await asyncio.sleep(max(0.01, (next_due - now_ms) / 1000))
+                await self.ticks.sleep()
 
     async def catch_up(self, client: httpx.AsyncClient, name: str, promql: str) -> None:
         key = f"prometheus:{name}"
-        due = self._due(int(time.time() * 1000))
         saved = await asyncio.to_thread(self.pipeline.buffer.get_state, key)
-        if saved is None:
-            instants = [due]
-        else:
-            first = int(saved) + self.interval_ms
-            earliest = due - (self.config.max_catch_up - 1) * self.interval_ms
-            if first < earliest:
-                log.warning("instants skipped: down longer than maxCatchUp intervals", extra={
-                    "pipeline": self.pipeline.name, "query": name, "skipped": (earliest - first) // self.interval_ms})
-                first = earliest
-            instants = list(range(first, due + 1, self.interval_ms))
+        instants, skipped = self.ticks.pending(None if saved is None else int(saved))
+        if skipped:
+            log.warning("instants skipped: down longer than maxCatchUp intervals", extra={
+                "pipeline": self.pipeline.name, "query": name, "skipped": skipped})
         for instant in instants:
             series = await self.query(client, promql, instant)
             records = []

@@ -38,17 +38,27 @@ from pgmeter.config import CollectSourceConfig, ConfigError
 log = logging.getLogger("pgmeter.collect.sql")
 
 
+def table_key_cursor(pipeline: Pipeline, config: CollectSourceConfig) -> tuple[str, str, str]:
+    """An sql source's (table, key, cursor): the cursor defaults to the key, and the
+    other way round. ConfigError when one is missing."""
+    if not (config.url and config.table and (config.key or config.cursor)):
+        raise ConfigError(f"pipeline {pipeline.name}: an sql source needs url, table and key (or cursor)")
+    key = config.key or config.cursor or ""
+    return config.table, key, config.cursor or key
+
+
+def state_key(table: str, key: str, cursor: str) -> str:
+    """Where an sql source's position is kept in the buffer."""
+    return f"sql:{table}:{cursor}:{key}"
+
+
 class SqlSource:
     def __init__(self, pipeline: Pipeline, config: CollectSourceConfig) -> None:
-        if not (config.url and config.table and (config.key or config.cursor)):
-            raise ConfigError(f"pipeline {pipeline.name}: an sql source needs url, table and key (or cursor)")
+        self.table, self.key, self.cursor = table_key_cursor(pipeline, config)
         self.pipeline = pipeline
         self.config = config
-        self.url = config.url
-        self.table = config.table
-        self.key = config.key or config.cursor or ""
-        self.cursor = config.cursor or self.key
-        self.state_key = f"sql:{self.table}:{self.cursor}:{self.key}"
+        self.url = config.url or ""
+        self.state_key = state_key(self.table, self.key, self.cursor)
         table = sql.Identifier(*self.table.split("."))
         cursor, key = sql.Identifier(self.cursor), sql.Identifier(self.key)
         where: list[sql.Composable] = [sql.SQL("({}, {}) > (%(cursor)s, %(key)s)").format(cursor, key)]
