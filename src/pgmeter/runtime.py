@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,11 +55,13 @@ class Committed:
 
     ``touched`` holds each (namespace, event type, subject) with at least one event in
     the transaction (duplicates included: a listener must be idempotent anyway), and
-    ``seq`` the highest JetStream sequence of its messages.
+    ``seq`` the highest JetStream sequence of its messages. ``ids`` holds the event ids
+    under each of those keys (the quota worker releases gateways' reservations by them).
     """
 
     seq: int
     touched: frozenset[tuple[str, str, str]]
+    ids: Mapping[tuple[str, str, str], list[str]] = field(default_factory=dict)
 
 
 @dataclass

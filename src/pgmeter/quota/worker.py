@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -38,7 +38,10 @@ DUE_INTERVAL = 1.0
 MAX_BACKOFF = 5.0
 
 _MATCHING = """
-SELECT e.id FROM entitlements e
+SELECT e.id, m.event_type, c.key,
+       array(SELECT s.subject_key FROM customer_subjects s
+             WHERE s.customer_id = c.id AND s.deleted_at IS NULL) AS subjects
+FROM entitlements e
 JOIN features f ON f.id = e.feature_id
 JOIN meters m ON m.id = f.meter_id
 JOIN customers c ON c.id = e.customer_id
@@ -108,17 +111,28 @@ class QuotaWorker:
 
     # -- rounds ---------------------------------------------------------------------
 
-    async def _resolve(self, conn: asyncpg.Connection, commits: list[Committed], customers: set[str]) -> set[str]:
+    async def _resolve(self, conn: asyncpg.Connection, commits: list[Committed], customers: set[str],
+                       release: dict[str, set[str]]) -> set[str]:
+        """The entitlements ``commits`` and ``customers`` concern; adds to ``release`` the
+        committed event ids each of them counts (to drop gateways' reservations of them)."""
         ids: set[str] = set()
         by_namespace: dict[str, tuple[set[str], set[str]]] = {}
+        events: dict[tuple[str, str, str], list[str]] = {}
         for committed in commits:
-            for namespace, event_type, subject in committed.touched:
+            for touched in committed.touched:
+                namespace, event_type, subject = touched
                 types, subjects = by_namespace.setdefault(namespace, (set(), set()))
                 types.add(event_type)
                 subjects.add(subject)
+                events.setdefault(touched, []).extend(committed.ids.get(touched, ()))
         for namespace, (types, subjects) in by_namespace.items():
             rows = await conn.fetch(_MATCHING, namespace, sorted(types), sorted(subjects))
-            ids.update(row["id"] for row in rows)
+            for row in rows:
+                ids.add(row["id"])
+                for subject in {row["key"], *row["subjects"]} - {None}:
+                    counted = events.get((namespace, row["event_type"], subject))
+                    if counted:
+                        release.setdefault(row["id"], set()).update(counted)
         if customers:
             rows = await conn.fetch("SELECT id FROM entitlements WHERE customer_id = ANY($1::text[])", sorted(customers))
             ids.update(row["id"] for row in rows)
@@ -131,19 +145,21 @@ class QuotaWorker:
         dirty, self.dirty = self.dirty, set()
         resets, self.resets = self.resets, {}
         seq = self.seq
+        release: dict[str, set[str]] = {}
         try:
             if not self.any_metered:
                 commits = []
             if commits or customers:
                 async with self.pool.acquire() as conn:
-                    dirty |= await self._resolve(conn, commits, customers)
+                    dirty |= await self._resolve(conn, commits, customers, release)
             written = 0
             semaphore = asyncio.Semaphore(self.concurrency)
 
             async def one(entitlement_id: str) -> None:
                 nonlocal written
                 async with semaphore:
-                    written += await self.refresh(entitlement_id, seq, resets.get(entitlement_id, []))
+                    written += await self.refresh(entitlement_id, seq, resets.get(entitlement_id, []),
+                                                  release.get(entitlement_id, ()))
 
             await asyncio.gather(*(one(i) for i in sorted(dirty)))
         except BaseException:
@@ -157,7 +173,10 @@ class QuotaWorker:
         self.rounds += 1
         return written
 
-    async def refresh(self, entitlement_id: str, seq: int | None = None, resets: list[str] | None = None) -> int:
+    async def refresh(self, entitlement_id: str, seq: int | None = None, resets: list[str] | None = None,
+                      release: Iterable[str] = ()) -> int:
+        """Recompute one value and write it; ``release``: ids of events committed before this
+        computation started (so it counts them), whose reservations it drops."""
         namespace = await self._namespace(entitlement_id)
         if namespace is None:
             return 0
@@ -165,7 +184,7 @@ class QuotaWorker:
                                           seq=self.seq if seq is None else seq, grace=self.grace)
         if computed is None:
             return 0
-        written = int(await balances.write(self.valkey, self.prefix, computed))
+        written = int(await balances.write(self.valkey, self.prefix, computed, release))
         for listener in self.listeners:
             try:
                 await listener(computed, resets or [])
