@@ -224,6 +224,14 @@ def connect_valkey(settings: Settings) -> Any | None:
         return None
     import valkey.asyncio as valkey_asyncio
 
+    if settings.valkey.cluster:
+        # The node map is read on first use (a lazy start, as the single-node client connects).
+        return valkey_asyncio.ValkeyCluster.from_url(
+            settings.valkey.url,
+            password=settings.valkey.password,
+            socket_timeout=settings.valkey.timeout,
+            socket_connect_timeout=settings.valkey.timeout,
+        )
     return valkey_asyncio.from_url(
         settings.valkey.url,
         password=settings.valkey.password,
