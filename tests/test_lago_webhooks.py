@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -107,6 +107,20 @@ def deliveries(url: str) -> int:
     return int(row[0])
 
 
+def valkey_quota_when(settings: Settings, ready: Callable[[layout.Quota], bool]) -> layout.Quota:
+    """tpp-9's hash in Valkey once ``ready`` holds for it (the quota worker follows grants)."""
+    vk = valkey.Valkey.from_url(settings.valkey.url)
+    try:
+        key = layout.subject_key(settings.valkey.key_prefix, "default", "tpp-9", "calls")
+        deadline = time.monotonic() + 30
+        while ((q := layout.Quota.parse(vk.hgetall(key))) is None or not ready(q)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert q is not None and ready(q), q
+        return q
+    finally:
+        vk.close()
+
+
 def test_signed_credits_become_one_grant_each(server: tuple[httpx.Client, Settings],
                                               rsa_key: rsa.RSAPrivateKey) -> None:
     client, settings = server
@@ -143,15 +157,8 @@ def test_signed_credits_become_one_grant_each(server: tuple[httpx.Client, Settin
     assert client.post("/lago/webhooks", content=depleted, headers=hmac_headers(depleted, "u-5")).status_code == 200
 
     # The credits reach the Valkey balance through the quota worker.
-    vk = valkey.Valkey.from_url(settings.valkey.url)
-    try:
-        key = layout.subject_key(settings.valkey.key_prefix, "default", "tpp-9", "calls")
-        deadline = time.monotonic() + 30
-        while ((q := layout.Quota.parse(vk.hgetall(key))) is None or q.balance != 52) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert q is not None and q.balance == 52 and q.has_access
-    finally:
-        vk.close()
+    q = valkey_quota_when(settings, lambda q: q.balance == 52)
+    assert q.has_access
 
 
 def test_bad_signatures_are_401_and_change_nothing(server: tuple[httpx.Client, Settings],
@@ -266,15 +273,7 @@ def test_voided_and_failed_credits_take_back_their_grants(server: tuple[httpx.Cl
     assert final["balance"] == 0 and not final["hasAccess"] and final["usage"] == 12
 
     # The Valkey balance follows (the grant triggers notify the quota worker).
-    vk = valkey.Valkey.from_url(settings.valkey.url)
-    try:
-        key = layout.subject_key(settings.valkey.key_prefix, "default", "tpp-9", "calls")
-        deadline = time.monotonic() + 30
-        while ((q := layout.Quota.parse(vk.hgetall(key))) is None or q.balance != 0) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert q is not None and q.balance == 0 and not q.has_access
-    finally:
-        vk.close()
+    assert not valkey_quota_when(settings, lambda q: q.balance == 0).has_access
 
 
 def test_expired_is_not_required_but_times_are_bounded() -> None:
