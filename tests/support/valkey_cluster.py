@@ -1,7 +1,8 @@
 """A real three-master Valkey cluster on loopback, from the valkey-server the tests already use.
 
 Formed by hand (no valkey-cli): each node gets a third of the 16384 slots
-(``CLUSTER ADDSLOTSRANGE``), the first meets the others (``CLUSTER MEET``), and the
+(``CLUSTER ADDSLOTSRANGE``), the first meets the others (``CLUSTER MEET``, with each
+node's own bus port, since port + 10000 can be taken or out of range), and the
 cluster is ready when every node reports ``cluster_state:ok``. No replicas: the tests
 exercise slot routing, not failover.
 """
@@ -47,15 +48,18 @@ def _ok(ports: list[int]) -> bool:
 def valkey_cluster(directory: Path, masters: int = 3) -> Iterator[list[int]]:
     """Start ``masters`` cluster nodes and form them into one cluster; yields their ports."""
     ports = [free_port() for _ in range(masters)]
+    # Each node's own bus port: the default (port + 10000) may be taken, or past 65535.
+    buses = [free_port() for _ in range(masters)]
     processes = []
     try:
-        for port in ports:
+        for port, bus in zip(ports, buses, strict=True):
             data = directory / f"node-{port}"
             data.mkdir(parents=True, exist_ok=True)
             proc = ManagedProcess(f"valkey-cluster-{port}", [
                 str(binaries.valkey_server()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--cluster-enabled", "yes",
-                "--cluster-config-file", str(data / "nodes.conf"), "--cluster-node-timeout", "2000"],
+                "--cluster-config-file", str(data / "nodes.conf"), "--cluster-node-timeout", "2000",
+                "--cluster-port", str(bus)],
                 log_path=data / "valkey.log")
             proc.start()
             processes.append(proc)
@@ -67,8 +71,8 @@ def valkey_cluster(directory: Path, masters: int = 3) -> Iterator[list[int]]:
             with _node(port) as client:
                 client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
         with _node(ports[0]) as client:
-            for port in ports[1:]:
-                client.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+            for port, bus in zip(ports[1:], buses[1:], strict=True):
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
         wait_until(lambda: _ok(ports), timeout=30, what="valkey cluster state ok")
         yield ports
     finally:
