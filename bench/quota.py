@@ -11,7 +11,8 @@ each, and measures in one run:
 - ``GET /api/v1/subjects/{tpp}/entitlements/calls/value`` served from Valkey against
   ``GET /api/v1/health`` on the same server, interleaved, one keep-alive client
   (target: p99 within 2x);
-- a gateway's direct ``HMGET`` of the hash (target p99 <= 1 ms).
+- a gateway's direct ``HMGET`` of the hash (target p99 <= 1 ms);
+- a gateway's check-and-reserve (``RESERVE_SCRIPT``), alone and among 100 live holds.
 
 Every figure is measured on this machine in this run; nothing here is a test.
 """
@@ -143,6 +144,24 @@ def main() -> int:
                     reads.append(time.perf_counter() - t)
                 print(f"direct HMGET: p50 {percentile(reads, 50) * 1000:.3f} ms, "
                       f"p99 {percentile(reads, 99) * 1000:.3f} ms", flush=True)
+
+                # Check-and-reserve, as a gateway runs it before each call: with no other hold in
+                # the hash, and with 100 live holds (a busy gateway's calls in flight). Each hold is
+                # then deleted, untimed, as for a call not served, so the hash keeps its size.
+                reserve = vk.register_script(layout.RESERVE_SCRIPT)
+                for held in (0, 100):
+                    for n in range(held):
+                        assert reserve(keys=[key], args=[f"busy-{n}", "1", "600000"])[0] == 1
+                    times: list[float] = []
+                    for n in range(args.reads * 2):
+                        t = time.perf_counter()
+                        status, _ = reserve(keys=[key], args=[f"r-{n}", "1", "60000"])
+                        times.append(time.perf_counter() - t)
+                        assert status == 1
+                        vk.hdel(key, f"r:r-{n}")
+                    print(f"check-and-reserve (EVALSHA), {held} other holds: p50 {percentile(times, 50) * 1000:.3f} ms, "
+                          f"p99 {percentile(times, 99) * 1000:.3f} ms; ratio to HMGET p99 "
+                          f"{percentile(times, 99) / percentile(reads, 99):.2f}x", flush=True)
         finally:
             vk.close()
             sink.stop()

@@ -36,10 +36,15 @@ def load_gateway() -> Any:
 
 
 async def accounts(request: Request) -> JSONResponse:
+    await asyncio.sleep(0.05)  # the calls overlap
     return JSONResponse({"accounts": ["FR76..."]})
 
 
-def test_gateway_serves_until_the_quota_is_used_then_answers_429(settings: Settings) -> None:
+async def fail(request: Request) -> JSONResponse:
+    return JSONResponse({"error": "upstream down"}, status_code=500)
+
+
+def test_gateway_reserves_so_concurrent_calls_never_overspend(settings: Settings) -> None:
     gateway = load_gateway()
     built = settings.model_copy(update={"meters": [METER]})
     prefix = built.valkey.key_prefix
@@ -58,28 +63,37 @@ def test_gateway_serves_until_the_quota_is_used_then_answers_429(settings: Setti
             found = layout.Quota.parse(sync_valkey.hgetall(key))
             return None if found is None else found.balance
 
-        async def scenario() -> list[tuple[int, Any]]:
+        def holds() -> dict[bytes, bytes]:
+            return {k: v for k, v in sync_valkey.hgetall(key).items() if k.startswith(b"r:")}
+
+        async def scenario() -> list[Any]:
             vk = valkey.asyncio.from_url(built.valkey.url)
             async with httpx.AsyncClient(base_url=server.base_url) as pgmeter:
-                app = gateway.QuotaMiddleware(Starlette(routes=[Route("/accounts", accounts)]), valkey=vk,
-                                              pgmeter=pgmeter, feature="calls", prefix=prefix)
+                app = gateway.QuotaMiddleware(Starlette(routes=[Route("/accounts", accounts), Route("/fail", fail)]),
+                                              valkey=vk, pgmeter=pgmeter, feature="calls", prefix=prefix)
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-                    out = []
-                    out.append(((await client.get("/accounts")).status_code, None))  # not identified
-                    out.append(((await client.get("/accounts", headers={"X-TPP-Id": "nobody"})).status_code, None))
-                    for expected_balance in (3, 2, 1):
-                        # Each call is checked against the balance the previous ones left in Valkey.
-                        deadline = time.monotonic() + 30
-                        while balance() != expected_balance and time.monotonic() < deadline:
-                            await asyncio.sleep(0.05)
-                        response = await client.get("/accounts", headers={"X-TPP-Id": "tpp-7"})
-                        out.append((response.status_code, balance()))
+                    out: list[Any] = []
                     deadline = time.monotonic() + 30
-                    while balance() != 0 and time.monotonic() < deadline:
+                    while balance() != 3 and time.monotonic() < deadline:  # the worker has written the hash
                         await asyncio.sleep(0.05)
-                    refused = await client.get("/accounts", headers={"X-TPP-Id": "tpp-7"})
-                    out.append((refused.status_code, refused.headers["content-type"]))
-                    out.append((0, refused.json()))
+                    out.append((await client.get("/accounts")).status_code)  # not identified
+                    out.append((await client.get("/accounts", headers={"X-TPP-Id": "nobody"})).status_code)
+                    # A call the upstream fails is not charged, and holds nothing after.
+                    out.append((await client.get("/fail", headers={"X-TPP-Id": "tpp-7"})).status_code)
+                    out.append((balance(), holds()))
+                    # Eight concurrent calls against an allowance of 3: each reserves before it is
+                    # served, so exactly three are, whatever the order.
+                    calls = await asyncio.gather(*(client.get("/accounts", headers={"X-TPP-Id": "tpp-7"})
+                                                   for _ in range(8)))
+                    out.append(sorted(r.status_code for r in calls))
+                    refused = next(r for r in calls if r.status_code == 429)
+                    out.append((refused.headers["content-type"], refused.json()))
+                    # The events land: the writes that count them drop their holds (never both, never neither).
+                    deadline = time.monotonic() + 30
+                    while (balance(), holds()) != (0, {}) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    out.append((balance(), holds()))
+                    out.append((await client.get("/accounts", headers={"X-TPP-Id": "tpp-7"})).status_code)
             await vk.aclose()
             return out
 
@@ -87,10 +101,12 @@ def test_gateway_serves_until_the_quota_is_used_then_answers_429(settings: Setti
             results = asyncio.run(scenario())
         finally:
             sync_valkey.close()
-        assert results[0][0] == 401 and results[1][0] == 429
-        assert results[2:5] == [(200, 3), (200, 2), (200, 1)]
-        assert results[5] == (429, "application/problem+json")
-        assert results[6][1]["status"] == 429 and results[6][1]["balance"] == "0"
+        assert results[0] == 401 and results[1] == 429
+        assert results[2] == 500 and results[3] == (3, {})
+        assert results[4] == [200] * 3 + [429] * 5
+        assert results[5][0] == "application/problem+json"
+        assert results[5][1]["status"] == 429 and results[5][1]["balance"] == "0"
+        assert results[6] == (0, {}) and results[7] == 429
         # Exactly the three served calls were metered (the refused ones were not).
         value = api.get("/api/v1/subjects/tpp-7/entitlements/calls/value",
                         params={"time": layout.from_millis(int(time.time() * 1000) + 60_000).isoformat()})

@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pgmeter.config import LagoCredits, LagoWebhooksConfig, MeterSpec, Settings
 from pgmeter.quota import layout
 from tests.support.app import AppServer
+from tests.support.ingest import make_event, post_events, wait_until_stored
 
 METER = MeterSpec.model_validate({"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call",
                                   "valueProperty": "$.n"})
@@ -66,13 +67,15 @@ def server(settings: Settings, rsa_key: rsa.RSAPrivateKey) -> Iterator[tuple[htt
         yield client, built
 
 
-def wallet_transaction(kind: str, tx_id: str, *, status: str = "settled", credits: str = "21.0") -> bytes:
+def wallet_transaction(kind: str, tx_id: str, *, status: str = "settled", credits: str = "21.0",
+                       reason: str = "purchased", direction: str = "inbound") -> bytes:
     payload = {
         "webhook_type": kind, "object_type": "wallet_transaction", "organization_id": str(uuid.uuid4()),
         "wallet_transaction": {
-            "lago_id": tx_id, "lago_wallet_id": "w-1", "status": status, "transaction_status": "purchased",
-            "transaction_type": "inbound", "source": "manual", "amount": "21.0", "credit_amount": credits,
+            "lago_id": tx_id, "lago_wallet_id": "w-1", "status": status, "transaction_status": reason,
+            "transaction_type": direction, "source": "manual", "amount": credits, "credit_amount": credits,
             "settled_at": datetime.now(UTC).isoformat() if status == "settled" else None,
+            "failed_at": datetime.now(UTC).isoformat() if status == "failed" else None,
             "created_at": datetime.now(UTC).isoformat(),
             "wallet": {"lago_id": "w-1", "code": "prepaid", "external_customer_id": "tpp-9", "rate_amount": "1.0",
                        "currency": "EUR", "credits_ongoing_balance": "21.0"}}}
@@ -102,6 +105,20 @@ def deliveries(url: str) -> int:
         row = conn.execute("SELECT count(*) FROM lago_webhooks").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def valkey_quota_when(settings: Settings, ready: Callable[[layout.Quota], bool]) -> layout.Quota:
+    """tpp-9's hash in Valkey once ``ready`` holds for it (the quota worker follows grants)."""
+    vk = valkey.Valkey.from_url(settings.valkey.url)
+    try:
+        key = layout.subject_key(settings.valkey.key_prefix, "default", "tpp-9", "calls")
+        deadline = time.monotonic() + 30
+        while ((q := layout.Quota.parse(vk.hgetall(key))) is None or not ready(q)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert q is not None and ready(q), q
+        return q
+    finally:
+        vk.close()
 
 
 def test_signed_credits_become_one_grant_each(server: tuple[httpx.Client, Settings],
@@ -140,15 +157,8 @@ def test_signed_credits_become_one_grant_each(server: tuple[httpx.Client, Settin
     assert client.post("/lago/webhooks", content=depleted, headers=hmac_headers(depleted, "u-5")).status_code == 200
 
     # The credits reach the Valkey balance through the quota worker.
-    vk = valkey.Valkey.from_url(settings.valkey.url)
-    try:
-        key = layout.subject_key(settings.valkey.key_prefix, "default", "tpp-9", "calls")
-        deadline = time.monotonic() + 30
-        while ((q := layout.Quota.parse(vk.hgetall(key))) is None or q.balance != 52) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert q is not None and q.balance == 52 and q.has_access
-    finally:
-        vk.close()
+    q = valkey_quota_when(settings, lambda q: q.balance == 52)
+    assert q.has_access
 
 
 def test_bad_signatures_are_401_and_change_nothing(server: tuple[httpx.Client, Settings],
@@ -186,6 +196,84 @@ def test_bad_signatures_are_401_and_change_nothing(server: tuple[httpx.Client, S
     missing = client.post("/lago/webhooks", content=body, headers={
         k: v for k, v in hmac_headers(body, "x").items() if k != "X-Lago-Unique-Key"})
     assert missing.status_code == 400 and "X-Lago-Unique-Key" in missing.text
+
+
+def value_now(client: httpx.Client) -> dict[str, Any]:
+    """The engine's exact value (a value at a time never comes from Valkey)."""
+    response = client.get("/api/v2/customers/tpp-9/entitlements/calls/value",
+                          params={"time": datetime.now(UTC).isoformat()})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def left_of(url: str, value: dict[str, Any], tx_id: str) -> Decimal:
+    """What is left of the grants one wallet transaction became (the value's grantBalances)."""
+    with psycopg.connect(url) as conn:
+        ids = {row[0] for row in conn.execute(
+            "SELECT id FROM grants WHERE metadata->>'lagoWalletTransactionId' = %s", (tx_id,)).fetchall()}
+    return sum((Decimal(str(v)) for k, v in value["grantBalances"].items() if k in ids), Decimal(0))
+
+
+def test_voided_and_failed_credits_take_back_their_grants(server: tuple[httpx.Client, Settings],
+                                                         rsa_key: rsa.RSAPrivateKey) -> None:
+    """Lago voids credits with a settled outbound ``voided`` transaction of the wallet (an
+    amount, not a top-up); a paid top-up whose payment fails is ``failed``."""
+    client, settings = server
+    url = settings.postgres.url
+
+    def send(body: bytes, unique: str, signed: str = "jwt") -> dict[str, Any]:
+        headers = jwt_headers(rsa_key, body, unique) if signed == "jwt" else hmac_headers(body, unique)
+        response = client.post("/lago/webhooks", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    # 21 + 5 credits at 0.5 per call: 42 + 10 calls; 12 of them used.
+    assert send(wallet_transaction("wallet_transaction.created", "tx-1"), "v-1")["outcome"] == "granted"
+    assert send(wallet_transaction("wallet_transaction.created", "tx-2", credits="5", reason="granted"), "v-2",
+                "hmac")["outcome"] == "granted"
+    assert post_events(client, [make_event(subject="tpp-9", data={"n": 3}) for _ in range(4)]).status_code == 204
+    wait_until_stored(url, 4)
+    before = value_now(client)
+    assert before["balance"] == 40 and before["usage"] == 12
+
+    # Voiding 10 credits (20 calls) takes 20 from what is left, exactly, whichever grants hold it.
+    void = wallet_transaction("wallet_transaction.created", "tx-void-1", credits="10", reason="voided",
+                              direction="outbound")
+    outcome = send(void, "v-3")
+    assert outcome["outcome"].startswith("voided") and len(outcome["grants"]) <= 1
+    after = value_now(client)
+    assert after["balance"] == before["balance"] - 20 and after["usage"] == 12
+    # Replayed, or the same void under another unique key: applied once.
+    assert send(void, "v-3")["duplicate"] is True
+    updated = wallet_transaction("wallet_transaction.updated", "tx-void-1", credits="10", reason="voided",
+                                 direction="outbound")
+    assert send(updated, "v-4", "hmac")["outcome"] == "already voided"
+    assert value_now(client)["balance"] == 20
+
+    # A top-up that failed after it was granted: what is left of its grants goes, whole.
+    current = value_now(client)
+    tx2_left = left_of(url, current, "tx-2")
+    failed = wallet_transaction("wallet_transaction.updated", "tx-2", status="failed", credits="5")
+    assert send(failed, "v-5")["outcome"].startswith("failed")
+    assert value_now(client)["balance"] == current["balance"] - tx2_left
+    assert send(failed, "v-6", "hmac")["outcome"].startswith("failed")  # again: nothing more to take
+    assert value_now(client)["balance"] == current["balance"] - tx2_left
+    # A failed pending purchase was never granted, and its settlement would not be either.
+    assert send(wallet_transaction("wallet_transaction.updated", "tx-3", status="failed", credits="8"),
+                "v-7")["outcome"] == "failed: 0 units of its grants voided"
+    assert send(wallet_transaction("wallet_transaction.updated", "tx-3", credits="8"), "v-8")["outcome"] == \
+        "failed before; not granted"
+
+    # Voiding more than is left leaves nothing (and never a negative grant).
+    rest = value_now(client)["balance"]
+    big = wallet_transaction("wallet_transaction.created", "tx-void-2", credits="1000", reason="voided",
+                             direction="outbound")
+    assert send(big, "v-9")["outcome"] == f"voided: calls {Decimal(rest)}"
+    final = value_now(client)
+    assert final["balance"] == 0 and not final["hasAccess"] and final["usage"] == 12
+
+    # The Valkey balance follows (the grant triggers notify the quota worker).
+    assert not valkey_quota_when(settings, lambda q: q.balance == 0).has_access
 
 
 def test_expired_is_not_required_but_times_are_bounded() -> None:

@@ -184,3 +184,48 @@ def test_thresholds_once_per_period_resets_and_a_receiver_that_was_down(settings
         assert api.delete(f"/api/v1/notification/channels/{channel.json()['id']}").status_code == 204
         assert api.get("/api/v1/notification/channels").json()["totalCount"] == 0
         assert api.get("/api/v1/notification/channels", params={"includeDeleted": "true"}).json()["totalCount"] == 1
+
+
+def test_notifications_without_valkey_or_the_quota_store(settings: Settings, receiver: Receiver) -> None:
+    """An api+sink deployment without Valkey: thresholds and resets still notify, and a rule
+    created after usage crossed it fires too (the worker recomputes once someone listens)."""
+    built = settings.model_copy(update={"meters": [METER], "valkey": settings.valkey.model_copy(update={"url": None})})
+    with AppServer(built, {"api", "sink"}) as server, server.client() as api:
+        assert api.post("/api/v1/features", json={"key": "calls", "name": "calls",
+                                                  "meterSlug": "api_calls"}).status_code == 201
+        assert api.post("/api/v1/customers", json={"name": "TPP", "key": "tpp-6",
+                                                   "usageAttribution": {"subjectKeys": ["tpp-6"]}}).status_code == 201
+        t0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)  # so it can be reset now
+        ent = api.post("/api/v1/subjects/tpp-6/entitlements", json={
+            "type": "metered", "featureKey": "calls", "issueAfterReset": 10, "measureUsageFrom": iso(t0),
+            "usagePeriod": {"interval": "DAY", "anchor": iso(t0)}})
+        assert ent.status_code == 201, ent.text
+        with psycopg.connect(built.postgres.url) as conn:
+            conn.execute("UPDATE entitlements SET active_from = %s", (t0,))
+        value = api.get("/api/v1/subjects/tpp-6/entitlements/calls/value")
+        assert "X-Pgmeter-Value-Source" not in value.headers  # no Valkey: computed, as before
+        # Usage crosses 5 before any rule exists.
+        before = t0 + timedelta(hours=1)  # usage timed before the reset below (which counts from this minute)
+        assert post_events(api, [make_event(subject="tpp-6", data={"n": 6}, time=before)]).status_code == 204
+        wait_for(lambda: api.get("/api/v1/subjects/tpp-6/entitlements/calls/value").json()["usage"] == 6)
+        channel = api.post("/api/v1/notification/channels", json={"type": "WEBHOOK", "name": "ops",
+                                                                   "url": receiver.url}).json()
+        receiver.secret = channel["signingSecret"]
+        for rule in ({"type": "entitlements.balance.threshold", "name": "q", "thresholds": [
+                         {"type": "NUMBER", "value": 5}, {"type": "NUMBER", "value": 8}]},
+                     {"type": "entitlements.reset", "name": "r"}):
+            assert api.post("/api/v1/notification/rules", json={**rule, "channels": [channel["id"]]}).status_code == 201
+
+        def seen() -> list[Any]:
+            return [(p["type"], p["data"].get("threshold", {}).get("value"), p["data"]["value"]["usage"])
+                    for p in receiver.received]
+
+        wait_for(lambda: seen() == [("entitlements.balance.threshold", 5, 6)])
+        assert post_events(api, [make_event(subject="tpp-6", data={"n": 3}, time=before)]).status_code == 204
+        wait_for(lambda: len(seen()) == 2)
+        assert seen()[1] == ("entitlements.balance.threshold", 8, 9)
+        assert api.post(f"/api/v1/subjects/tpp-6/entitlements/{ent.json()['id']}/reset", json={}).status_code == 204
+        wait_for(lambda: len(seen()) == 3)
+        assert seen()[2] == ("entitlements.reset", None, 0)
+        time.sleep(0.5)
+        assert len(seen()) == 3 and receiver.bad == 0

@@ -198,7 +198,7 @@ def test_valkey_balances_follow_events_late_events_voids_and_data_loss(quota_set
         assert q2 is not None and not q2.has_access and q2.overage == 20
 
         # A hash lost on its own (evicted): the value endpoint computes it and writes it back.
-        for key in vk.scan_iter(match=f"{prefix}quota:v1:*:tpp-1*"):
+        for key in vk.scan_iter(match=f"{prefix}quota:v2:*:tpp-1*"):
             vk.delete(key)
         response = api.get("/api/v1/subjects/tpp-1/entitlements/calls/value")
         assert response.headers["X-Pgmeter-Value-Source"] == "computed" and response.json()["balance"] == 25
@@ -277,10 +277,10 @@ def test_sink_killed_and_redelivered_leaves_valkey_exact(quota_settings: Setting
 
 
 def test_layout_parse_refuses_other_versions() -> None:
-    fields = {"v": "2", "entitlementId": "x"}
+    fields = {"v": "1", "entitlementId": "x"}
     assert layout.Quota.parse(fields) is None
     assert layout.Quota.parse({}) is None
-    good = {"v": "1", "entitlementId": "e", "hasAccess": "1", "balance": "1.5", "usage": "2", "overage": "0",
+    good = {"v": "2", "entitlementId": "e", "hasAccess": "1", "balance": "1.5", "usage": "2", "overage": "0",
             "totalAvailable": "3.5", "softLimit": "0", "grantBalances": json.dumps({"g": "1.5"}),
             "periodStart": "1", "periodEnd": "2", "validUntil": "3", "asOf": "4", "seq": "5", "updatedAt": "6"}
     parsed = layout.Quota.parse(good)

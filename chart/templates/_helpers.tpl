@@ -231,6 +231,10 @@ alphanumeric, so they need no URL escaping.
 {{- if and $v.valkey.url (ne .role "migrate") }}
 - name: PGMETER_VALKEY_URL
   value: {{ $v.valkey.url | quote }}
+{{- if $v.valkey.cluster }}
+- name: PGMETER_VALKEY_CLUSTER
+  value: "true"
+{{- end }}
 {{- if $v.valkey.passwordSecret.name }}
 - name: PGMETER_VALKEY_PASSWORD
   valueFrom:

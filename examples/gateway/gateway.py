@@ -1,16 +1,19 @@
 """A quota-checking API gateway in front of any ASGI app (Starlette middleware), using pgmeter.
 
-Before each call: one ``HMGET`` of the caller's quota hash in Valkey (layout:
-``pgmeter.quota.layout``, ``<prefix>quota:v1:subject:<namespace>:<subject>:<feature>``).
-A hash that is missing (Valkey restarted, a new customer) or past its ``validUntil``
-(a period ended, a grant started or expired) is not trusted: the gateway asks pgmeter's
-value endpoint, which computes the exact value and writes the hash back. No access ->
-``429`` with an RFC 9457 problem body. After the call: one usage event to pgmeter
-(``POST /api/v1/events``); its effect reaches the hash within about a second.
+Before each call: one check-and-reserve in Valkey (:data:`pgmeter.quota.layout.RESERVE_SCRIPT`
+on the caller's hash ``<prefix>quota:v2:subject:<namespace>:<subject>:<feature>``): it
+holds one unit under the id of the usage event the call will send, if the balance less
+what concurrent calls hold allows it, in one round trip. So concurrent calls never
+overspend a hard limit. No allowance -> ``429`` with an RFC 9457 problem body. A hash
+that is missing (Valkey restarted, a new customer) or past its ``validUntil`` (a period
+ended, a grant started or expired) is not trusted: the gateway asks pgmeter's value
+endpoint, which computes the exact value and writes the hash back, and reserves again.
 
-The middleware only reads Valkey; pgmeter is the only writer. Usage between a call and
-the hash catching up is not reserved: a burst can overshoot by what arrives in that
-second (soft enforcement, as OpenMeter's own access checks).
+After a served call: the usage event goes to pgmeter (``POST /api/v1/events``) under the
+reservation's id; pgmeter drops the reservation in the same write that counts the event
+(within about a second), so the unit is never counted twice nor not at all. A call the
+upstream failed (5xx) is not charged: its reservation is deleted (``HDEL``). A gateway
+that dies in between leaves a reservation that expires after ``hold``.
 
 Run it in front of your app::
 
@@ -21,7 +24,6 @@ Run it in front of your app::
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,7 +33,8 @@ import httpx
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-FIELDS = ("v", "hasAccess", "balance", "validUntil")
+# The layout is the contract; the script is pgmeter's, so a gateway cannot drift from it.
+from pgmeter.quota.layout import RESERVE_SCRIPT
 
 
 def tpp_from_header(headers: Headers) -> str | None:
@@ -43,7 +46,8 @@ def tpp_from_header(headers: Headers) -> str | None:
 class QuotaMiddleware:
     def __init__(self, app: ASGIApp, *, valkey: Any, pgmeter: httpx.AsyncClient, feature: str,
                  prefix: str = "pgmeter:", namespace: str = "default", event_type: str = "api.call",
-                 source: str = "gateway", subject_of: Callable[[Headers], str | None] = tpp_from_header) -> None:
+                 source: str = "gateway", subject_of: Callable[[Headers], str | None] = tpp_from_header,
+                 hold: float = 30.0) -> None:
         self.app = app
         self.valkey = valkey
         self.pgmeter = pgmeter
@@ -53,20 +57,25 @@ class QuotaMiddleware:
         self.event_type = event_type
         self.source = source
         self.subject_of = subject_of
+        self.hold_ms = int(hold * 1000)  # a reservation whose event never lands frees itself after this
 
     def key(self, subject: str) -> str:
-        return f"{self.prefix}quota:v1:subject:{self.namespace}:{subject}:{self.feature}"
+        return f"{self.prefix}quota:v2:subject:{self.namespace}:{subject}:{self.feature}"
 
-    async def allowed(self, subject: str) -> tuple[bool, str]:
-        """(has access, balance) from Valkey, or from pgmeter when Valkey cannot say."""
-        version, access, balance, valid_until = await self.valkey.hmget(self.key(subject), *FIELDS)
-        if version == b"1" and valid_until is not None and time.time() * 1000 < int(valid_until):
-            return access == b"1", balance.decode()
-        response = await self.pgmeter.get(f"/api/v1/subjects/{subject}/entitlements/{self.feature}/value")
-        if response.status_code == 404:
-            return False, "0"
-        response.raise_for_status()
-        body = response.json()
+    async def reserve(self, subject: str, event_id: str) -> tuple[bool, str]:
+        """(reserved, available) for one unit under ``event_id``; asks pgmeter when Valkey cannot say."""
+        key = self.key(subject)
+        for _ in range(2):
+            status, available = await self.valkey.eval(RESERVE_SCRIPT, 1, key, event_id, "1", str(self.hold_ms))
+            if status != -1:
+                return status == 1, available.decode()
+            # No usable hash: pgmeter computes the exact value and writes it back.
+            response = await self.pgmeter.get(f"/api/v1/subjects/{subject}/entitlements/{self.feature}/value")
+            if response.status_code == 404:
+                return False, "0"
+            response.raise_for_status()
+            body = response.json()
+        # Still none (no quota worker keeps the hashes): the exact answer, without a hold.
         return bool(body.get("hasAccess")), str(body.get("balance", 0))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,7 +86,8 @@ class QuotaMiddleware:
         if not subject:
             await _problem(send, 401, "Unauthorized", "the caller is not identified (X-TPP-Id)")
             return
-        access, balance = await self.allowed(subject)
+        event_id = uuid.uuid4().hex
+        access, balance = await self.reserve(subject, event_id)
         if not access:
             await _problem(send, 429, "Too Many Requests", f"the quota of {self.feature} is used up",
                            balance=balance, subject=subject)
@@ -90,12 +100,16 @@ class QuotaMiddleware:
                 status = message["status"]
             await send(message)
 
-        await self.app(scope, receive, watch)
-        if status < 500:  # a call the upstream failed is not charged
-            await self.record(subject, scope)
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if status and status < 500:
+                await self.record(subject, scope, event_id)
+            else:  # a call the upstream failed is not charged
+                await self.valkey.hdel(self.key(subject), f"r:{event_id}")
 
-    async def record(self, subject: str, scope: Scope) -> None:
-        event = {"specversion": "1.0", "id": uuid.uuid4().hex, "source": self.source, "type": self.event_type,
+    async def record(self, subject: str, scope: Scope, event_id: str) -> None:
+        event = {"specversion": "1.0", "id": event_id, "source": self.source, "type": self.event_type,
                  "subject": subject, "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                  "data": {"n": 1, "path": scope["path"][:200]}}
         response = await self.pgmeter.post("/api/v1/events", content=json.dumps(event),

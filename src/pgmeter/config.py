@@ -138,6 +138,9 @@ class NatsConfig(Section):
 class ValkeyConfig(Section):
     url: str | None = None
     password: str | None = None
+    # A Valkey cluster: ``url`` names any one node; the client finds the others and follows
+    # slot moves. Every command pgmeter sends touches one key (docs/quota.md).
+    cluster: bool = False
     key_prefix: str = Field(default="pgmeter:", alias="keyPrefix")
     # A cache that answers slower than this is skipped, not waited for.
     timeout: float = Field(default=0.05, gt=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,11 +55,13 @@ class Committed:
 
     ``touched`` holds each (namespace, event type, subject) with at least one event in
     the transaction (duplicates included: a listener must be idempotent anyway), and
-    ``seq`` the highest JetStream sequence of its messages.
+    ``seq`` the highest JetStream sequence of its messages. ``ids`` holds the event ids
+    under each of those keys (the quota worker releases gateways' reservations by them).
     """
 
     seq: int
     touched: frozenset[tuple[str, str, str]]
+    ids: Mapping[tuple[str, str, str], list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -222,6 +224,14 @@ def connect_valkey(settings: Settings) -> Any | None:
         return None
     import valkey.asyncio as valkey_asyncio
 
+    if settings.valkey.cluster:
+        # The node map is read on first use (a lazy start, as the single-node client connects).
+        return valkey_asyncio.ValkeyCluster.from_url(
+            settings.valkey.url,
+            password=settings.valkey.password,
+            socket_timeout=settings.valkey.timeout,
+            socket_connect_timeout=settings.valkey.timeout,
+        )
     return valkey_asyncio.from_url(
         settings.valkey.url,
         password=settings.valkey.password,

@@ -197,6 +197,17 @@ def test_valkey_can_be_disabled(render) -> None:
     assert not any(p.get("port") == 6379 for rule in egress for p in rule.get("ports", []))
 
 
+def test_valkey_cluster_flag_reaches_every_role_that_uses_valkey(render, default_render) -> None:
+    for doc in workloads(default_render).values():
+        assert "PGMETER_VALKEY_CLUSTER" not in env_of(doc)
+    for role, doc in workloads(render({"valkey": {"cluster": True}})).items():
+        env = env_of(doc)
+        if role == "migrate":
+            assert "PGMETER_VALKEY_CLUSTER" not in env
+        else:
+            assert env["PGMETER_VALKEY_CLUSTER"]["value"] == "true", role
+
+
 def pgmeter_yaml(rendered, name: str = "pgmeter-config") -> dict[str, Any]:
     return yaml.safe_load(rendered.get("ConfigMap", name)["data"]["pgmeter.yaml"])
 

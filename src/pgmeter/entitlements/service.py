@@ -10,18 +10,21 @@ so a value computed before them can never be saved after them
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
 from pgmeter.entitlements import store
-from pgmeter.entitlements.balance import Timeline, lock_key
+from pgmeter.entitlements.balance import Timeline, load_context, lock_key, value_of
+from pgmeter.entitlements.balance import compute as compute_state
 from pgmeter.entitlements.periods import (
     IntervalError,
     Recurrence,
+    ceil_minute,
     expiration,
     floor_minute,
     parse_interval,
@@ -338,6 +341,52 @@ async def void_grant(conn: asyncpg.Connection, grant: store.GrantRow, at: dateti
                                f"{period_start.isoformat()}")
         await store.void_grant(conn, fresh, at)
         await store.invalidate_snapshots(conn, [ent.id], at)
+
+
+async def void_units(conn: asyncpg.Connection, ent: store.Entitlement, which: Callable[[store.GrantRow], bool],
+                     units: Decimal) -> tuple[Decimal, list[str]]:
+    """Take ``units`` of what is left of the grants ``which`` selects (newest first) away from now on.
+
+    A grant wholly taken is voided; one partly taken is voided and replaced by a grant of
+    what it keeps, with the same priority and rollover (no expiry or recurrence: it is meant
+    for grants without, as Lago's credits are). The engine counts to the minute: what is left now
+    is the balance at the next minute (the value endpoint's), while the void and the
+    replacement take effect at this minute's start, so the replacement also holds what the
+    grant gave to usage since then (which burns it again). Grants already used up give
+    nothing. Returns (units taken, replacement grant ids). Lago's wallet voids use it.
+    """
+    _metered(ent)
+    now = datetime.now(UTC)
+    start, end = floor_minute(now), ceil_minute(now)
+    taken, replacements = Decimal(0), []
+    async with conn.transaction():
+        await _lock(conn, lock_key(ent.id))
+        ctx = await load_context(conn, ent)
+        left_at: dict[datetime, dict[str, Decimal]] = {}
+        for at in {start, end}:
+            state, _ = await compute_state(conn, ctx, at, now=now, grace=timedelta(0))
+            left_at[at] = value_of(ctx, state, at).grant_balances
+        chosen = [g for g in ctx.grants if g.deleted_at is None and g.voided_at is None and which(g)]
+        for grant in sorted(chosen, key=lambda g: (g.created_at, g.id), reverse=True):
+            if units - taken <= 0:
+                break
+            left = left_at[end].get(grant.id, Decimal(0))
+            if left <= 0:
+                continue
+            take = min(left, units - taken)
+            keep = left_at[start].get(grant.id, Decimal(0)) - take
+            await store.void_grant(conn, grant, start)
+            if keep > 0:
+                kept = await _insert_grant(conn, ent, GrantInput(
+                    amount=keep, priority=grant.priority, effective_at=start,
+                    expiration_duration=None, expiration_count=None,
+                    min_rollover=grant.min_rollover, max_rollover=min(grant.max_rollover, keep),
+                    recurrence_interval=None, recurrence_anchor=None,
+                    metadata={**(grant.metadata or {}), "replaces": grant.id}))
+                replacements.append(kept.id)
+            taken += take
+        await store.invalidate_snapshots(conn, [ent.id], start)
+    return taken, replacements
 
 
 async def reset(conn: asyncpg.Connection, ent: store.Entitlement, at: datetime | None, retain_anchor: bool,

@@ -19,7 +19,10 @@ What is applied: ``wallet_transaction.created`` / ``.updated`` of an *inbound*,
 ``credit_amount / creditsPerUnit`` on the entitlement of each configured feature of the
 wallet's customer (customer key = Lago ``external_customer_id``), effective now (or
 at settlement, if that is later than the current period start), rolling its remainder
-over at resets. One grant per transaction whichever webhook brings it. Everything
+over at resets. One grant per transaction whichever webhook brings it. A settled
+*outbound* ``voided`` transaction (Lago's void of credits from the wallet) takes as many
+units from what is left of that wallet's grants; a ``failed`` one voids the grants its
+transaction became. Everything
 else (``wallet.depleted_ongoing_balance`` included: pgmeter's own balance is the
 real-time one) is recorded and acknowledged.
 """
@@ -44,7 +47,7 @@ from starlette.routing import Route
 from pgmeter.api.meters import runtime_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.api.shapes import storable
-from pgmeter.config import LagoWebhooksConfig
+from pgmeter.config import LagoCredits, LagoWebhooksConfig
 from pgmeter.entitlements import service, store
 from pgmeter.entitlements.balance import Timeline
 from pgmeter.entitlements.periods import floor_minute
@@ -52,6 +55,7 @@ from pgmeter.entitlements.periods import floor_minute
 log = logging.getLogger(__name__)
 
 MAX_UNIQUE_KEY = 255
+VOIDED = "voided"  # the outcome of an applied void begins with it (what makes a void apply once)
 
 
 class BadSignature(Exception):
@@ -128,27 +132,44 @@ def _time(value: Any) -> datetime | None:
     return parsed.astimezone(UTC) if parsed.tzinfo else None
 
 
-async def _grant_credits(conn: Any, config: LagoWebhooksConfig, tx: dict[str, Any]) -> tuple[str, list[str]]:
-    """Grants for one settled inbound transaction; (outcome, grant ids)."""
+async def _targets(conn: Any, config: LagoWebhooksConfig, tx: dict[str, Any],
+                   ) -> tuple[str | None, list[tuple[LagoCredits, store.Entitlement]]]:
+    """The metered entitlements a wallet transaction's credits map to, or why there are none."""
     found = tx.get("wallet")
     wallet: dict[str, Any] = found if isinstance(found, dict) else {}
     customer_key = wallet.get("external_customer_id") or tx.get("external_customer_id")
     if not isinstance(customer_key, str) or not customer_key or not storable(customer_key):
         raise bad_request("wallet_transaction.wallet.external_customer_id is missing or not text",
                           field="external_customer_id")
-    credits = _decimal(tx.get("credit_amount"), "wallet_transaction.credit_amount")
     customer = await store.customer_by_key(conn, config.namespace, customer_key[:256])
     if customer is None:
         return f"no customer with key {customer_key[:256]!r}", []
     now = datetime.now(UTC)
-    settled = _time(tx.get("settled_at")) or now
-    grants = []
+    targets = []
     for mapping in config.credits:
         if mapping.wallet_code is not None and wallet.get("code") != mapping.wallet_code:
             continue
         ent = await store.entitlement_for_feature_at(conn, config.namespace, customer.id, mapping.feature, now)
-        if ent is None or ent.type != "metered":
-            continue
+        if ent is not None and ent.type == "metered":
+            targets.append((mapping, ent))
+    return (None if targets else "no entitlement of a mapped feature"), targets
+
+
+def _wallet_id(tx: dict[str, Any]) -> str:
+    wallet = tx.get("wallet")
+    return str(tx.get("lago_wallet_id") or (wallet.get("lago_id") if isinstance(wallet, dict) else None))[:64]
+
+
+async def _grant_credits(conn: Any, config: LagoWebhooksConfig, tx: dict[str, Any]) -> tuple[str, list[str]]:
+    """Grants for one settled inbound transaction; (outcome, grant ids)."""
+    credits = _decimal(tx.get("credit_amount"), "wallet_transaction.credit_amount")
+    problem, targets = await _targets(conn, config, tx)
+    if problem is not None:
+        return problem, []
+    now = datetime.now(UTC)
+    settled = _time(tx.get("settled_at")) or now
+    grants = []
+    for mapping, ent in targets:
         amount = credits / mapping.credits_per_unit
         period_start = Timeline.of(ent, await store.resets_of(conn, ent.id)).period_at(now)[0]
         effective = max(floor_minute(min(settled, now)), period_start)
@@ -156,10 +177,47 @@ async def _grant_credits(conn: Any, config: LagoWebhooksConfig, tx: dict[str, An
             amount=amount, priority=1, effective_at=effective, expiration_duration=None, expiration_count=None,
             min_rollover=Decimal(0), max_rollover=amount, recurrence_interval=None, recurrence_anchor=None,
             metadata={k: v for k, v in (("lagoWalletTransactionId", str(tx.get("lago_id"))[:64]),
-                                        ("lagoWalletId", str(tx.get("lago_wallet_id") or wallet.get("lago_id"))[:64]))
-                      if storable(v)}))
+                                        ("lagoWalletId", _wallet_id(tx))) if storable(v)}))
         grants.append(grant.id)
-    return ("granted" if grants else "no entitlement of a mapped feature"), grants
+    return "granted", grants
+
+
+async def _void_credits(conn: Any, config: LagoWebhooksConfig, tx: dict[str, Any]) -> tuple[str, list[str]]:
+    """A settled outbound ``voided`` transaction: Lago took ``credit_amount`` credits out of the
+    wallet (not out of one top-up), so as many units go from what is left of the grants that
+    wallet's credits became, newest first (:func:`service.void_units`)."""
+    credits = _decimal(tx.get("credit_amount"), "wallet_transaction.credit_amount")
+    problem, targets = await _targets(conn, config, tx)
+    if problem is not None:
+        return problem, []
+    wallet_id = _wallet_id(tx)
+    taken, replacements = [], []
+    for mapping, ent in targets:
+        units, kept = await service.void_units(
+            conn, ent, lambda g: (g.metadata or {}).get("lagoWalletId") == wallet_id, credits / mapping.credits_per_unit)
+        taken.append(f"{mapping.feature} {units}")
+        replacements.extend(kept)
+    return f"{VOIDED}: {', '.join(taken)}", replacements
+
+
+async def _void_failed(conn: Any, config: LagoWebhooksConfig, tx: dict[str, Any], object_id: str) -> str:
+    """A failed transaction: the grants it became (if it had settled before) are voided whole."""
+    problem, targets = await _targets(conn, config, tx)
+    if problem is not None:
+        return problem
+    units = Decimal(0)
+    for _mapping, ent in targets:
+        taken, _ = await service.void_units(
+            conn, ent, lambda g: (g.metadata or {}).get("lagoWalletTransactionId") == object_id, Decimal("Infinity"))
+        units += taken
+    return f"failed: {units} units of its grants voided"
+
+
+async def _seen(conn: Any, namespace: str, object_id: str, outcome_like: str) -> bool:
+    """Whether a webhook of this transaction was already applied with such an outcome."""
+    return bool(await conn.fetchval(
+        "SELECT 1 FROM lago_webhooks WHERE namespace = $1 AND object_id = $2 AND outcome LIKE $3",
+        namespace, object_id, outcome_like))
 
 
 async def receive(request: Request) -> Response:
@@ -197,20 +255,27 @@ async def receive(request: Request) -> Response:
             return JSONResponse({"duplicate": True, "outcome": seen})
         outcome, grants = "ignored", list[str]()
         if kind in ("wallet_transaction.created", "wallet_transaction.updated") and isinstance(tx, dict):
-            settled = tx.get("status") == "settled" and tx.get("transaction_type") == "inbound" and \
-                tx.get("transaction_status") in ("purchased", "granted")
-            already = object_id is not None and await conn.fetchval(
-                "SELECT 1 FROM lago_webhooks WHERE namespace = $1 AND object_id = $2 AND grant_id IS NOT NULL",
-                config.namespace, object_id)
-            if not settled:
-                outcome = f"not a settled inbound credit ({tx.get('status')!s:.20}/{tx.get('transaction_type')!s:.20})"
-            elif already:
-                outcome = "already granted"
-            else:
-                try:
+            status, direction, reason = tx.get("status"), tx.get("transaction_type"), tx.get("transaction_status")
+            try:
+                if status == "settled" and direction == "outbound" and reason == "voided":
+                    if object_id is not None and await _seen(conn, config.namespace, object_id, f"{VOIDED}%"):
+                        outcome = "already voided"
+                    else:
+                        outcome, grants = await _void_credits(conn, config, tx)
+                elif status == "failed" and direction == "inbound" and object_id is not None:
+                    outcome = await _void_failed(conn, config, tx, object_id)
+                elif status != "settled" or direction != "inbound" or reason not in ("purchased", "granted"):
+                    outcome = f"not a settled inbound credit ({status!s:.20}/{direction!s:.20}/{reason!s:.20})"
+                elif object_id is not None and await conn.fetchval(
+                        "SELECT 1 FROM lago_webhooks WHERE namespace = $1 AND object_id = $2 AND grant_id IS NOT NULL",
+                        config.namespace, object_id):
+                    outcome = "already granted"
+                elif object_id is not None and await _seen(conn, config.namespace, object_id, "failed%"):
+                    outcome = "failed before; not granted"
+                else:
                     outcome, grants = await _grant_credits(conn, config, tx)
-                except service.Refused as exc:
-                    outcome = f"refused: {exc.detail}"
+            except service.Refused as exc:
+                outcome = f"refused: {exc.detail}"
         elif kind == "wallet.depleted_ongoing_balance":
             outcome = "noted (pgmeter's balance is the real-time one)"
         await conn.execute(

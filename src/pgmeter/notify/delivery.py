@@ -32,6 +32,7 @@ from pgmeter.runtime import Runtime
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
+RULES_CHECK = 1.0
 BATCH = 20
 MAX_ATTEMPTS_KEPT = 20
 MAX_RESPONSE_BODY = 1024
@@ -60,6 +61,10 @@ class Dispatcher:
         self.timeout = config.timeout.total_seconds()
         self.wake = asyncio.Event()
         self.client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
+        # Whether any active rule exists (checked at most every RULES_CHECK seconds): a quota
+        # worker that stores nothing computes values only while someone wants them.
+        self.has_rules = False
+        self.rules_checked = float("-inf")
 
     async def run(self) -> None:
         try:
@@ -86,6 +91,10 @@ class Dispatcher:
 
     async def once(self) -> int:
         async with self.pool.acquire() as conn:
+            if time.monotonic() - self.rules_checked >= RULES_CHECK:
+                self.has_rules = bool(await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM notification_rules WHERE deleted_at IS NULL AND NOT disabled)"))
+                self.rules_checked = time.monotonic()
             claimed = await conn.fetch(_CLAIM, timedelta(seconds=2 * self.timeout), BATCH)
         await asyncio.gather(*(self.deliver(row["event_id"], row["channel_id"], row["attempt_count"])
                                for row in claimed))
@@ -155,4 +164,5 @@ async def start(runtime: Runtime) -> Dispatcher:
                 dispatcher.wake.set()
 
         quota.listeners.append(evaluate)
+        quota.interested.append(lambda: dispatcher.has_rules)
     return dispatcher

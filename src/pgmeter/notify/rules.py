@@ -1,7 +1,9 @@
 """Notification rules evaluated on every fresh quota value (OpenMeter's semantics).
 
 The quota worker (:mod:`pgmeter.quota.worker`) hands each value it computes, and the
-explicit resets behind it, to :func:`evaluate`. Events are written to
+explicit resets behind it, to :func:`evaluate`. It runs in every sink process, with or
+without Valkey (without, it computes values only while an active rule exists), so an
+api+sink deployment notifies whether or not it keeps quotas in Valkey. Events are written to
 ``notification_events`` with one ``notification_deliveries`` row per channel (the
 outbox :mod:`pgmeter.notify.delivery` sends from), in one transaction.
 

@@ -13,6 +13,7 @@ small queries.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -120,15 +121,36 @@ async def compute(pool: asyncpg.Pool, prefix: str, namespace: str, entitlement_i
     return Computed(ent.id, keys, fields, now, valid_until, value, ctx)
 
 
-async def write(valkey: Any, prefix: str, computed: Computed) -> bool:
-    """Store ``computed`` unless Valkey holds a newer value (the check is in the script)."""
-    aliases = layout.aliases_key(prefix, computed.entitlement_id)
+async def write(valkey: Any, prefix: str, computed: Computed, release: Iterable[str] = ()) -> bool:
+    """Store ``computed`` in each of its hashes unless that hash holds a newer value (the
+    check is in the script), and drop the reservations of ``release``: ids of events the
+    snapshot of ``computed`` counts. Returns whether the first hash took it.
+
+    One script per key, pipelined: no command touches two keys, so this works on a
+    Valkey cluster as on one server. The alias set and the due set are bookkeeping for
+    the worker, written after the hashes.
+    """
+    entitlement_id = computed.entitlement_id
+    aliases = layout.aliases_key(prefix, entitlement_id)
     before = {k.decode() if isinstance(k, bytes) else k for k in await valkey.smembers(aliases)}
     stale = sorted(before - set(computed.keys))
-    keys = [*computed.keys, *stale, aliases, layout.due_key(prefix)]
-    args: list[str] = [str(layout.micros(computed.as_of)), computed.entitlement_id,
-                       str(computed.valid_until) if computed.fields is not None else "", str(len(computed.keys))]
-    if computed.fields is not None:
-        for name, value in computed.fields.items():
-            args.extend((name, value))
-    return bool(await valkey.eval(layout.WRITE_SCRIPT, len(keys), *keys, *args))
+    as_of = str(layout.micros(computed.as_of))
+    ids = sorted(release)
+    fields: list[str] = []
+    for name, value in (computed.fields or {}).items():
+        fields.extend((name, value))
+    async with valkey.pipeline(transaction=False) as pipe:
+        for key in computed.keys:
+            pipe.eval(layout.WRITE_SCRIPT, 1, key, as_of, str(len(ids)), *ids, *fields)
+        for key in stale:
+            pipe.eval(layout.WRITE_SCRIPT, 1, key, as_of, "0")
+        if computed.fields is not None:
+            pipe.sadd(aliases, *computed.keys)
+            if stale:
+                pipe.srem(aliases, *stale)
+            pipe.zadd(layout.due_key(prefix), {entitlement_id: computed.valid_until})
+        else:
+            pipe.delete(aliases)
+            pipe.zrem(layout.due_key(prefix), entitlement_id)
+        results = await pipe.execute()
+    return bool(results[0])

@@ -65,18 +65,20 @@ async def cached(runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | 
     valkey = runtime.valkey
     assert valkey is not None  # enabled(runtime)
     try:
+        # HMGET of the value's fields, not HGETALL: the hash also holds gateways' reservations.
         if time.monotonic() - seen < HEARTBEAT_CACHE:
-            raw, alive = await valkey.hgetall(key), True
+            values, alive = await valkey.hmget(key, *layout.FIELDS), True
         else:
             async with valkey.pipeline(transaction=False) as pipe:
-                pipe.hgetall(key)
+                pipe.hmget(key, *layout.FIELDS)
                 pipe.exists(layout.worker_key(prefix))
-                raw, alive = await pipe.execute()
+                values, alive = await pipe.execute()
             if alive:
                 runtime.quota_heartbeat_seen = time.monotonic()
     except Exception as exc:  # Valkey away or slow: the exact computation answers
         log.debug("quota read failed", extra={"error": describe(exc)})
         return None, False
+    raw = {name: value for name, value in zip(layout.FIELDS, values, strict=True) if value is not None}
     found = layout.Quota.parse(raw) if alive else None
     if found is None or not found.fresh_at(datetime.now(UTC)):
         return None, bool(alive)

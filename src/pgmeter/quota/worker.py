@@ -1,15 +1,20 @@
-"""The quota worker: keeps every metered entitlement's value in Valkey.
+"""The quota worker: keeps every metered entitlement's value in Valkey, and tells listeners.
 
-It runs beside the sink (``quota.enabled`` and ``valkey.url`` set). What makes an
-entitlement *dirty* (to be recomputed, :mod:`pgmeter.quota.balances`):
+It runs beside the sink. With ``valkey.url`` set and ``quota.enabled`` it *stores*: each
+value goes to Valkey. Either way it hands each fresh value to its listeners (the notify
+room's rules), so an api+sink deployment without Valkey, or with the quota store off,
+still sends threshold and reset notifications; without a store it only works while a
+listener wants values (``interested``: the notify room has an active rule). What makes
+an entitlement *dirty* (to be recomputed, :mod:`pgmeter.quota.balances`):
 
 - a sink commit with events of its meter's type for one of its customer's subjects
   (the runtime's post-commit listener list; late events too, whatever their time);
 - a notice from Postgres (``pgmeter_quota`` channel, sql triggers): a grant created or
   voided, a reset, an entitlement created or deleted, a customer's subjects changed;
-- its ``validUntil`` passing (period end, grant start/expiry/recurrence): the due set;
-- Valkey losing its data (the ``built`` marker gone) and every ``quota.rebuildInterval``:
-  everything.
+- its ``validUntil`` passing (period end, grant start/expiry/recurrence): the due set
+  (in Valkey when storing, in memory otherwise);
+- Valkey losing its data (the ``built`` marker gone), a listener becoming interested,
+  and every ``quota.rebuildInterval``: everything.
 
 Dirty entitlements are recomputed in rounds; an entitlement is never computed twice
 at once in a process, and the write script keeps the newest snapshot's value when
@@ -21,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -38,7 +43,10 @@ DUE_INTERVAL = 1.0
 MAX_BACKOFF = 5.0
 
 _MATCHING = """
-SELECT e.id FROM entitlements e
+SELECT e.id, m.event_type, c.key,
+       array(SELECT s.subject_key FROM customer_subjects s
+             WHERE s.customer_id = c.id AND s.deleted_at IS NULL) AS subjects
+FROM entitlements e
 JOIN features f ON f.id = e.feature_id
 JOIN meters m ON m.id = f.meter_id
 JOIN customers c ON c.id = e.customer_id
@@ -60,6 +68,9 @@ class QuotaWorker:
         self.runtime = runtime
         self.pool: asyncpg.Pool = runtime.pool
         self.valkey: Any = runtime.valkey
+        # Values go to Valkey; otherwise they are only computed for the listeners.
+        self.store = runtime.valkey is not None and runtime.settings.quota.enabled
+        self.due: dict[str, int] = {}  # entitlement id -> validUntil (ms), when not storing
         self.prefix = runtime.settings.valkey.key_prefix
         self.grace: timedelta = runtime.settings.valkey.settle_after
         self.concurrency = runtime.settings.quota.concurrency
@@ -77,6 +88,11 @@ class QuotaWorker:
         # Called with each fresh value and the explicit resets behind it (the notify room's
         # rules); a failing listener is logged and does not stop the round.
         self.listeners: list[Callable[[balances.Computed, list[str]], Awaitable[None]]] = []
+        # Whether a listener wants values now (cheap, no I/O); only asked when not storing.
+        self.interested: list[Callable[[], bool]] = []
+
+    def wanted(self) -> bool:
+        return self.store or any(ask() for ask in self.interested)
 
     # -- what makes entitlements dirty ------------------------------------------------
 
@@ -108,17 +124,28 @@ class QuotaWorker:
 
     # -- rounds ---------------------------------------------------------------------
 
-    async def _resolve(self, conn: asyncpg.Connection, commits: list[Committed], customers: set[str]) -> set[str]:
+    async def _resolve(self, conn: asyncpg.Connection, commits: list[Committed], customers: set[str],
+                       release: dict[str, set[str]]) -> set[str]:
+        """The entitlements ``commits`` and ``customers`` concern; adds to ``release`` the
+        committed event ids each of them counts (to drop gateways' reservations of them)."""
         ids: set[str] = set()
         by_namespace: dict[str, tuple[set[str], set[str]]] = {}
+        events: dict[tuple[str, str, str], list[str]] = {}
         for committed in commits:
-            for namespace, event_type, subject in committed.touched:
+            for touched in committed.touched:
+                namespace, event_type, subject = touched
                 types, subjects = by_namespace.setdefault(namespace, (set(), set()))
                 types.add(event_type)
                 subjects.add(subject)
+                events.setdefault(touched, []).extend(committed.ids.get(touched, ()))
         for namespace, (types, subjects) in by_namespace.items():
             rows = await conn.fetch(_MATCHING, namespace, sorted(types), sorted(subjects))
-            ids.update(row["id"] for row in rows)
+            for row in rows:
+                ids.add(row["id"])
+                for subject in {row["key"], *row["subjects"]} - {None}:
+                    counted = events.get((namespace, row["event_type"], subject))
+                    if counted:
+                        release.setdefault(row["id"], set()).update(counted)
         if customers:
             rows = await conn.fetch("SELECT id FROM entitlements WHERE customer_id = ANY($1::text[])", sorted(customers))
             ids.update(row["id"] for row in rows)
@@ -131,19 +158,21 @@ class QuotaWorker:
         dirty, self.dirty = self.dirty, set()
         resets, self.resets = self.resets, {}
         seq = self.seq
+        release: dict[str, set[str]] = {}
         try:
-            if not self.any_metered:
-                commits = []
+            if not self.any_metered or not self.wanted():
+                commits, customers, dirty = [], set(), set()
             if commits or customers:
                 async with self.pool.acquire() as conn:
-                    dirty |= await self._resolve(conn, commits, customers)
+                    dirty |= await self._resolve(conn, commits, customers, release)
             written = 0
             semaphore = asyncio.Semaphore(self.concurrency)
 
             async def one(entitlement_id: str) -> None:
                 nonlocal written
                 async with semaphore:
-                    written += await self.refresh(entitlement_id, seq, resets.get(entitlement_id, []))
+                    written += await self.refresh(entitlement_id, seq, resets.get(entitlement_id, []),
+                                                  release.get(entitlement_id, ()))
 
             await asyncio.gather(*(one(i) for i in sorted(dirty)))
         except BaseException:
@@ -157,7 +186,10 @@ class QuotaWorker:
         self.rounds += 1
         return written
 
-    async def refresh(self, entitlement_id: str, seq: int | None = None, resets: list[str] | None = None) -> int:
+    async def refresh(self, entitlement_id: str, seq: int | None = None, resets: list[str] | None = None,
+                      release: Iterable[str] = ()) -> int:
+        """Recompute one value and write it; ``release``: ids of events committed before this
+        computation started (so it counts them), whose reservations it drops."""
         namespace = await self._namespace(entitlement_id)
         if namespace is None:
             return 0
@@ -165,7 +197,14 @@ class QuotaWorker:
                                           seq=self.seq if seq is None else seq, grace=self.grace)
         if computed is None:
             return 0
-        written = int(await balances.write(self.valkey, self.prefix, computed))
+        if self.store:
+            written = int(await balances.write(self.valkey, self.prefix, computed, release))
+        else:
+            written = 0
+            if computed.fields is None:
+                self.due.pop(entitlement_id, None)
+            else:
+                self.due[entitlement_id] = computed.valid_until
         for listener in self.listeners:
             try:
                 await listener(computed, resets or [])
@@ -226,6 +265,9 @@ class QuotaWorker:
 
     async def background(self) -> None:
         """Due values, a lost Valkey and the periodic rebuild."""
+        if not self.store:
+            await self._background_unstored()
+            return
         # The heartbeat (which makes the api trust the hashes) starts once every value has been
         # rebuilt: hashes left from before this process may predate grants or resets.
         while True:
@@ -260,9 +302,33 @@ class QuotaWorker:
             await asyncio.sleep(DUE_INTERVAL)
 
 
-async def start(runtime: Runtime) -> QuotaWorker | None:
-    if runtime.valkey is None or not runtime.settings.quota.enabled:
-        return None
+    async def _background_unstored(self) -> None:
+        """Without Valkey: due values from memory; everything when a listener becomes
+        interested (values it missed meanwhile) and every rebuild interval."""
+        was_wanted, last_rebuild = False, time.monotonic()
+        while True:
+            try:
+                wanted = self.wanted()
+                if wanted and (not was_wanted or time.monotonic() - last_rebuild >= self.rebuild_interval):
+                    last_rebuild = time.monotonic()
+                    await self.everything()
+                was_wanted = wanted
+                now_ms = int(time.time() * 1000)
+                due = [i for i, valid_until in self.due.items() if valid_until <= now_ms]
+                if due and wanted:
+                    for entitlement_id in due:
+                        del self.due[entitlement_id]
+                    self.mark(due)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("quota background check failed", extra={"error": describe(exc)})
+            await asyncio.sleep(DUE_INTERVAL)
+
+
+async def start(runtime: Runtime) -> QuotaWorker:
+    """Started by the sink role: it stores values in Valkey when configured, and feeds the
+    listeners (notifications) in any case."""
     worker = QuotaWorker(runtime)
     runtime.quota = worker
     runtime.post_commit.append(worker.on_commit)

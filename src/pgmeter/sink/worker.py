@@ -343,10 +343,13 @@ class Sink:
 
     def _tell(self, batch: list[Pending]) -> None:
         """Report the commit to the runtime's post-commit listeners; never fails the batch."""
-        touched = frozenset((r[0], r[3], r[4]) for pending in batch for r in pending.records)
-        if not touched:
+        ids: dict[tuple[str, str, str], list[str]] = {}
+        for pending in batch:
+            for r in pending.records:
+                ids.setdefault((r[0], r[3], r[4]), []).append(r[1])
+        if not ids:
             return
-        info = Committed(max(pending.seq for pending in batch), touched)
+        info = Committed(max(pending.seq for pending in batch), frozenset(ids), ids)
         for listener in self.runtime.post_commit:
             try:
                 listener(info)
