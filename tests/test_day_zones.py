@@ -25,6 +25,7 @@ from pgmeter.meters.model import MeterSpec
 from pgmeter.query.engine import run_query
 from pgmeter.query.params import QueryParams, WindowSize
 from pgmeter.query.plan import carve, usable_levels
+from pgmeter.rollup.day_zones import known_zones
 from pgmeter.rollup.refresher import Refresher
 from tests.support import events_sql, oracle
 from tests.support.events_sql import Event
@@ -225,3 +226,17 @@ def test_zone_days_are_exact_across_dst_half_hours_late_events_and_zone_changes(
             await pool.close()
 
     asyncio.run(run())
+
+
+def test_a_zone_postgres_does_not_know_is_left_out(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Python's and Postgres' zone databases may differ; a zone only Python knows would
+    fail every merge, so the refresher leaves it out and says so."""
+    async def run() -> tuple[str, ...]:
+        conn = await asyncpg.connect(settings.postgres.url)
+        try:
+            return await known_zones(conn, [BERLIN, "Mars/Olympus_Mons", KOLKATA])
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == (BERLIN, KOLKATA)
+    assert any(getattr(r, "zone", None) == "Mars/Olympus_Mons" for r in caplog.records)

@@ -17,11 +17,15 @@ they never see a half-filled zone.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Sequence
 
 import asyncpg
 
 from pgmeter.rollup import objects, templates
 from pgmeter.rollup.objects import Rollup
+
+log = logging.getLogger(__name__)
 
 # Each zone level, the UTC level it copies the shape of, and the 15-minute level a
 # new zone is filled from.
@@ -32,6 +36,19 @@ def _present(rollup: Rollup) -> list[tuple[str, str, str]]:
     """The zone levels this meter has: dzs with group-by keys, udz for UNIQUE_COUNT."""
     return [(level, model, source) for level, model, source in _LEVELS
             if level == "dz" or (level == "dzs" and rollup.subject_levels) or (level == "udz" and rollup.unique)]
+
+
+async def known_zones(conn: asyncpg.Connection, zones: Sequence[str]) -> tuple[str, ...]:
+    """The configured zones this server's time zone database knows. Configuration checks
+    names against Python's (zoneinfo); a zone Postgres lacks would fail every merge and set
+    every meter aside, so it is left out, with a warning, instead."""
+    known = {row[0] for row in await conn.fetch(
+        "SELECT name FROM pg_timezone_names WHERE name = ANY($1::text[])", list(zones))}
+    for zone in zones:
+        if zone not in known:
+            log.warning("refresher.dayZones: this Postgres does not know the zone; no day level for it",
+                        extra={"zone": zone})
+    return tuple(zone for zone in zones if zone in known)
 
 
 async def sync(conn: asyncpg.Connection, rollup: Rollup, wanted: tuple[str, ...]) -> Rollup:

@@ -43,6 +43,7 @@ from prometheus_client import Counter, Gauge
 
 from pgmeter.metric_labels import tenant
 from pgmeter.rollup import floor
+from pgmeter.rollup.day_zones import known_zones
 from pgmeter.rollup.day_zones import sync as sync_zones
 from pgmeter.rollup.merge import merge_range
 from pgmeter.rollup.objects import Rollup
@@ -375,7 +376,9 @@ async def start(runtime: Runtime) -> None:
     """Run refresh cycles for the life of the runtime: on every wake-up from the sink
     (NOTIFY, see sql/011_event_floor.sql) and at least every ``refresher.interval``."""
     settings = runtime.settings.refresher
-    refresher = Refresher(runtime.pool, max_batch=settings.max_batch, day_zones=settings.day_zones)
+    async with runtime.pool.acquire() as conn:
+        zones = await known_zones(conn, settings.day_zones)
+    refresher = Refresher(runtime.pool, max_batch=settings.max_batch, day_zones=zones)
     runtime.refresher = refresher
     wake = asyncio.Event()
     runtime.spawn("refresher", _cycles(refresher, wake, settings.interval.total_seconds()))
