@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -38,6 +38,7 @@ from pathlib import Path
 import asyncpg
 from prometheus_client import REGISTRY
 
+from pgmeter.config import RefresherConfig
 from pgmeter.db.migrate import migrate
 from pgmeter.db.pool import create_pool
 from pgmeter.devstack import services
@@ -46,6 +47,8 @@ from pgmeter.meters import store
 from pgmeter.meters.model import MeterSpec
 from pgmeter.query.engine import run_query
 from pgmeter.query.params import QueryParams, WindowSize
+from pgmeter.rollup.merge import merge_range
+from pgmeter.rollup.objects import ROLLUP_COLUMNS, Rollup
 from pgmeter.rollup.refresher import Refresher
 
 DAYS = 30
@@ -153,7 +156,8 @@ class Bench:
                                        start, n, self.subjects, f"{tag}{self.batch}-", span)
 
     async def refresh(self) -> tuple[float, int]:
-        refresher = Refresher(self.pool, max_batch=200_000)
+        # With the default refresher.dayZones, as a deployment merges.
+        refresher = Refresher(self.pool, max_batch=200_000, day_zones=RefresherConfig().day_zones)
         started = time.perf_counter()
         report = await refresher.run_cycle()
         return time.perf_counter() - started, report.events
@@ -179,6 +183,27 @@ class Bench:
             assert merged > 8_000, merged
             times.append(elapsed)
         return statistics.median(times)
+
+    async def zone_cost(self, rounds: int) -> tuple[float, float]:
+        """Median merge of 10k new events with the default day zones and with none: the
+        same range merged in alternation, each time rolled back."""
+        await self.add_new(10_000)
+        timed: dict[bool, list[float]] = {True: [], False: []}
+        async with self.pool.acquire() as conn:
+            rollup = Rollup.from_row(await conn.fetchrow(f"SELECT {ROLLUP_COLUMNS} FROM meter_rollups"))
+            head = await conn.fetchval("SELECT pg_sequence_last_value('events_seq')")
+            for n in range(2 * rounds):
+                zoned = n % 2 == 0
+                tr = conn.transaction()
+                await tr.start()
+                await conn.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
+                started = time.perf_counter()
+                await merge_range(conn, replace(rollup, day_zones=rollup.day_zones if zoned else ()),
+                                  rollup.last_seq, head)
+                timed[zoned].append(time.perf_counter() - started)
+                await tr.rollback()
+        await self.refresh()
+        return statistics.median(timed[True]), statistics.median(timed[False])
 
     async def vacuum(self) -> None:
         async with self.pool.acquire() as conn:
@@ -211,7 +236,10 @@ WITH NO DATA
 """
 
 
-ZONES = ("UTC", "Europe/Berlin", "Asia/Kolkata")
+# UTC reads d1; Berlin and Kolkata their local-day level (default refresher.dayZones);
+# Paris has Berlin's offsets but is not kept, so it shows what Berlin cost before
+# (h1), in the same run.
+ZONES = ("UTC", "Europe/Berlin", "Asia/Kolkata", "Europe/Paris")
 
 
 async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: int, rounds: int,
@@ -234,7 +262,8 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
             meter = await store.create(conn, "default", METER)
         say(f"pgmeter query benchmark: {total:,} events over {days} days (daily partitions), {subjects} subjects, "
             f"{len(ENDPOINTS)} endpoints; PostgreSQL {version}, {os.cpu_count()} CPUs")
-        say("meter: SUM of $.ms by endpoint; levels m1, q15, h1, d1")
+        say(f"meter: SUM of $.ms by endpoint; levels m1, q15, h1, d1 and local days in "
+            f"{', '.join(RefresherConfig().day_zones)}")
 
         started = time.perf_counter()
         await bench.load_fresh(first)
@@ -252,6 +281,9 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
             await bench.vacuum()
         refresh_large = await bench.refresh_new(rounds)
         say(f"  refresh of 10k new events at {human(total)}: median {refresh_large * 1000:.0f} ms")
+        zoned, unzoned = await bench.zone_cost(rounds)
+        say(f"  merge of 10k new events with the {len(RefresherConfig().day_zones)} day zones / none: "
+            f"median {zoned * 1000:.0f} / {unzoned * 1000:.0f} ms ({zoned / unzoned:.2f}x)")
 
         async with pool.acquire() as conn:
             await conn.execute(MATVIEW)
@@ -263,26 +295,40 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
                 "SELECT c.relname, pg_total_relation_size(c.oid) AS bytes, c.reltuples::bigint AS rows "
                 "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = 'rollup' AND c.relkind = 'r' ORDER BY 1")
+            await conn.execute("DROP MATERIALIZED VIEW bench_minutes")
+            await conn.execute("CHECKPOINT")
+            database = await conn.fetchval("SELECT pg_database_size(current_database())")
+            raw = await conn.fetchval("SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits "
+                                      "WHERE inhparent = 'events'::regclass")
+            dedup = await conn.fetchval("SELECT pg_total_relation_size('event_dedup')")
         say(f"  REFRESH MATERIALIZED VIEW (equivalent m1 view) at {events:,} events: {full:.1f} s")
         for row in sizes:
             say(f"    rollup {row['relname'].split('_')[0]:>3}: {row['rows']:>10,} rows, {row['bytes'] / 2**20:,.0f} MiB")
+        rollups = sum(row["bytes"] for row in sizes)
+        # The bulk load writes no dedup keys (the sink does, 16 bytes + btree per event).
+        say(f"  disk: database {database / 2**30:.2f} GiB = {database / events:,.0f} B/event (events with indexes "
+            f"{raw / events:,.0f} B, rollups {rollups / events:,.0f} B, dedup {dedup / events:,.0f} B per event)")
 
         # Queries: 10k new events are left unmerged (the tail), more than a 2 s refresh
         # interval leaves at 4k events/s.
         await bench.add_new(10_000)
         # The last 30 whole days, today included (where the tail is), in three zones:
         # UTC (d1), Europe/Berlin (h1) and Asia/Kolkata (q15).
+        # Zones take turns query by query, so a busy moment of the machine does not
+        # land on one zone's figures only.
         figures = {}
-        for zone in ZONES:
-            params = QueryParams(from_=START + timedelta(days=days - 29), to=START + timedelta(days=days + 1),
-                                 window_size=WindowSize.DAY, window_time_zone=zone, group_by=("subject",))
-            for _ in range(5):
-                result = await run_query(pool, meter, params)
-            meter_times = []
-            for _ in range(query_runs):
+        queries = {zone: QueryParams(from_=START + timedelta(days=days - 29), to=START + timedelta(days=days + 1),
+                                     window_size=WindowSize.DAY, window_time_zone=zone, group_by=("subject",))
+                   for zone in ZONES}
+        results = {zone: await run_query(pool, meter, params) for zone, params in queries.items() for _ in range(5)}
+        meter_times: dict[str, list[float]] = {zone: [] for zone in ZONES}
+        for _ in range(query_runs):
+            for zone, params in queries.items():
                 started = time.perf_counter()
-                result = await run_query(pool, meter, params)
-                meter_times.append(time.perf_counter() - started)
+                results[zone] = await run_query(pool, meter, params)
+                meter_times[zone].append(time.perf_counter() - started)
+        for zone, params in queries.items():
+            result = results[zone]
             raw_times = []
             async with pool.acquire() as conn:
                 for _ in range(raw_runs):
@@ -295,7 +341,7 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
             wrong = [(row.window_start, row.subject, row.value, expected.get((row.window_start, row.subject)))
                      for row in result.rows if expected.get((row.window_start, row.subject)) != row.value]
             assert not wrong, (zone, len(wrong), wrong[:5])
-            m50, m99 = percentile(meter_times, 50), percentile(meter_times, 99)
+            m50, m99 = percentile(meter_times[zone], 50), percentile(meter_times[zone], 99)
             r50, r99 = percentile(raw_times, 50), percentile(raw_times, 99)
             figures[zone] = (m50, m99, r50, r99)
             say(f"  meter query, 30 days x DAY ({zone}) x group by subject ({len(result.rows):,} rows, "
@@ -319,6 +365,9 @@ async def run(total: int, first: int, subjects: int, query_runs: int, raw_runs: 
             ratio = r50 / m50
             say(f"  meter query ({zone}) vs raw: p50 {ratio:,.0f}x, p99 {r99 / m99:,.0f}x faster  (target >= 100x) "
                 f"{'ok' if ratio >= 100 else 'MISSED'}")
+        berlin, paris = figures["Europe/Berlin"], figures["Europe/Paris"]
+        say(f"  Berlin's local days vs the same offsets through hours (Paris): p50 {paris[0] / berlin[0]:.2f}x, "
+            f"p99 {paris[1] / berlin[1]:.2f}x faster; Berlin vs UTC p50 {berlin[0] / figures['UTC'][0]:.2f}x")
         say(f"  cached meter query p99 {cached.p99 * 1000:.2f} ms  (target <= 3 ms) "
             f"{'ok' if cached.p99 <= 0.003 else 'MISSED'}; hit ratio {cached.hit_ratio:.1%}")
         await pool.close()

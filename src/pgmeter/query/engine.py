@@ -161,10 +161,11 @@ async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_
             if span is not None:
                 lo, hi = lo or span[0], hi or span[1]
         if lo is None or hi is None or lo < hi:
-            usable = usable_levels(window, params.window_time_zone, lo, hi) if tables else set()
+            usable = (usable_levels(window, params.window_time_zone, lo, hi, rollup.day_zones)
+                      if tables else set())
             if not rollup.hourly:
                 usable.discard("h1")  # a meter created before the hourly level
-            plan = carve(lo, hi, usable) if tables else Plan()
+            plan = carve(lo, hi, usable, params.window_time_zone) if tables else Plan()
             statement = _Statement(rollup, params, tail_floor)
             text = statement.aggregate(plan, lo, hi)
             if max_rows is not None:
@@ -249,8 +250,10 @@ class _Statement:
     def window_start(self, expr: str, level: str | None = None) -> str:
         if self.window is None:
             return "TIMESTAMPTZ 'epoch'"  # one window; a constant keeps joins simple
-        if level == "d1" and self.window is WindowSize.DAY:
-            return expr  # the plan uses d1 only at UTC+0, where its buckets are the days
+        if level in ("d1", "dz") and self.window is WindowSize.DAY:
+            # The plan uses d1 only at UTC+0 and dz only in its own zone, where their
+            # buckets are the days.
+            return expr
         return f"date_trunc('{self.window.value.lower()}', {expr}, {self.tz})"
 
     def group_list(self, prefix: str = "") -> str:
@@ -342,8 +345,10 @@ class _Statement:
                 columns = f", r.cnt{objects.state_names(self.state, 'r.')}"
                 if self.extent:
                     columns += ", r.bucket, r.bucket" if level == "m1" else ", r.t_min, r.t_max"
+            # The local-day level holds every zone of the meter: this query's only.
+            zone = [f"r.zone = {self.tz}"] if level == "dz" else []
             for a, b in intervals:
-                conditions = self.time_range("r.bucket", a, b) + self.filters("r.")
+                conditions = zone + self.time_range("r.bucket", a, b) + self.filters("r.")
                 branches.append(f"SELECT {self.window_start('r.bucket', level)} AS ws{self.selected('r.')}"
                                 f"{columns} FROM {table.as_string()} r{self.where(conditions)}")
         return branches

@@ -2,8 +2,8 @@
 
 The statement reads the events with ``lo < seq <= hi`` of the meter's type once,
 extracts values with jsonb operators (paths are bind parameters) and upserts
-every level (and the subject-only levels and UNIQUE_COUNT sets where they
-exist). The caller runs it in the transaction that also moves the meter's
+every level (and the subject-only levels, the local days of the meter's zones and
+UNIQUE_COUNT sets where they exist). The caller runs it in the transaction that also moves the meter's
 ``last_seq`` to ``hi``.
 """
 
@@ -17,16 +17,58 @@ import asyncpg
 from pgmeter.rollup import floor, objects, templates
 from pgmeter.rollup.objects import Rollup
 
-# Rendered statements by (meter id, version, hourly): a version's definition never
-# changes.
-_statements: dict[tuple[str, int, bool], str] = {}
+# Rendered statements by (meter id, version, hourly, zoned): a version's definition
+# never changes; whether it has hourly or zone levels is part of the key.
+_statements: dict[tuple[str, int, bool, bool], str] = {}
+
+# The rollup grid's origin, as in merge.sql.
+_ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"
+# The coarse levels on the UTC grid and their grain.
+_GRAINS = (("q15", "15 minutes"), ("h1", "1 hour"), ("d1", "1 day"))
 
 
 def _statement(rollup: Rollup) -> str:
-    key = (rollup.meter_id, rollup.version, rollup.hourly)
+    key = (rollup.meter_id, rollup.version, rollup.hourly, bool(rollup.day_zones))
     if key not in _statements:
         _statements[key] = _render(rollup)
     return _statements[key]
+
+
+def _levels(rollup: Rollup, zones: str | None) -> list[tuple[str, str, str]]:
+    """(level, bucket expression, FROM addition) of every coarse level the meter has:
+    the UTC grains, then the local day of each zone (the CROSS JOIN over the zones
+    parameter ``zones``)."""
+    levels = [(level, f"date_bin('{grain}', bucket, {_ORIGIN})", "")
+              for level, grain in _GRAINS if level != "h1" or rollup.hourly]
+    if zones is not None:
+        levels.append(("dz", "date_trunc('day', bucket, z.zone)", f" CROSS JOIN unnest({zones}) AS z (zone)"))
+    return levels
+
+
+def _level_ctes(rollup: Rollup, zones: str | None) -> str:
+    """The upserts of the coarse levels (level_merge.sql, level_unique_merge.sql)."""
+    state = rollup.state
+    n = len(rollup.group_keys)
+    group_key = objects.group_key(n)
+    fragments = dict(combine=objects.combine(state), state_names=objects.state_names(state),
+                     merge=objects.merge_set(state))
+    ctes = []
+    for level, bucket, cross in _levels(rollup, zones):
+        zoned = dict(zone_column="zone, " if cross else "", zone="z.zone, " if cross else "", zones=cross)
+        prefix = "zone, " if cross else ""
+        ctes.append(templates.render("level_merge", cte=f"up_{level}", table=rollup.table(level), bucket=bucket,
+                                     key=prefix + objects.unique_key(n), group_key=group_key, **zoned, **fragments))
+        if rollup.subject_levels:
+            ctes.append(templates.render(
+                "level_merge", cte=f"up_{level}s", table=rollup.table(level + "s"), bucket=bucket,
+                key=prefix + objects.unique_key(0), group_key="", **zoned, **fragments))
+    if rollup.unique:
+        for level, bucket, cross in [("m1", "bucket", ""), *_levels(rollup, zones)]:
+            ctes.append(templates.render(
+                "level_unique_merge", cte=f"up_u{level}", table=rollup.table("u" + level), bucket=bucket,
+                group_key=group_key, zone_column="zone, " if cross else "", zone="z.zone, " if cross else "",
+                zones=cross))
+    return "\n".join(ctes)
 
 
 def _render(rollup: Rollup) -> str:
@@ -45,48 +87,26 @@ def _render(rollup: Rollup) -> str:
     for _ in rollup.group_paths:
         n += 1
         group_paths.append(objects.path_param(None, f"${n}"))
+    zones = None
+    if rollup.day_zones:
+        n += 1
+        zones = f"${n}::text[]"
     state = rollup.state
-    group_key = objects.group_key(len(rollup.group_keys))
-    unique_ctes = ""
-    if rollup.unique:
-        unique_ctes = templates.render(
-            "unique_merge", um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1"),
-            group_key=group_key)
-    subject_ctes = ""
-    if rollup.subject_levels:
-        subject_ctes = templates.render(
-            "subject_merge", q15s=rollup.table("q15s"), d1s=rollup.table("d1s"),
-            combine=objects.combine(state), state_names=objects.state_names(state), merge=objects.merge_set(state))
-    hour_ctes = ""
-    if rollup.hourly:
-        parts = [templates.render(
-            "hour_merge", h1=rollup.table("h1"), key=objects.unique_key(len(rollup.group_keys)),
-            group_key=group_key, combine=objects.combine(state), state_names=objects.state_names(state),
-            merge=objects.merge_set(state))]
-        if rollup.subject_levels:
-            parts.append(templates.render(
-                "hour_subject_merge", h1s=rollup.table("h1s"), combine=objects.combine(state),
-                state_names=objects.state_names(state), merge=objects.merge_set(state)))
-        if rollup.unique:
-            parts.append(templates.render("hour_unique_merge", uh1=rollup.table("uh1"), group_key=group_key))
-        hour_ctes = "\n".join(parts)
     return templates.render(
         "merge",
-        hour_ctes=hour_ctes,
+        level_ctes=_level_ctes(rollup, zones),
         lo="$1", hi="$2", namespace="$3", event_type="$4", time_floor="$5::timestamptz",
         event_from_filter=objects.event_from_filter(rollup.event_from, event_from),
         group_values=objects.group_values(group_paths),
         event_values=objects.event_values(state, rollup.unique, value_path),
-        group_key=group_key,
+        group_key=objects.group_key(len(rollup.group_keys)),
         key=objects.unique_key(len(rollup.group_keys)),
         event_state=objects.event_state(state),
         unique_value=", u" if rollup.unique else "",
         combine=objects.combine(state),
         state_names=objects.state_names(state),
         merge=objects.merge_set(state),
-        m1=rollup.table("m1"), q15=rollup.table("q15"), d1=rollup.table("d1"),
-        subject_ctes=subject_ctes,
-        unique_ctes=unique_ctes,
+        m1=rollup.table("m1"),
     )
 
 
@@ -97,6 +117,8 @@ def _params(rollup: Rollup, lo: int, hi: int, time_floor: datetime) -> list[Any]
     if rollup.value_path is not None:
         params.append(rollup.value_path)
     params.extend(rollup.group_paths)
+    if rollup.day_zones:
+        params.append(list(rollup.day_zones))
     return params
 
 

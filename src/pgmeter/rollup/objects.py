@@ -3,7 +3,9 @@
 Each active meter has one ``meter_rollups`` row and, per version, four rollup
 levels (``rollup.m1_<id>_v<n>``, ``q15_…``, ``h1_…``, ``d1_…``), subject-only copies
 of the coarse levels when it has group-by keys (``q15s_…``, ``h1s_…``, ``d1s_…``),
-four set tables for UNIQUE_COUNT (``um1_…`` …) and a view ``meters.<slug>``. The version bumps when
+four set tables for UNIQUE_COUNT (``um1_…`` …) and a view ``meters.<slug>``. The
+local-day levels of the configured zones (``dz_…``, ``dzs_…``, ``udz_…``) are the
+refresher's to create and fill (:mod:`pgmeter.rollup.day_zones`). The version bumps when
 the definition changes (a PUT that changes groupBy): the new tables start empty
 at ``last_seq = 0`` and are backfilled by the refresher, while queries stay exact
 because they add every event not merged yet.
@@ -51,6 +53,9 @@ class Rollup:
     # Whether the hourly levels (h1, h1s, uh1) exist: meters created before them
     # have none (sql/012_hourly_levels.sql).
     hourly: bool = True
+    # The zones whose local-day levels (dz, dzs, udz) are exact at last_seq, sorted;
+    # kept by the refresher (pgmeter.rollup.day_zones, sql/013_day_zones.sql).
+    day_zones: tuple[str, ...] = ()
 
     @classmethod
     def from_row(cls, row: asyncpg.Record | dict[str, Any]) -> Rollup:
@@ -63,6 +68,7 @@ class Rollup:
             group_keys=list(row["group_keys"]),
             group_paths=json.loads(paths) if isinstance(paths, str) else paths,
             view_name=row["view_name"], last_seq=row["last_seq"], hourly=row["hourly"],
+            day_zones=tuple(row["day_zones"]),
         )
 
     @property
@@ -83,19 +89,23 @@ class Rollup:
         return f"g{self.group_keys.index(key) + 1}"
 
     def table(self, level: str) -> sql.Identifier:
-        """``rollup.<level>_<id>_v<version>`` for level m1, q15, h1, d1, q15s, h1s, d1s, um1, uq15, uh1 or ud1."""
+        """``rollup.<level>_<id>_v<version>`` for one of :data:`LEVEL_NAMES`."""
         return table_name(self.meter_id, self.version, level)
 
 
 # Everything needed to select and read the rollup, in one row.
 ROLLUP_COLUMNS = ("meter_id, version, namespace, event_type, aggregation, event_from, value_path, "
-                  "group_keys, group_paths::text AS group_paths, view_name, last_seq, hourly")
+                  "group_keys, group_paths::text AS group_paths, view_name, last_seq, hourly, day_zones")
+
+# Every table a meter version may have: the levels, their subject-only copies ("s")
+# and UNIQUE_COUNT sets ("u"); dz is the local day in each of the meter's zones.
+LEVEL_NAMES = ("m1", "q15", "h1", "d1", "dz", "q15s", "h1s", "d1s", "dzs", "um1", "uq15", "uh1", "ud1", "udz")
 
 
 def table_name(meter_id: str, version: int, level: str) -> sql.Identifier:
     if not is_ulid(meter_id):  # names are built from ids we generated; check anyway
         raise ValueError(f"not a meter id: {meter_id!r}")
-    if level not in ("m1", "q15", "h1", "d1", "q15s", "h1s", "d1s", "um1", "uq15", "uh1", "ud1"):
+    if level not in LEVEL_NAMES:
         raise ValueError(f"unknown rollup level {level!r}")
     return sql.Identifier(SCHEMA, f"{level}_{meter_id.lower()}_v{int(version)}")
 
@@ -284,7 +294,8 @@ async def create(conn: asyncpg.Connection, meter_id: str, namespace: str, slug: 
         ON CONFLICT (meter_id) DO UPDATE
            SET version = excluded.version, group_keys = excluded.group_keys,
                group_paths = excluded.group_paths, view_name = excluded.view_name,
-               last_seq = 0, built_at_seq = excluded.built_at_seq, merged_at = NULL, hourly = true
+               last_seq = 0, built_at_seq = excluded.built_at_seq, merged_at = NULL, hourly = true,
+               day_zones = '{}'
         """,
         meter_id, version, namespace, spec.event_type, str(spec.aggregation), spec.event_from,
         rollup.value_path, rollup.group_keys, json.dumps(rollup.group_paths), rollup.view_name,
@@ -303,10 +314,7 @@ async def lock(conn: asyncpg.Connection, meter_id: str) -> Rollup | None:
 async def _drop_objects(conn: asyncpg.Connection, rollup: Rollup) -> None:
     await conn.execute(templates.render(
         "drop", view=sql.Identifier(VIEW_SCHEMA, rollup.view_name),
-        m1=rollup.table("m1"), q15=rollup.table("q15"), d1=rollup.table("d1"),
-        q15s=rollup.table("q15s"), d1s=rollup.table("d1s"),
-        um1=rollup.table("um1"), uq15=rollup.table("uq15"), ud1=rollup.table("ud1"),
-        h1=rollup.table("h1"), h1s=rollup.table("h1s"), uh1=rollup.table("uh1")))
+        **{level: rollup.table(level) for level in LEVEL_NAMES}))
 
 
 async def drop(conn: asyncpg.Connection, meter_id: str) -> None:

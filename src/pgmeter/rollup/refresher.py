@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -42,6 +43,8 @@ from prometheus_client import Counter, Gauge
 
 from pgmeter.metric_labels import tenant
 from pgmeter.rollup import floor
+from pgmeter.rollup.day_zones import known_zones
+from pgmeter.rollup.day_zones import sync as sync_zones
 from pgmeter.rollup.merge import merge_range
 from pgmeter.rollup.objects import Rollup
 from pgmeter.rollup.watermark import LOCK_TIMEOUT_MS, WRITER_WAIT_S, WritersBusy, wait_out_writers
@@ -124,7 +127,7 @@ class CycleReport:
 _CLAIM = """
     SELECT r.meter_id, r.version, r.namespace, r.event_type, r.aggregation, r.event_from,
            r.value_path, r.group_keys, r.group_paths::text AS group_paths, r.view_name,
-           r.last_seq, r.hourly, r.failures, m.slug
+           r.last_seq, r.hourly, r.day_zones, r.failures, m.slug
       FROM meter_rollups r
       JOIN meters m ON m.id = r.meter_id
      WHERE r.last_seq < $1
@@ -200,8 +203,11 @@ class Refresher:
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int, lock_timeout_ms: int = LOCK_TIMEOUT_MS,
                  writer_wait_s: float = WRITER_WAIT_S, merge_lock_timeout_ms: int = MERGE_LOCK_TIMEOUT_MS,
-                 backoff_min_s: float = BACKOFF_MIN_S, backoff_max_s: float = BACKOFF_MAX_S) -> None:
+                 backoff_min_s: float = BACKOFF_MIN_S, backoff_max_s: float = BACKOFF_MAX_S,
+                 day_zones: Sequence[str] = ()) -> None:
         self.pool = pool
+        # The zones whose local days every meter keeps a level of (refresher.dayZones).
+        self.day_zones = tuple(sorted(set(day_zones)))
         self.max_batch = max_batch
         self.lock_timeout_ms = lock_timeout_ms
         self.writer_wait_s = writer_wait_s
@@ -258,6 +264,7 @@ class Refresher:
                 hi = min(self.watermark, lo + self.max_batch)
                 try:
                     async with conn.transaction():  # a savepoint: a failure undoes the merge only
+                        rollup = await sync_zones(conn, rollup, self.day_zones)
                         events = await merge_range(conn, rollup, lo, hi)
                 except asyncpg.PostgresError as exc:
                     if not blames_meter(exc):
@@ -369,7 +376,9 @@ async def start(runtime: Runtime) -> None:
     """Run refresh cycles for the life of the runtime: on every wake-up from the sink
     (NOTIFY, see sql/011_event_floor.sql) and at least every ``refresher.interval``."""
     settings = runtime.settings.refresher
-    refresher = Refresher(runtime.pool, max_batch=settings.max_batch)
+    async with runtime.pool.acquire() as conn:
+        zones = await known_zones(conn, settings.day_zones)
+    refresher = Refresher(runtime.pool, max_batch=settings.max_batch, day_zones=zones)
     runtime.refresher = refresher
     wake = asyncio.Event()
     runtime.spawn("refresher", _cycles(refresher, wake, settings.interval.total_seconds()))

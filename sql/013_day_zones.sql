@@ -1,0 +1,11 @@
+-- Day rollups in the operator's time zones (refresher.dayZones): a DAY or MONTH
+-- query in Europe/Berlin or Asia/Kolkata reads one row per local day and key, as a
+-- UTC query reads d1, instead of 24 h1 or 96 q15 rows.
+--
+-- day_zones lists the zones whose day levels (rollup.dz_/dzs_/udz_<id>_v<n>) hold
+-- every merged event of the meter, i.e. are exact at last_seq. Empty until a
+-- refresher adds its configured zones (it creates the tables and fills them from
+-- q15 under the meter's row lock, in the transaction of a merge), so existing
+-- meters gain the level without a rebuild, and the query planner reads a zone's
+-- rows only while the zone is listed here in the query's own snapshot.
+ALTER TABLE meter_rollups ADD COLUMN day_zones text[] NOT NULL DEFAULT '{}';
