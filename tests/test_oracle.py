@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -117,21 +117,19 @@ class Dataset:
     client: httpx.Client
     meters: dict[str, oracle.MeterDef]
     stored: list[oracle.Stored] = field(default_factory=list)
-    seen: set[tuple[str, str, date]] = field(default_factory=set)
+    seen: set[tuple[str, str]] = field(default_factory=set)
     stage_failures: list[str] = field(default_factory=list)
 
     def ingest(self, events: list[Event]) -> None:
         """POST every event (duplicates too) and wait for the sink to store them.
 
-        The oracle keeps the first of each (source, id) per UTC day of the event's time,
-        as ingest must (sql/014_dedup_days.sql); the seq each event got (LATEST breaks
-        ties by it) is read back from the database.
+        The oracle keeps the first of each (source, id), as ingest must; the seq each
+        event got (LATEST breaks ties by it) is read back from the database.
         """
         fresh = []
         for event in events:
-            key = (event.source, event.id, event.time.astimezone(UTC).date())
-            if key not in self.seen:
-                self.seen.add(key)
+            if (event.source, event.id) not in self.seen:
+                self.seen.add((event.source, event.id))
                 fresh.append(event)
         cloudevents = [make_event(e.id, source=e.source, type=e.type, subject=e.subject, time=e.time, data=e.data)
                        for e in events]
@@ -140,11 +138,9 @@ class Dataset:
             assert response.status_code == 204, response.text
         wait_until_stored(self.url, len(self.seen))
         with psycopg.connect(self.url) as conn:
-            seqs = {(source, id, day): seq for source, id, day, seq in conn.execute(
-                "SELECT source, id, (time AT TIME ZONE 'UTC')::date, seq FROM events")}
+            seqs = dict(((source, id), seq) for source, id, seq in conn.execute("SELECT source, id, seq FROM events"))
         assert len(seqs) == len(self.seen)  # no duplicate stored
-        self.stored += [oracle.Stored(seqs[(e.source, e.id, e.time.astimezone(UTC).date())], e.type, e.subject,
-                                      e.time, e.data) for e in fresh]
+        self.stored += [oracle.Stored(seqs[(e.source, e.id)], e.type, e.subject, e.time, e.data) for e in fresh]
 
     def create_meter(self, meter: oracle.MeterDef) -> None:
         body: dict[str, Any] = {"slug": meter.slug, "aggregation": meter.aggregation, "eventType": meter.event_type,
@@ -240,8 +236,7 @@ def dataset(pg_server, nats_server, valkey_server):  # type: ignore[no-untyped-d
                 if slug not in early:
                     data.create_meter(defs[slug])
             # Late events (into refreshed windows), edge instants, and duplicates of
-            # already stored events with other data (first wins; the few whose hour later
-            # is the next UTC day are other occurrences, stored).
+            # already stored events with other data (first wins).
             late = generate(rng, 1500, START, START + timedelta(days=3))
             duplicates = [Event(subject=e.subject, time=e.time + timedelta(hours=1), data={"value": 999},
                                 id=e.id, source=e.source) for e in rng.sample(first, 200)]
