@@ -3,15 +3,12 @@
 One command (embedded PostgreSQL in a temporary directory; defaults take about
 three minutes and 2 GB of disk on two cores) measures:
 
-- **dedup insert cost vs table size**: ``event_dedup`` (partitioned by event day,
-  sql/014) and, beside it, the single btree it replaced are filled server-side to
-  each size in ``--sizes`` (default 1M and 10M keys: md5 keys, random as real ones,
-  their event days spread over ``--days``, default 365), then batches of 1,000 new
-  keys of today's events are COPYed into each as the sink does, alternating; the
-  median microseconds per key at each size and the index sizes. A btree on random
-  16-byte keys touches one random leaf per insert: the single one grows with every
-  key (one read per key once it is beyond memory), today's partition only with
-  today's keys.
+- **dedup insert cost vs table size**: ``event_dedup`` is filled server-side to each
+  size in ``--sizes`` (default 1M and 10M keys: md5 keys, random as real ones),
+  then batches of 1,000 new keys are COPYed into it as the sink does; the median
+  microseconds per key at each size, the index size, and whether it still fits in
+  shared_buffers. The btree on random 16-byte keys touches one random leaf per
+  insert: flat while the index is cached, one read per key once it is not.
 - **the event_floor trigger's cost**: 1,000-event insert transactions with the
   trigger enabled and disabled, alternating;
 - **WAL bytes per event** (the write rate that limits a single primary and its
@@ -45,49 +42,39 @@ from pgmeter.devstack import services
 from pgmeter.devstack.process import free_port
 from pgmeter.meters import store
 from pgmeter.rollup.refresher import Refresher
-from pgmeter.sink import partitions
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 LSN = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"  # bytes of WAL so far
 
 
-TODAY = (NOW.date() - partitions.EPOCH_DAY).days - 1  # the day the new events fall in (NOW - 1 hour)
-
-
-async def fill_dedup(conn: asyncpg.Connection, upto: int, have: int, days: int) -> None:
-    """Keys ``have+1 .. upto`` (md5 of a counter: uniformly random in the keyspace),
-    their event days spread evenly over the ``days`` days before today, into both
-    layouts: ``event_dedup`` (by event day) and ``flat_dedup`` (one btree, as before
-    sql/014)."""
+async def fill_dedup(conn: asyncpg.Connection, upto: int, have: int) -> None:
+    """Keys ``have+1 .. upto`` (md5 of a counter: uniformly random in the keyspace)."""
     step = 2_000_000
     for start in range(have, upto, step):
-        lo, hi = start + 1, min(upto, start + step)
-        await conn.execute("INSERT INTO event_dedup (key, day) SELECT md5('k' || g)::uuid, $3 - g % $4 "
-                           "FROM generate_series($1::bigint, $2::bigint) g", lo, hi, TODAY, days)
-        await conn.execute("INSERT INTO flat_dedup (key) SELECT md5('k' || g)::uuid "
-                           "FROM generate_series($1::bigint, $2::bigint) g", lo, hi)
+        await conn.execute(
+            "INSERT INTO event_dedup (key, event_time) SELECT md5('k' || g)::uuid, now() "
+            "FROM generate_series($1::bigint, $2::bigint) g", start + 1, min(upto, start + step))
 
 
-async def dedup_cost(conn: asyncpg.Connection, batches: int) -> tuple[float, float]:
-    """Median microseconds per key of a 1,000-key COPY of today's events, in its own
-    transaction, by day and flat, alternating."""
-    by_day, flat = [], []
+async def dedup_cost(conn: asyncpg.Connection, batches: int) -> float:
+    """Median microseconds per key of a 1,000-key COPY, in its own transaction."""
+    per_key = []
     for _ in range(batches):
-        keys = [uuid.uuid4() for _ in range(1000)]
-        for table, records, times in (("event_dedup", [(k, TODAY) for k in keys], by_day),
-                                      ("flat_dedup", [(k,) for k in keys], flat)):
-            started = time.perf_counter()
-            async with conn.transaction():
-                await conn.copy_records_to_table(table, records=records, columns=("key", "day")[:len(records[0])])
-            times.append((time.perf_counter() - started) / 1000 * 1e6)
-        # The keys stay: the tables grow by batches x 1000, negligible next to their size.
-    return statistics.median(by_day), statistics.median(flat)
+        keys = [(uuid.uuid4(), NOW) for _ in range(1000)]
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_records_to_table("event_dedup", records=keys, columns=("key", "event_time"))
+        per_key.append((time.perf_counter() - started) / 1000 * 1e6)
+        # The keys stay: the table grows by batches x 1000, negligible next to its size.
+    return statistics.median(per_key)
 
 
 async def wal_per_event(pool: asyncpg.Pool, rounds: int, subjects: int) -> tuple[float, float, float, float]:
     """(ingest bytes/event steady, after a checkpoint, merge bytes/event steady, after a checkpoint)."""
     async with pool.acquire() as conn:
-        await partitions.create_partition(conn, TODAY, now=NOW)  # with its dedup twin
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS events_w{NOW:%Y%m%d} PARTITION OF events FOR VALUES FROM "
+            f"('{(NOW - timedelta(days=1)).isoformat()}') TO ('{NOW.isoformat()}')")
     ingest, merge = [], []
     for round_ in range(rounds):
         async with pool.acquire() as conn:
@@ -97,8 +84,8 @@ async def wal_per_event(pool: asyncpg.Pool, rounds: int, subjects: int) -> tuple
             async with conn.transaction():
                 # The sink's transaction: claim the keys, then the events (trigger included).
                 await conn.execute(
-                    "INSERT INTO event_dedup (key, day) SELECT md5('w' || $1::text || g)::uuid, $2 "
-                    "FROM generate_series(1, 1000) g", str(round_), TODAY)
+                    "INSERT INTO event_dedup (key, event_time) SELECT md5('w' || $1::text || g)::uuid, now() "
+                    "FROM generate_series(1, 1000) g", str(round_))
                 await conn.execute(f"INSERT INTO events {COLUMNS} {EVENT_ROWS}", NOW - timedelta(hours=1), 1000,
                                    subjects, f"w{round_}-", timedelta(hours=1))
             after = await conn.fetchval(LSN) - before
@@ -130,7 +117,7 @@ async def trigger_cost(pool: asyncpg.Pool, rounds: int, subjects: int) -> tuple[
     return statistics.median(on), statistics.median(off)
 
 
-async def run(sizes: list[int], batches: int, rounds: int, subjects: int, days: int) -> None:
+async def run(sizes: list[int], batches: int, rounds: int, subjects: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="pgmeter-bench-writes-", dir=os.environ.get("TMPDIR", "/tmp")))
     workdir.chmod(0o755)
     proc, url = services.start_postgres(workdir / "postgres", free_port(), log_path=workdir / "postgres.log")
@@ -154,30 +141,19 @@ async def run(sizes: list[int], batches: int, rounds: int, subjects: int, days: 
         have = 0
         costs = {}
         async with pool.acquire() as conn:
-            # The partitions of a year of event days (daily for the last 35, months before).
-            for day in range(TODAY - days, TODAY + 1):
-                await partitions.create_partition(conn, day, now=NOW)
-            await conn.execute("CREATE TABLE flat_dedup (key uuid PRIMARY KEY)")
             for size in sizes:
                 started = time.perf_counter()
-                await fill_dedup(conn, size, have, days)
+                await fill_dedup(conn, size, have)
                 have = size
-                await conn.execute("VACUUM ANALYZE event_dedup, flat_dedup")
+                await conn.execute("VACUUM ANALYZE event_dedup")
                 fill = time.perf_counter() - started
-                today_index = await conn.fetchval(
-                    "SELECT pg_relation_size(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
-                    "WHERE c.relname = $1", partitions.dedup_name(partitions.partition_name(TODAY)))
-                flat_index = await conn.fetchval("SELECT pg_relation_size('flat_dedup_pkey')")
+                index = await conn.fetchval("SELECT pg_relation_size('event_dedup_pkey')")
                 costs[size] = await dedup_cost(conn, batches)
-                say(f"  dedup at {size:,} keys over {days} days (filled in {fill:.0f} s): by event day "
-                    f"{costs[size][0]:.2f} us per key (today's index {today_index / 2**20:,.1f} MiB), one btree "
-                    f"{costs[size][1]:.2f} us per key (index {flat_index / 2**20:,.0f} MiB, "
-                    f"{'within' if flat_index <= shared else 'beyond'} shared_buffers); median of {batches} "
-                    f"COPYs of 1,000")
+                say(f"  dedup at {size:,} keys (filled in {fill:.0f} s; index {index / 2**20:,.0f} MiB, "
+                    f"{'within' if index <= shared else 'beyond'} shared_buffers): "
+                    f"{costs[size]:.2f} us per key (median of {batches} COPYs of 1,000)")
         if len(sizes) > 1:
-            first, last = costs[sizes[0]], costs[sizes[-1]]
-            say(f"  dedup cost {sizes[-1]:,} vs {sizes[0]:,} keys: by event day {last[0] / first[0]:.2f}x "
-                f"(target <= 1.5x), one btree {last[1] / first[1]:.2f}x")
+            say(f"  dedup cost {sizes[-1]:,} vs {sizes[0]:,} keys: {costs[sizes[-1]] / costs[sizes[0]]:.2f}x")
         await pool.close()
     finally:
         proc.stop()
@@ -191,9 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=30, help="COPYs of 1,000 new keys per size (default 30)")
     parser.add_argument("--rounds", type=int, default=6, help="ingest + merge rounds for the WAL figures")
     parser.add_argument("--subjects", type=int, default=1000, help="distinct subjects (default 1000)")
-    parser.add_argument("--days", type=int, default=365, help="event days the dedup keys spread over (default 365)")
     args = parser.parse_args(argv)
-    asyncio.run(run([int(s) for s in args.sizes.split(",")], args.batches, args.rounds, args.subjects, args.days))
+    asyncio.run(run([int(s) for s in args.sizes.split(",")], args.batches, args.rounds, args.subjects))
     return 0
 
 

@@ -34,11 +34,6 @@ Concurrent creators (several sinks) are serialised by a transaction-scoped advis
 lock and decide the bounds after taking it, from the partitions attached at that
 moment; "already covered" is success. Retention drops a partition once its upper
 bound is past the horizon.
-
-Every events partition has a twin in ``event_dedup`` (``event_dedup_pYYYYMMDD…``,
-partitioned by the event's UTC day as an integer) over the same days, created in the
-same transaction and dropped with it, so a batch's dedup keys live in the small
-indexes of its events' days (sql/014_dedup_days.sql).
 """
 
 from __future__ import annotations
@@ -51,6 +46,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
+
+from pgmeter.sink.store import DEDUP_KEY_SQL
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +175,6 @@ async def create_for(conn: asyncpg.Connection, day: int, *, now: datetime | None
             existing = await attached_spans(conn)
             covering = _covering(existing, day)
             if covering is not None:
-                # A partition made without its dedup twin (by hand, by a bulk load):
-                # give it one, or the sink could not claim its events' keys.
-                await _attach_dedup(conn, covering)
                 return covering, False
             span = span_for(day, existing, current_day)
             name, low, high = span.name, _bound(span.lo), _bound(span.hi)
@@ -192,7 +186,6 @@ async def create_for(conn: asyncpg.Connection, day: int, *, now: datetime | None
                 f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ('{low}') TO ('{high}')")
             # The partition bound now does the CHECK's job; no need to evaluate both per row.
             await conn.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_bound")
-            await _attach_dedup(conn, span)
     except asyncpg.InvalidObjectDefinitionError as exc:
         if "overlap" not in str(exc):
             raise
@@ -202,26 +195,6 @@ async def create_for(conn: asyncpg.Connection, day: int, *, now: datetime | None
         return None, False
     log.info("attached partition", extra={"partition": name})
     return span, True
-
-
-def dedup_name(name: str) -> str:
-    """The ``event_dedup`` partition beside events partition ``name`` (same days)."""
-    return "event_dedup_" + name.removeprefix("events_")
-
-
-async def _attach_dedup(conn: asyncpg.Connection, span: Span) -> None:
-    """Create and attach the ``event_dedup`` partition of ``span``'s days, if missing
-    (sql/014_dedup_days.sql). Attached the way the events partition is, so the sinks'
-    lookups and claims on other days never wait for it."""
-    name = dedup_name(span.name)
-    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                           "WHERE i.inhparent = 'event_dedup'::regclass AND c.relname = $1)", name):
-        return
-    await conn.execute(f"CREATE TABLE IF NOT EXISTS {name} (LIKE event_dedup INCLUDING DEFAULTS)")
-    await conn.execute(f"ALTER TABLE {name} ADD CONSTRAINT {name}_bound "
-                       f"CHECK (day >= {span.lo} AND day < {span.hi})")
-    await conn.execute(f"ALTER TABLE event_dedup ATTACH PARTITION {name} FOR VALUES FROM ({span.lo}) TO ({span.hi})")
-    await conn.execute(f"ALTER TABLE {name} DROP CONSTRAINT {name}_bound")
 
 
 async def create_partition(conn: asyncpg.Connection, day: int, *, now: datetime | None = None) -> bool:
@@ -236,12 +209,7 @@ class PartitionMap:
         self.spans: list[Span] = []
 
     async def refresh(self, conn: asyncpg.Connection) -> None:
-        # A span counts as covered only with its dedup twin; one without gets it from
-        # create_for the first time an event needs the day.
-        twins = {row["relname"] for row in await conn.fetch(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = 'event_dedup'::regclass")}
-        self.spans = [span for span in await attached_spans(conn) if dedup_name(span.name) in twins]
+        self.spans = await attached_spans(conn)
 
     def covers(self, day: int) -> bool:
         return _covering(self.spans, day) is not None
@@ -264,18 +232,9 @@ def retention_horizon_day(retention_days: int, now: datetime | None = None) -> i
 
 
 async def _drop_detached(conn: asyncpg.Connection, name: str) -> None:
-    """Drop a detached events partition and its dedup twin (detached first, like it)."""
-    twin = dedup_name(name)
-    pending = await conn.fetchval(
-        "SELECT i.inhdetachpending FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = 'event_dedup'::regclass AND c.relname = $1", twin)
-    if pending is not None:
-        await conn.execute(f"ALTER TABLE event_dedup DETACH PARTITION {twin} "
-                           f"{'FINALIZE' if pending else 'CONCURRENTLY'}")
     async with conn.transaction():
-        # The dedup keys of the events that go leave with them: their days are past
-        # retention, and the door refuses events that old (limits.eventMaxAge).
-        await conn.execute(f"DROP TABLE IF EXISTS {twin}")
+        # The dedup rows of the events that go: each stored event is its key's winner.
+        await conn.execute(f"DELETE FROM event_dedup WHERE key IN (SELECT {DEDUP_KEY_SQL} FROM {name})")
         await conn.execute(f"DROP TABLE {name}")
         # Answers over the dropped days may change (raw edges): no cached one survives.
         await conn.execute("UPDATE cache_epochs SET epoch = epoch + 1")

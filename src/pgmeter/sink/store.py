@@ -10,9 +10,9 @@ order across batches.
 
 Claiming never makes Postgres raise an error on the way, so a duplicate costs no
 aborted statement, no savepoint rollback and no ERROR line in the server log: the
-batch's keys are first looked up (``key = ANY($1)`` in the partitions of the batch's
-event days, one index probe each, read only), the keys found are dropped from the
-batch as duplicates, and the rest are COPYed straight into ``event_dedup`` - the cheapest possible unique insert (about
+batch's keys are first looked up (``key = ANY($1)``, one index probe each, read
+only), the keys found are dropped from the batch as duplicates, and the rest are
+COPYed straight into ``event_dedup`` - the cheapest possible unique insert (about
 twice the rate of ``INSERT ... ON CONFLICT``, measured). A batch with duplicates
 therefore costs what a batch without any costs. Only a key another sink claims
 between the lookup and the COPY (two sinks handling copies of one event at the same
@@ -42,7 +42,6 @@ EVENT_COLUMNS = ("namespace", "id", "source", "type", "subject", "time", "data",
 STAGE = "pgmeter_sink_stage"
 # Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
 PG_EPOCH_OFFSET = 946_684_800_000_000
-DAY_MICROS = 86_400_000_000
 
 # (namespace, id, source, type, subject, time µs, data JSON text, ingested_at µs, batch_seq): a row of
 # ``events`` as the sink's connection encodes it.
@@ -104,37 +103,25 @@ async def prepare(conn: asyncpg.Connection) -> None:
                               decoder=_decode_timestamp, format="tuple")
     await conn.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (ord int NOT NULL, key uuid NOT NULL, "
-        "day int NOT NULL) ON COMMIT DELETE ROWS")
-
-
-def _day(record: Any) -> int:
-    """The UTC day (days since 1970-01-01) of a record's event time, its dedup partition."""
-    return int(record[5] // DAY_MICROS)
+        "event_time timestamptz NOT NULL) ON COMMIT DELETE ROWS")
 
 
 async def _claim(conn: asyncpg.Connection, keys: list[str], records: list[Any]) -> list[int] | None:
-    """Claim every new key; ``None`` if all were new, else the positions of the new ones.
-
-    A key is claimed for its event's day (``event_dedup`` is partitioned by it): the
-    lookup reads only the partitions of the batch's days (``day = ANY``, pruned when
-    the statement starts) and counts a key as taken only for the same day.
-    """
-    days = [_day(record) for record in records]
+    """Claim every new key; ``None`` if all were new, else the positions of the new ones."""
     found = await conn.fetch(
-        "SELECT replace(key::text, '-', ''), day FROM event_dedup WHERE day = ANY($2::int[]) AND key = ANY($1::uuid[])",
-        keys, sorted(set(days)))
+        "SELECT replace(key::text, '-', '') FROM event_dedup WHERE key = ANY($1::uuid[])", keys)
     positions: list[int] | None = None
     if found:
-        taken = {(row[0], row[1]) for row in found}
-        positions = [position for position, key in enumerate(keys) if (key, days[position]) not in taken]
+        taken = {row[0] for row in found}
+        positions = [position for position, key in enumerate(keys) if key not in taken]
         keys = [keys[position] for position in positions]
         records = [records[position] for position in positions]
-        days = [days[position] for position in positions]
     if keys:
         try:
             async with conn.transaction():  # a savepoint: a concurrent claim only undoes this COPY
-                await conn.copy_records_to_table("event_dedup", records=zip(keys, days, strict=True),
-                                                 columns=("key", "day"))
+                await conn.copy_records_to_table(
+                    "event_dedup", records=zip(keys, [record[5] for record in records], strict=True),
+                    columns=("key", "event_time"))
             return positions
         except asyncpg.UniqueViolationError:
             pass
@@ -142,13 +129,14 @@ async def _claim(conn: asyncpg.Connection, keys: list[str], records: list[Any]) 
         return positions
     # Another sink claimed one of these keys since the lookup: the general path.
     await conn.copy_records_to_table(
-        STAGE, records=[(position, key, day) for position, (key, day) in enumerate(zip(keys, days, strict=True))],
-        columns=("ord", "key", "day"))
+        STAGE, records=[(position, key, record[5]) for position, (key, record)
+                        in enumerate(zip(keys, records, strict=True))],
+        columns=("ord", "key", "event_time"))
     claimed = await conn.fetch(
-        f"INSERT INTO event_dedup (key, day) SELECT key, day FROM {STAGE} ORDER BY ord "
-        "ON CONFLICT (key, day) DO NOTHING RETURNING replace(key::text, '-', ''), day")
-    fresh = {(row[0], row[1]) for row in claimed}
-    subset = [position for position, key in enumerate(keys) if (key, days[position]) in fresh]
+        f"INSERT INTO event_dedup (key, event_time) SELECT key, event_time FROM {STAGE} ORDER BY ord "
+        "ON CONFLICT (key) DO NOTHING RETURNING replace(key::text, '-', '')")
+    fresh = {row[0] for row in claimed}
+    subset = [position for position, key in enumerate(keys) if key in fresh]
     return subset if positions is None else [positions[position] for position in subset]
 
 
@@ -158,14 +146,14 @@ async def write(conn: asyncpg.Connection, keys: list[str], records: list[Any], d
     in one transaction. Events older than ``late_margin`` bump their cache epoch in it."""
     outcome = Outcome()
     if len(set(keys)) != len(keys):
-        # Repeats within the batch (same key, same event day): the first by stream order wins.
-        seen: set[tuple[str, int]] = set()
+        # Repeats within the batch: the first by stream order wins.
+        seen: set[str] = set()
         unique_keys, unique_records = [], []
         for key, record in zip(keys, records, strict=False):
-            if (key, _day(record)) in seen:
+            if key in seen:
                 outcome.duplicates[record[0]] += 1
             else:
-                seen.add((key, _day(record)))
+                seen.add(key)
                 unique_keys.append(key)
                 unique_records.append(record)
         keys, records = unique_keys, unique_records
@@ -231,7 +219,7 @@ def is_poison(exc: BaseException) -> bool:
             return False
         # A dedup key claimed concurrently: the retry finds it claimed and moves on.
         return not (isinstance(exc, asyncpg.UniqueViolationError)
-                    and str(getattr(exc, "table_name", None) or "").startswith("event_dedup"))
+                    and getattr(exc, "table_name", None) == "event_dedup")
     # Raised while encoding a record, before Postgres saw it.
     return isinstance(exc, (UnicodeError, ValueError, TypeError, OverflowError))
 
