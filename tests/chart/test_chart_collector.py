@@ -111,3 +111,33 @@ def test_otlp_grpc_ports_are_opened_where_the_producers_reach(render) -> None:
                                            "protocol": "TCP"}
     [rule] = rendered.get("NetworkPolicy", "pgmeter-collector")["spec"]["ingress"]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}, {"port": "grpc-4317", "protocol": "TCP"}]
+
+
+def test_a_kubernetes_source_gets_its_own_account_allowed_to_list_pods_and_no_more(render) -> None:
+    scoped = render({"collector": {"enabled": True, "pipelines": [
+        {"name": "pods", "source": {"type": "kubernetes", "namespaces": ["tpp-a", "tpp-b"]}}]}})
+    pod = scoped.get("StatefulSet", "pgmeter-collector")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "pgmeter-collector" and pod["automountServiceAccountToken"] is True
+    account = scoped.get("ServiceAccount", "pgmeter-collector")
+    assert account["metadata"]["namespace"] == "metering"
+    roles = scoped.of_kind("Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["tpp-a", "tpp-b"]
+    assert all(r["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}] for r in roles)
+    for binding in scoped.of_kind("RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pgmeter-collector",
+                                        "namespace": "metering"}]
+        assert binding["roleRef"]["name"] == "pgmeter-collector"
+    assert not scoped.of_kind("ClusterRole")
+    # No namespaces named: every namespace, by a ClusterRole.
+    everywhere = render({"collector": {"enabled": True, "pipelines": [
+        {"name": "pods", "source": {"type": "kubernetes"}}]}})
+    [cluster_role] = everywhere.of_kind("ClusterRole")
+    [binding] = everywhere.of_kind("ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": cluster_role["metadata"]["name"]}
+    assert not everywhere.of_kind("Role")
+    # Without a kubernetes source the collector has no API access at all.
+    plain = render({"collector": {"enabled": True}})
+    assert plain.get("StatefulSet", "pgmeter-collector")["spec"]["template"]["spec"][
+        "automountServiceAccountToken"] is False
+    assert not plain.of_kind("Role") and not plain.of_kind("ClusterRole")

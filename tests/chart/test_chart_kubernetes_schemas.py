@@ -68,7 +68,9 @@ RENDERS = {
     "collector-ha": ({"networkPolicy": {"enabled": True}, "collector": {
         "enabled": True, "replicas": 3, "storage": {"storageClassName": "fast"},
         "authTokensSecret": {"name": "producer-tokens", "key": "tokens.json"},
-        "pipelines": [{"name": "otel", "source": {"type": "otlp_logs", "grpcListen": "0.0.0.0:4317"}}],
+        "pipelines": [{"name": "otel", "source": {"type": "otlp_logs", "grpcListen": "0.0.0.0:4317"}},
+                      {"name": "pods", "source": {"type": "kubernetes", "namespaces": ["tpp-a"]}},
+                      {"name": "all-pods", "source": {"type": "kubernetes"}}],
         "networkPolicy": {"ingress": [{"podSelector": {}}]}}}, ()),
     "nats-token": ({"nats": {"credentials": {"type": "token", "secretName": "pgmeter-nats"}}}, ()),
     "network-policy-pod-peers": ({"lago": {"enabled": True}, "networkPolicy": {"enabled": True, "ingress": {
