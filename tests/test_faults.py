@@ -30,7 +30,6 @@ import psycopg
 
 from pgmeter.config import Settings
 from pgmeter.devstack.process import free_port
-from pgmeter.meters.model import MeterSpec
 from tests.support.app import AppServer, RoleProcess
 from tests.support.faults import consumer_idle, hold_sink_writes, kill_postmaster, wait_for_blocked_writer
 from tests.support.ingest import (
@@ -45,8 +44,7 @@ from tests.support.ingest import (
 BATCH = 20
 SUBJECTS = 7
 SHORT_ACK_WAIT = timedelta(seconds=2)  # a crashed sink's messages come back quickly
-METER = MeterSpec.model_validate({"slug": "fault_n", "aggregation": "SUM", "eventType": "api.call",
-                                  "valueProperty": "$.n"})
+METER = {"slug": "fault_n", "aggregation": "SUM", "eventType": "api.call", "valueProperty": "$.n"}
 
 
 def fault_event(n: int) -> dict[str, Any]:

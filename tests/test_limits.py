@@ -18,9 +18,9 @@ import httpx
 import psycopg
 import pytest
 import valkey as valkey_sync
-from pydantic import ValidationError
 
-from pgmeter.config import LimitsConfig, Settings
+from pgmeter.config import ConfigError, LimitsConfig, Settings
+from pgmeter.meters.service import config_meters
 from tests.support import events_sql, meter_env
 from tests.support.app import AppServer
 from tests.support.events_sql import Event
@@ -191,15 +191,17 @@ def test_meters_per_namespace(api: httpx.Client) -> None:
 def test_config_meters_meet_the_same_rules() -> None:
     limits = {"meterGroupByKeys": 2, "metersPerNamespace": 1}
     meter = {"slug": "calls", "aggregation": "COUNT", "eventType": "e"}
-    Settings(limits=limits, meters=[meter])
-    with pytest.raises(ValidationError, match="limits.meterGroupByKeys"):
-        Settings(limits=limits, meters=[{**meter, "groupBy": {"a": "$.a", "b": "$.b", "c": "$.c"}}])
-    with pytest.raises(ValidationError, match="limits.metersPerNamespace"):
-        Settings(limits=limits, meters=[meter, {**meter, "slug": "other"}])
-    for bad in ({"slug": "calls\n"}, {"valueProperty": "$" + ".a" * 100_000, "aggregation": "SUM"},
-                {"groupBy": {"value": "$.a", "group_value": "$.b"}}, {"name": "a\x00"}):
-        with pytest.raises(ValidationError):
-            Settings(meters=[{**meter, **bad}])
+    assert [spec.slug for spec in config_meters(Settings(limits=limits, meters=[meter]))] == ["calls"]
+    with pytest.raises(ConfigError, match="limits.meterGroupByKeys"):
+        config_meters(Settings(limits=limits, meters=[{**meter, "groupBy": {"a": "$.a", "b": "$.b", "c": "$.c"}}]))
+    with pytest.raises(ConfigError, match="limits.metersPerNamespace"):
+        config_meters(Settings(limits=limits, meters=[meter, {**meter, "slug": "other"}]))
+    for bad, field in (({"slug": "calls\n"}, "meters.0.slug"),
+                       ({"valueProperty": "$" + ".a" * 100_000, "aggregation": "SUM"}, "meters.0"),
+                       ({"groupBy": {"value": "$.a", "group_value": "$.b"}}, "meters.0"),
+                       ({"name": "a\x00"}, "meters.0.name")):
+        with pytest.raises(ConfigError, match=field):
+            config_meters(Settings(meters=[{**meter, **bad}]))
 
 
 # -- out-of-range times ----------------------------------------------------------------
