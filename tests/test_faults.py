@@ -152,7 +152,7 @@ def assert_exactly_once(url: str, acknowledged: int, api: AppServer) -> None:
     for n in range(acknowledged):
         tally[f"s{n % SUBJECTS}"] += n
     with api.client() as client:
-        response = client.get(f"/api/v1/meters/{METER.slug}/query", params={"groupBy": "subject"})
+        response = client.get(f"/api/v1/meters/{METER['slug']}/query", params={"groupBy": "subject"})
     assert response.status_code == 200, response.text
     assert {row["subject"]: row["value"] for row in response.json()["data"]} == {
         subject: float(value) for subject, value in tally.items()}
