@@ -36,8 +36,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,9 +49,8 @@ from typing import Any
 
 import httpx
 import psycopg
-import yaml
 
-from bench.common import wait_http
+from bench.common import Role
 from pgmeter.config import Settings
 from pgmeter.db.migrate import migrate
 from pgmeter.devstack import services
@@ -87,40 +84,6 @@ def hour_of(text: str) -> datetime:
 
 
 # -- components ----------------------------------------------------------------------------
-
-
-class RoleProcess:
-    """One ``python -m pgmeter <role>`` process, restartable with the same config and port."""
-
-    def __init__(self, name: str, role: str, settings: Settings, workdir: Path) -> None:
-        self.name = name
-        self.role = role
-        self.settings = settings
-        self.config = workdir / f"{name}.yaml"
-        self.config.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True)))
-        self.log = workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 90) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "pgmeter", "--config", str(self.config), self.role],
-                                            stdout=log, stderr=subprocess.STDOUT, env=env)
-        wait_http(f"http://{self.settings.address}/readyz", timeout, self.process, self.log)
-
-    def kill(self) -> None:
-        assert self.process is not None and self.process.poll() is None, f"{self.name} is not running"
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
 
 
 class ServiceProcess:
@@ -383,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     postgres = ServiceProcess("postmaster", services.start_postgres, workdir)
     broker = ServiceProcess("nats-server", services.start_nats, workdir)
     valkey = ServiceProcess("valkey", services.start_valkey, workdir)
-    roles: list[RoleProcess] = []
+    roles: list[Role] = []
     producer: Producer | None = None
     monitor: Monitor | None = None
     try:
@@ -397,15 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         base = Settings(postgres={"url": postgres.url}, nats=nats_settings, valkey={"url": valkey.url},
                         meters=METERS, logLevel="warning")
 
-        def role(name: str, kind: str) -> RoleProcess:
-            return RoleProcess(name, kind, base.model_copy(update={"address": f"127.0.0.1:{free_port()}"}), workdir)
+        def role(name: str, kind: str) -> Role:
+            return Role(base.model_copy(update={"address": f"127.0.0.1:{free_port()}"}), kind, workdir, name=name)
 
         api = role("api", "api")
         roles = [api, role("sink-1", "sink"), role("sink-2", "sink"), role("refresher", "refresher")]
         for process in roles:
             process.start()
         api_url = f"http://{api.settings.address}"
-        targets: dict[str, list[RoleProcess | ServiceProcess]] = {
+        targets: dict[str, list[Role | ServiceProcess]] = {
             "sink": [roles[1], roles[2]], "api": [api], "refresher": [roles[3]],
             "postmaster": [postgres], "nats-server": [broker], "valkey": [valkey]}
 

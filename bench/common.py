@@ -60,27 +60,35 @@ def embedded_services(keep: bool = False) -> Iterator[Services]:
 
 
 class Role:
-    """``python -m pgmeter --config <file> <role>`` as a child process."""
+    """``python -m pgmeter --config <file> <role>`` as a child process, restartable with
+    the same config and port. ``name`` (default: the role) names its files, for several
+    processes of one role."""
 
-    def __init__(self, settings: Settings, role: str, workdir: Path) -> None:
+    def __init__(self, settings: Settings, role: str, workdir: Path, name: str | None = None) -> None:
         self.settings = settings
         self.role = role
-        self.config = workdir / f"{role}.yaml"
+        self.name = name or role
+        self.config = workdir / f"{self.name}.yaml"
         self.config.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True)))
-        self.log = workdir / f"{role}.log"
+        self.log = workdir / f"{self.name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.settings.address}"
 
-    def start(self, timeout: float = 60) -> Role:
+    def start(self, timeout: float = 90) -> Role:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "pgmeter", "--config", str(self.config), self.role],
                                             stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_http(f"{self.url}/readyz", timeout, self.process, self.log)
         return self
+
+    def kill(self) -> None:
+        assert self.process is not None and self.process.poll() is None, f"{self.name} is not running"
+        self.process.kill()
+        self.process.wait(10)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

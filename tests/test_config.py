@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pgmeter.cli import load
 from pgmeter.config import ConfigError, load_settings
+from pgmeter.meters.service import config_meters
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -40,7 +42,7 @@ meters:
     assert settings.valkey.url == "redis://env:6379/0"
     assert settings.namespace == "tpp"
     assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 9000)
-    assert settings.meters[0].group_by == {"endpoint": "$.endpoint"}
+    assert config_meters(settings)[0].group_by == {"endpoint": "$.endpoint"}
 
 
 @pytest.mark.parametrize(
@@ -62,9 +64,10 @@ meters:
     ],
 )
 def test_invalid_config_names_file_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    """What the CLI loads (the settings, then the meters the meters package validates)."""
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
-        load_settings(path)
+        load(path)
     message = str(caught.value)
     assert str(path) in message
     assert expected in message

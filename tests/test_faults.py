@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,6 @@ import psycopg
 
 from pgmeter.config import Settings
 from pgmeter.devstack.process import free_port
-from pgmeter.meters.model import MeterSpec
 from tests.support.app import AppServer, RoleProcess
 from tests.support.faults import consumer_idle, hold_sink_writes, kill_postmaster, wait_for_blocked_writer
 from tests.support.ingest import (
@@ -45,8 +46,7 @@ from tests.support.ingest import (
 BATCH = 20
 SUBJECTS = 7
 SHORT_ACK_WAIT = timedelta(seconds=2)  # a crashed sink's messages come back quickly
-METER = MeterSpec.model_validate({"slug": "fault_n", "aggregation": "SUM", "eventType": "api.call",
-                                  "valueProperty": "$.n"})
+METER = {"slug": "fault_n", "aggregation": "SUM", "eventType": "api.call", "valueProperty": "$.n"}
 
 
 def fault_event(n: int) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def assert_exactly_once(url: str, acknowledged: int, api: AppServer) -> None:
     for n in range(acknowledged):
         tally[f"s{n % SUBJECTS}"] += n
     with api.client() as client:
-        response = client.get(f"/api/v1/meters/{METER.slug}/query", params={"groupBy": "subject"})
+        response = client.get(f"/api/v1/meters/{METER['slug']}/query", params={"groupBy": "subject"})
     assert response.status_code == 200, response.text
     assert {row["subject"]: row["value"] for row in response.json()["data"]} == {
         subject: float(value) for subject, value in tally.items()}
@@ -185,83 +185,85 @@ def test_sink_killed_with_sigkill_holding_uncommitted_events(settings: Settings,
             sink.stop()
 
 
-def test_postmaster_killed_with_sigkill_mid_transaction(tmp_path: Path, nats_server: Any) -> None:
+@contextmanager
+def on_private_postgres(tmp_path: Path, nats_url: str) -> Iterator[tuple[PrivatePostgres, AppServer]]:
+    """An api and a sink on a Postgres of the test's own, which it may kill or stop."""
     postgres = PrivatePostgres(tmp_path).start()
+    tag = uuid.uuid4().hex[:10]
     try:
         settings = Settings(
             address=f"127.0.0.1:{free_port()}", postgres={"url": postgres.url}, meters=[METER],
-            nats={"url": nats_server.url, "stream": f"PGK_{free_port()}", "subject_prefix": f"pgk{free_port()}.events",
-                  "consumer": "sink_pg_kill", "ackWait": SHORT_ACK_WAIT})
+            nats={"url": nats_url, "stream": f"PG_{tag}", "subject_prefix": f"pg{tag}.events",
+                  "consumer": f"sink_{tag}", "ackWait": SHORT_ACK_WAIT})
         with AppServer(settings, {"api", "sink"}) as app:
-            producer = Producer(app.base_url)
-            producer.start()
-            backends: list[int] = []
-
-            def kill() -> None:
-                assert postgres.process is not None
-                backends.append(kill_postmaster(postgres.process))
-
-            strike_in_flight(postgres.url, producer, kill, after=5 * BATCH)
-            assert backends[0] > 0
-            time.sleep(1)  # the api keeps accepting (JetStream holds the events); the sink retries
-            acknowledged_while_down = producer.acknowledged
-            postgres.start()  # crash recovery
-            wait_until(lambda: producer.acknowledged > acknowledged_while_down, 30, "ingest after the restart")
-            assert_exactly_once(postgres.url, producer.finish(), app)
+            yield postgres, app
     finally:
         postgres.stop()
+
+
+@contextmanager
+def on_private_nats(tmp_path: Path, pg_server: Any) -> Iterator[tuple[PrivateNats, AppServer]]:
+    """An api and a sink on a NATS of the test's own, which it may kill or stop."""
+    broker = PrivateNats(tmp_path).start()
+    try:
+        with isolated_settings(pg_server, broker.url, nats={"ackWait": SHORT_ACK_WAIT}, meters=[METER]) as settings, \
+                AppServer(settings, {"api", "sink"}) as app:
+            yield broker, app
+    finally:
+        broker.stop()
+
+
+def test_postmaster_killed_with_sigkill_mid_transaction(tmp_path: Path, nats_server: Any) -> None:
+    with on_private_postgres(tmp_path, nats_server.url) as (postgres, app):
+        producer = Producer(app.base_url)
+        producer.start()
+        backends: list[int] = []
+
+        def kill() -> None:
+            assert postgres.process is not None
+            backends.append(kill_postmaster(postgres.process))
+
+        strike_in_flight(postgres.url, producer, kill, after=5 * BATCH)
+        assert backends[0] > 0
+        time.sleep(1)  # the api keeps accepting (JetStream holds the events); the sink retries
+        acknowledged_while_down = producer.acknowledged
+        postgres.start()  # crash recovery
+        wait_until(lambda: producer.acknowledged > acknowledged_while_down, 30, "ingest after the restart")
+        assert_exactly_once(postgres.url, producer.finish(), app)
 
 
 def test_postgres_restarted_mid_transaction(tmp_path: Path, nats_server: Any) -> None:
     """A fast shutdown (SIGINT) rolls the blocked sink transaction back: same promise."""
-    postgres = PrivatePostgres(tmp_path).start()
-    try:
-        settings = Settings(
-            address=f"127.0.0.1:{free_port()}", postgres={"url": postgres.url}, meters=[METER],
-            nats={"url": nats_server.url, "stream": f"PGR_{free_port()}", "subject_prefix": f"pgr{free_port()}.events",
-                  "consumer": "sink_pg_restart", "ackWait": SHORT_ACK_WAIT})
-        with AppServer(settings, {"api", "sink"}) as app:
-            producer = Producer(app.base_url)
-            producer.start()
-            strike_in_flight(postgres.url, producer, postgres.stop, after=5 * BATCH)
-            time.sleep(1)
-            postgres.start()
-            assert_exactly_once(postgres.url, producer.finish(), app)
-    finally:
-        postgres.stop()
+    with on_private_postgres(tmp_path, nats_server.url) as (postgres, app):
+        producer = Producer(app.base_url)
+        producer.start()
+        strike_in_flight(postgres.url, producer, postgres.stop, after=5 * BATCH)
+        time.sleep(1)
+        postgres.start()
+        assert_exactly_once(postgres.url, producer.finish(), app)
 
 
 def test_nats_killed_with_sigkill_while_the_sink_holds_events(tmp_path: Path, pg_server: Any) -> None:
-    broker = PrivateNats(tmp_path).start()
-    try:
-        with isolated_settings(pg_server, broker.url, nats={"ackWait": SHORT_ACK_WAIT}, meters=[METER]) as settings, \
-                AppServer(settings, {"api", "sink"}) as app:
-            producer = Producer(app.base_url)
-            producer.start()
-            url = settings.postgres.url
-            assert broker.process is not None
-            _, stored = strike_in_flight(url, producer, broker.process.kill, after=5 * BATCH)
-            # The block is gone: the sink commits what it holds while NATS is down, so its
-            # acks are lost and JetStream redelivers events that are already stored.
-            wait_until(lambda: stored_count(url) > stored, 30, "the held events committed")
-            assert_nothing_acknowledged_while_down(producer)
-            broker.start()  # same port and store: JetStream recovers what it acknowledged
-            assert_exactly_once(url, producer.finish(), app)
-    finally:
-        broker.stop()
+    with on_private_nats(tmp_path, pg_server) as (broker, app):
+        producer = Producer(app.base_url)
+        producer.start()
+        url = app.settings.postgres.url
+        assert broker.process is not None
+        _, stored = strike_in_flight(url, producer, broker.process.kill, after=5 * BATCH)
+        # The block is gone: the sink commits what it holds while NATS is down, so its
+        # acks are lost and JetStream redelivers events that are already stored.
+        wait_until(lambda: stored_count(url) > stored, 30, "the held events committed")
+        assert_nothing_acknowledged_while_down(producer)
+        broker.start()  # same port and store: JetStream recovers what it acknowledged
+        assert_exactly_once(url, producer.finish(), app)
 
 
 def test_nats_restarted_mid_stream(tmp_path: Path, pg_server: Any) -> None:
-    broker = PrivateNats(tmp_path).start()
-    try:
-        with isolated_settings(pg_server, broker.url, nats={"ackWait": SHORT_ACK_WAIT}, meters=[METER]) as settings, \
-                AppServer(settings, {"api", "sink"}) as app:
-            producer = Producer(app.base_url)
-            producer.start()
-            url = settings.postgres.url
-            strike_in_flight(url, producer, broker.stop, after=5 * BATCH)
-            assert_nothing_acknowledged_while_down(producer)
-            broker.start()
-            assert_exactly_once(url, producer.finish(), app)
-    finally:
-        broker.stop()
+    with on_private_nats(tmp_path, pg_server) as (broker, app):
+        producer = Producer(app.base_url)
+        producer.start()
+        url = app.settings.postgres.url
+        strike_in_flight(url, producer, broker.stop, after=5 * BATCH)
+        assert_nothing_acknowledged_while_down(producer)
+        broker.start()
+        assert_exactly_once(url, producer.finish(), app)

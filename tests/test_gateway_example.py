@@ -17,12 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pgmeter.config import MeterSpec, Settings
+from pgmeter.config import Settings
 from pgmeter.quota import layout
 from tests.support.app import AppServer
 
-METER = MeterSpec.model_validate({"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call",
-                                  "valueProperty": "$.n"})
+METER = {"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call", "valueProperty": "$.n"}
 
 
 def load_gateway() -> Any:

@@ -27,13 +27,12 @@ import valkey
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pgmeter.config import LagoCredits, LagoWebhooksConfig, MeterSpec, Settings
+from pgmeter.config import LagoCredits, LagoWebhooksConfig, Settings
 from pgmeter.quota import layout
 from tests.support.app import AppServer
 from tests.support.ingest import make_event, post_events, wait_until_stored
 
-METER = MeterSpec.model_validate({"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call",
-                                  "valueProperty": "$.n"})
+METER = {"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call", "valueProperty": "$.n"}
 HMAC_KEY = "hmac-token-" + uuid.uuid4().hex
 ISSUER = "https://lago.example.test"
 

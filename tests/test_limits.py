@@ -18,13 +18,13 @@ import httpx
 import psycopg
 import pytest
 import valkey as valkey_sync
-from pydantic import ValidationError
 
-from pgmeter.config import LimitsConfig, Settings
+from pgmeter.config import ConfigError, LimitsConfig, Settings
+from pgmeter.meters.service import config_meters
 from tests.support import events_sql, meter_env
 from tests.support.app import AppServer
 from tests.support.events_sql import Event
-from tests.support.ingest import make_event, post_events
+from tests.support.ingest import isolated_settings, make_event, post_events
 
 LIMITS = {"queryMaxRows": 5, "cacheMaxEntryBytes": 1024, "metersPerNamespace": 4, "meterGroupByKeys": 4,
           "jsonPathBytes": 64, "jsonPathDepth": 4}
@@ -39,6 +39,15 @@ def limited(settings: Settings) -> Settings:
 @pytest.fixture
 def api(limited: Settings) -> Iterator[httpx.Client]:
     with AppServer(limited, {"api"}) as server, server.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def refusing(pg_server: Any, nats_server: Any, valkey_server: Any) -> Iterator[httpx.Client]:
+    """One server for the many requests that must be refused and change nothing (each
+    test checks that they did not); a server per request cost ten times the request."""
+    with isolated_settings(pg_server, nats_server.url, valkey_server.url, limits=LIMITS) as settings, \
+            AppServer(settings, {"api"}) as server, server.client() as client:
         yield client
 
 
@@ -145,9 +154,9 @@ def test_configured_json_path_limits(api: httpx.Client) -> None:
     ({"slug": "calls", "eventFrom": "1969-12-31T23:59:59Z"}, "eventFrom"),
     ({"slug": "calls", "eventFrom": "9999-06-01T00:00:00Z"}, "eventFrom"),
 ])
-def test_meter_fields_are_checked(api: httpx.Client, body: dict[str, Any], words: str) -> None:
-    assert words in problem(create(api, **body))["detail"]
-    assert api.get("/api/v1/meters").json() == []
+def test_meter_fields_are_checked(refusing: httpx.Client, body: dict[str, Any], words: str) -> None:
+    assert words in problem(create(refusing, **body))["detail"]
+    assert refusing.get("/api/v1/meters").json() == []
 
 
 @pytest.mark.parametrize("text", [
@@ -158,9 +167,9 @@ def test_meter_fields_are_checked(api: httpx.Client, body: dict[str, Any], words
     '{"slug": "calls", "aggregation": "COUNT", "eventType": "e", "metadata": {"\\ud800": "v"}}',
     '{"slug": "calls", "aggregation": "COUNT", "eventType": "e", "metadata": {"k": "\\udfff"}}',
 ])
-def test_unpaired_surrogates_in_meters_are_400(api: httpx.Client, text: str) -> None:
-    problem(raw_post(api, "/api/v1/meters", text))
-    assert api.get("/api/v1/meters").json() == []
+def test_unpaired_surrogates_in_meters_are_400(refusing: httpx.Client, text: str) -> None:
+    problem(raw_post(refusing, "/api/v1/meters", text))
+    assert refusing.get("/api/v1/meters").json() == []
 
 
 def test_a_description_may_have_line_breaks(api: httpx.Client) -> None:
@@ -191,15 +200,17 @@ def test_meters_per_namespace(api: httpx.Client) -> None:
 def test_config_meters_meet_the_same_rules() -> None:
     limits = {"meterGroupByKeys": 2, "metersPerNamespace": 1}
     meter = {"slug": "calls", "aggregation": "COUNT", "eventType": "e"}
-    Settings(limits=limits, meters=[meter])
-    with pytest.raises(ValidationError, match="limits.meterGroupByKeys"):
-        Settings(limits=limits, meters=[{**meter, "groupBy": {"a": "$.a", "b": "$.b", "c": "$.c"}}])
-    with pytest.raises(ValidationError, match="limits.metersPerNamespace"):
-        Settings(limits=limits, meters=[meter, {**meter, "slug": "other"}])
-    for bad in ({"slug": "calls\n"}, {"valueProperty": "$" + ".a" * 100_000, "aggregation": "SUM"},
-                {"groupBy": {"value": "$.a", "group_value": "$.b"}}, {"name": "a\x00"}):
-        with pytest.raises(ValidationError):
-            Settings(meters=[{**meter, **bad}])
+    assert [spec.slug for spec in config_meters(Settings(limits=limits, meters=[meter]))] == ["calls"]
+    with pytest.raises(ConfigError, match="limits.meterGroupByKeys"):
+        config_meters(Settings(limits=limits, meters=[{**meter, "groupBy": {"a": "$.a", "b": "$.b", "c": "$.c"}}]))
+    with pytest.raises(ConfigError, match="limits.metersPerNamespace"):
+        config_meters(Settings(limits=limits, meters=[meter, {**meter, "slug": "other"}]))
+    for bad, field in (({"slug": "calls\n"}, "meters.0.slug"),
+                       ({"valueProperty": "$" + ".a" * 100_000, "aggregation": "SUM"}, "meters.0"),
+                       ({"groupBy": {"value": "$.a", "group_value": "$.b"}}, "meters.0"),
+                       ({"name": "a\x00"}, "meters.0.name")):
+        with pytest.raises(ConfigError, match=field):
+            config_meters(Settings(meters=[{**meter, **bad}]))
 
 
 # -- out-of-range times ----------------------------------------------------------------
@@ -208,17 +219,31 @@ TIME_CASES = ["0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00Z", "9999-12-31T2
               "9999-12-31T12:00:00Z"]
 
 
-@pytest.fixture
-def metered(api: httpx.Client, limited: Settings) -> httpx.Client:
+def add_calls(api: httpx.Client, settings: Settings) -> httpx.Client:
     assert create(api, slug="calls", eventType="call", groupBy={"model": "$.model"}).status_code == 201
-    events_sql.insert_committed(limited.postgres.url, [
+    events_sql.insert_committed(settings.postgres.url, [
         Event(f"s{n % 4}", DAY + timedelta(minutes=n), {"model": f"m{n % 2}"}, type="call") for n in range(8)])
     return api
 
 
+@pytest.fixture
+def metered(api: httpx.Client, limited: Settings) -> httpx.Client:
+    return add_calls(api, limited)
+
+
+@pytest.fixture(scope="module")
+def metered_read_only(pg_server: Any, nats_server: Any, valkey_server: Any) -> Iterator[httpx.Client]:
+    """``metered``, shared by tests that only read."""
+    with isolated_settings(pg_server, nats_server.url, valkey_server.url, limits=LIMITS) as settings, \
+            AppServer(settings, {"api"}) as server, server.client() as client:
+        yield add_calls(client, settings)
+
+
 @pytest.mark.parametrize("value", TIME_CASES)
 @pytest.mark.parametrize("name", ["from", "to"])
-def test_out_of_range_times_are_400_naming_the_parameter(metered: httpx.Client, name: str, value: str) -> None:
+def test_out_of_range_times_are_400_naming_the_parameter(metered_read_only: httpx.Client, name: str,
+                                                          value: str) -> None:
+    metered = metered_read_only
     for path in ("/api/v1/meters/calls/query", "/api/v1/meters/calls/subjects",
                  "/api/v1/meters/calls/group-by/model/values"):
         body = problem(metered.get(path, params={name: value}))

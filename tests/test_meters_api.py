@@ -238,6 +238,10 @@ def test_subjects_and_group_by_values(api: httpx.Client, settings: Settings) -> 
     assert api.get("/api/v1/meters/calls/subjects").json() == ["a", "b", "c", "d"]  # eventFrom ignored
     assert api.get("/api/v1/meters/calls/subjects", params={"from": "2024-05-01T00:00:01Z"}).json() == ["a", "c", "d"]
     assert api.get("/api/v1/meters/calls/subjects", params={"to": "2024-05-01T00:00:01Z"}).json() == ["b"]
+    # One second around a merged event: the partial minute is read from merged raw events.
+    around_a = {"from": meter_env.iso(now - timedelta(hours=2)), "to": meter_env.iso(now - timedelta(hours=2, seconds=-1))}
+    assert api.get("/api/v1/meters/calls/subjects", params=around_a).json() == ["a"]
+    assert api.get("/api/v1/meters/calls/group-by/endpoint/values", params=around_a).json() == ["/x"]
     values = api.get("/api/v1/meters/calls/group-by/endpoint/values")
     assert values.json() == ["/x", "5"]  # default: the last 24 hours
     week = api.get("/api/v1/meters/calls/group-by/endpoint/values",

@@ -78,8 +78,7 @@ def test_a_differing_database_meter_stops_start_with_one_line(settings: Settings
             await conn.close()
 
     asyncio.run(run())
-    conflicting = settings.model_copy(update={"meters": [MeterSpec.model_validate(
-        {**CONFIG_METERS[0], "groupBy": {"endpoint": "$.path"}})]})
+    conflicting = settings.model_copy(update={"meters": [{**CONFIG_METERS[0], "groupBy": {"endpoint": "$.path"}}]})
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError):
         AppServer(conflicting, {"api"}).start()
     assert any("config meter 'api_calls' differs" in r.getMessage() for r in caplog.records)

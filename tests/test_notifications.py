@@ -22,13 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pgmeter.config import MeterSpec, Settings
+from pgmeter.config import Settings
 from pgmeter.devstack.process import free_port
 from tests.support.app import AppServer, ThreadedServer
 from tests.support.ingest import make_event, post_events
 
-METER = MeterSpec.model_validate({"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call",
-                                  "valueProperty": "$.n"})
+METER = {"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call", "valueProperty": "$.n"}
 WAIT = 30.0
 
 

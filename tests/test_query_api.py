@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,13 +19,15 @@ from pgmeter.config import Settings
 from tests.support import events_sql, meter_env
 from tests.support.app import AppServer
 from tests.support.events_sql import Event
+from tests.support.ingest import isolated_settings
 from tests.support.metrics import delta, scrape
 
 DAY = datetime(2024, 1, 10, tzinfo=UTC)
 
 
-@pytest.fixture
-def api(settings: Settings) -> Iterator[httpx.Client]:
+@contextmanager
+def query_api(settings: Settings) -> Iterator[httpx.Client]:
+    """An api with four meters over three events (all merged)."""
     with AppServer(settings, {"api"}) as server, server.client() as client:
         for body in (
             {"slug": "calls", "aggregation": "COUNT", "eventType": "call", "groupBy": {"model": "$.model"}},
@@ -41,6 +44,21 @@ def api(settings: Settings) -> Iterator[httpx.Client]:
             Event("b", DAY + timedelta(days=1, hours=2), {"tokens": 1, "model": "x", "user": "u1"}, type="call"),
         ])
         meter_env.refresh(settings.postgres.url)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api(pg_server: Any, nats_server: Any, valkey_server: Any) -> Iterator[httpx.Client]:
+    """One server for the tests that only read: a server and database per test cost
+    thirty times what their queries do."""
+    with isolated_settings(pg_server, nats_server.url, valkey_server.url) as settings, query_api(settings) as client:
+        yield client
+
+
+@pytest.fixture
+def fresh_api(settings: Settings) -> Iterator[httpx.Client]:
+    """The same, of its own, for a test that writes."""
+    with query_api(settings) as client:
         yield client
 
 
@@ -175,7 +193,8 @@ def test_csv(api: httpx.Client) -> None:
     assert listed.headers["content-type"] == "application/json"
 
 
-def test_read_your_writes_and_latency_metric(api: httpx.Client, settings: Settings) -> None:
+def test_read_your_writes_and_latency_metric(fresh_api: httpx.Client, settings: Settings) -> None:
+    api = fresh_api
     events_sql.insert_committed(settings.postgres.url, [Event("c", DAY, {"tokens": 100}, type="call")])
     before = scrape(api)
     assert query(api, "tokens", subject="c").json()["data"][0]["value"] == 100  # not merged yet

@@ -23,14 +23,13 @@ import psycopg
 import pytest
 import valkey
 
-from pgmeter.config import MeterSpec, Settings
+from pgmeter.config import Settings
 from pgmeter.quota import layout
 from tests.support.app import AppServer, RoleProcess
 from tests.support.ingest import make_event, post_events, wait_until_stored
 from tests.support.services import free_port
 
-METER = MeterSpec.model_validate({"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call",
-                                  "valueProperty": "$.n"})
+METER = {"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call", "valueProperty": "$.n"}
 WAIT = 30.0
 
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             from pgmeter.collect.run import run_collect
 
             return run_collect(args)
-        settings = load_settings(args.config)
+        settings = load(args.config)
         logs.configure(settings.log_level)
         if args.command == "migrate":
             return run_migrate(settings)
@@ -99,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), 2)
     except KeyboardInterrupt:
         return 0
+
+
+def load(path: str | Path | None) -> Settings:
+    """The settings, with the config file's meters checked too: a bad meter is a
+    configuration error like any other (exit 2), found before any connection."""
+    from pgmeter.meters.service import config_meters
+
+    settings = load_settings(path)
+    config_meters(settings)
+    return settings
 
 
 def run_migrate(settings: Settings) -> int:
@@ -194,11 +204,11 @@ def run_dev(args: argparse.Namespace) -> int:
     from pgmeter.devstack.stack import DevStack, StackError
 
     if args.config or Path(DEFAULT_CONFIG_FILE).exists():
-        settings = load_settings(args.config)
+        settings = load(args.config)
     else:
         example = resources.files("pgmeter.devstack").joinpath("example.yaml")
         with resources.as_file(example) as path:
-            settings = load_settings(path)
+            settings = load(path)
     logs.configure(settings.log_level)
     try:
         sock = listen(settings)
@@ -230,7 +240,8 @@ def run_dev(args: argparse.Namespace) -> int:
 def dev_banner(settings: Settings, stack: DevStack) -> str:
     """What a newcomer needs on one screen: where things are and what to try first."""
     base = f"http://{settings.address}"
-    meters = ", ".join(meter.slug for meter in settings.meters) or "none yet (POST /api/v1/meters)"
+    slugs = [str(meter["slug"]) for meter in settings.meters]
+    meters = ", ".join(slugs) or "none yet (POST /api/v1/meters)"
     auth = "  (auth on: add -H 'Authorization: Bearer <token>')" if settings.auth_tokens else ""
     return "\n".join([
         "",
@@ -246,7 +257,7 @@ def dev_banner(settings: Settings, stack: DevStack) -> str:
         f"  curl -X POST {base}/api/v1/events -H 'Content-Type: application/cloudevents+json' \\",
         "    -d '{\"specversion\":\"1.0\",\"id\":\"e1\",\"source\":\"gw\",\"type\":\"api.call\",\"subject\":\"tpp-1\","
         "\"data\":{\"endpoint\":\"/accounts\",\"method\":\"GET\",\"response_time_ms\":42}}'",
-        f"  curl '{base}/api/v1/meters/{settings.meters[0].slug if settings.meters else 'SLUG'}/query?groupBy=subject'",
+        f"  curl '{base}/api/v1/meters/{slugs[0] if slugs else 'SLUG'}/query?groupBy=subject'",
         "Ctrl-C stops everything. JSON logs follow.",
         "",
     ])

@@ -25,13 +25,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-
-from pgmeter.meters.model import MeterSpec, check_limits
 
 DEFAULT_CONFIG_FILE = "pgmeter.yaml"
 
@@ -406,7 +405,12 @@ class Settings(BaseSettings):
     # Bearer token -> namespace. Empty means auth is off.
     auth_tokens: dict[str, str] = Field(default_factory=dict, alias="authTokens",
                                         validation_alias=AliasChoices("authTokens", "auth_tokens"))
-    meters: list[MeterSpec] = Field(default_factory=list)
+    # OpenMeter meter definitions as written. This module knows no domain: the meters
+    # package validates them (pgmeter.meters.service.config_meters), with the same
+    # rules and limits as the API, when the CLI loads the file and when a process starts.
+    meters: list[dict[str, Any]] = Field(default_factory=list)
+    # Where the settings came from, for error messages: the file, or "environment".
+    _source: str = PrivateAttr(default="environment")
 
     @field_validator("address")
     @classmethod
@@ -423,20 +427,10 @@ class Settings(BaseSettings):
     def _token_namespaces(cls, value: dict[str, str]) -> dict[str, str]:
         return _check_tokens(value)
 
-    @model_validator(mode="after")
-    def _meters_within_limits(self) -> Settings:
-        # Config meters meet the same limits as meters created through the API.
-        limits = self.limits
-        if len(self.meters) > limits.meters_per_namespace:
-            raise ValueError(f"meters: {len(self.meters)} meters, more than limits.metersPerNamespace "
-                             f"({limits.meters_per_namespace})")
-        for meter in self.meters:
-            problems = check_limits(meter, group_by_keys=limits.meter_group_by_keys,
-                                    json_path_bytes=limits.json_path_bytes,
-                                    json_path_depth=limits.json_path_depth)
-            if problems:
-                raise ValueError(f"meter {meter.slug}: " + "; ".join(f"{f}: {m}" for f, m in problems))
-        return self
+    @property
+    def source(self) -> str:
+        """Where these settings came from, as error messages name it."""
+        return f"{self._source} (or PGMETER_* environment)"
 
     @property
     def listen_host(self) -> str:
@@ -503,12 +497,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def invalid(source: str, exc: ValidationError, at: tuple[str | int, ...] = ()) -> ConfigError:
+    """One line naming ``source`` and every field ``exc`` found wrong; ``at`` is where
+    in the file the validated part sits (``("meters", 0)``)."""
     problems = []
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        field = ".".join(str(part) for part in (*at, *error["loc"])) or "(top level)"
         problems.append(f"{field}: {error['msg']}")
-    return f"{source}: invalid configuration: " + "; ".join(problems)
+    return ConfigError(f"{source}: invalid configuration: " + "; ".join(problems))
 
 
 def load_settings(path: str | Path | None = None, *, required: bool = False) -> Settings:
@@ -526,13 +522,10 @@ def load_settings(path: str | Path | None = None, *, required: bool = False) -> 
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, f"{source} (or PGMETER_* environment)")) from exc
+        raise invalid(f"{source} (or PGMETER_* environment)", exc) from exc
     except (ValueError, json.JSONDecodeError) as exc:  # malformed JSON in a PGMETER_ variable
         raise ConfigError(f"{source} (or PGMETER_* environment): {exc}") from exc
-    slugs = [meter.slug for meter in settings.meters]
-    duplicates = sorted({slug for slug in slugs if slugs.count(slug) > 1})
-    if duplicates:
-        raise ConfigError(f"{source}: meters: duplicate slug {', '.join(duplicates)}")
+    settings._source = source
     return settings
 
 
@@ -664,4 +657,4 @@ def load_collector_config(path: str | Path) -> CollectorConfig:
     try:
         return CollectorConfig(**_read_yaml(file))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(file))) from exc
+        raise invalid(str(file), exc) from exc

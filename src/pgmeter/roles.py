@@ -33,8 +33,12 @@ async def start(runtime: Runtime) -> None:
     await stream.ensure_stream(runtime)
     await meters_service.start(runtime)
     if "api" in runtime.roles:
+        from pgmeter.entitlements import service as entitlements
         from pgmeter.ingest import publisher
         from pgmeter.query.cache import QueryCache
+
+        # Features rely on their meter: no deleting it, no removing a groupBy key they filter on.
+        runtime.meter_guards.append(entitlements.meter_change_refusal)
 
         runtime.query_cache = QueryCache(runtime.valkey, runtime.settings)
         await publisher.start(runtime)

@@ -64,6 +64,12 @@ class Committed:
     ids: Mapping[tuple[str, str, str], list[str]] = field(default_factory=dict)
 
 
+# A check a meter deletion (``new_group_by`` None) or groupBy edit must pass: given the
+# api's connection and the meter's id, it answers why the change is refused (409), or
+# None. Rooms whose data relies on meters (features of entitlements) register one.
+MeterGuard = Callable[[asyncpg.Connection, str, dict[str, str] | None], Awaitable[str | None]]
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -83,6 +89,9 @@ class Runtime:
     # Called (synchronously, so keep them quick) after each sink commit, before the acks.
     # Optional rooms (the quota worker) register here; the sink knows nothing of them.
     post_commit: list[Callable[[Committed], None]] = field(default_factory=list)
+    # Asked, in order, before the api deletes a meter or changes its groupBy; the meters
+    # api knows nothing of what they protect.
+    meter_guards: list[MeterGuard] = field(default_factory=list)
     # What the roles started, for the api and for each other; None where the role does
     # not run in this process.
     publisher: Publisher | None = None

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pgmeter.config import load_settings
+from pgmeter.meters.service import config_meters
 
 CNPG_API = "postgresql.cnpg.io/v1"
 
@@ -82,7 +83,7 @@ def test_every_role_loads_its_settings(render, load) -> None:
         else:
             assert settings.valkey.url == "redis://valkey-primary.valkey.svc:6379/0", role
             assert settings.valkey.password == "stub-pgmeter-valkey-valkey-password", role
-        assert [m.slug for m in settings.meters] == ["api_calls", "api_latency"], role
+        assert [m.slug for m in config_meters(settings)] == ["api_calls", "api_latency"], role
         # Only lago-sync runs the sync (and holds the key); the file says enabled.
         assert settings.lago.enabled is (role == "lago-sync"), role
         # The chart's defaults deliver running usage ahead of Lago's hourly invoicing clock.
@@ -107,7 +108,7 @@ def test_default_config_file_loads(default_render, tmp_path) -> None:
     path.write_text(default_render.get("ConfigMap", "pgmeter-config")["data"]["pgmeter.yaml"])
     settings = load_settings(path)
     assert settings.lago.enabled is False
-    assert yaml.safe_load(path.read_text())["meters"][0]["slug"] == settings.meters[0].slug
+    assert yaml.safe_load(path.read_text())["meters"][0]["slug"] == config_meters(settings)[0].slug
 
 
 @pytest.mark.parametrize(("credentials", "expected"), [

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import uvicorn
@@ -52,13 +52,33 @@ class ThreadedServer:
             self.server = None
 
 
-class AppServer:
+class ServedApp:
+    """What every test server shares: started by :meth:`start` (the subclass's), stopped
+    by :meth:`stop`, and usable as a context manager."""
+
+    _server: ThreadedServer | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class AppServer(ServedApp):
     """A real uvicorn server with the given roles, on its own thread and loop."""
 
     def __init__(self, settings: Settings, roles: frozenset[str] | set[str]) -> None:
         self.settings = settings
         self.roles = frozenset(roles)
-        self._server: ThreadedServer | None = None
 
     @property
     def base_url(self) -> str:
@@ -85,17 +105,6 @@ class AppServer:
         self._server.start()
         return self
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> AppServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def write_config(settings: Settings, path: Path) -> Path:
     path.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True)))
@@ -117,28 +126,26 @@ def wait_ready(process: subprocess.Popen[bytes], base_url: str, log: Path, timeo
     raise AssertionError(f"not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-class RoleProcess:
-    """``python -m pgmeter --config ... <role>`` as a child process."""
+class PgmeterProcess:
+    """``python -m pgmeter ARGS`` as a child process (kill -9 is real), its output in
+    ``log``, with none of the test process's PGMETER_* environment."""
 
-    def __init__(self, settings: Settings, role: str, workdir: Path) -> None:
-        self.settings = settings
-        self.role = role
-        self.config = write_config(settings, workdir / f"{role}.yaml")
-        self.log = workdir / f"{role}.log"
+    def __init__(self, args: list[str], base_url: str, log: Path) -> None:
+        self.args = args
+        self.base_url = base_url
+        self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> RoleProcess:
+    def start(self) -> Self:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pgmeter", "--config", str(self.config), self.role],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-            )
+            self.process = subprocess.Popen([sys.executable, "-m", "pgmeter", *self.args],
+                                            stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
         assert self.process is not None
-        wait_ready(self.process, f"http://{self.settings.address}", self.log, timeout)
+        wait_ready(self.process, self.base_url, self.log, timeout)
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
@@ -154,3 +161,13 @@ class RoleProcess:
                 self.process.kill()
                 self.process.wait(10)
         return self.process.returncode if self.process else None
+
+
+class RoleProcess(PgmeterProcess):
+    """``python -m pgmeter --config ... <role>`` as a child process."""
+
+    def __init__(self, settings: Settings, role: str, workdir: Path) -> None:
+        self.settings = settings
+        self.role = role
+        self.config = write_config(settings, workdir / f"{role}.yaml")
+        super().__init__(["--config", str(self.config), role], f"http://{settings.address}", workdir / f"{role}.log")

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import httpx
 import psycopg
 import uvicorn
 import yaml
@@ -20,19 +16,18 @@ import yaml
 from pgmeter.collect.app import Collector, create_app
 from pgmeter.config import CollectorConfig
 from pgmeter.devstack.process import free_port
-from tests.support.app import ThreadedServer
+from tests.support.app import PgmeterProcess, ServedApp, ThreadedServer
 
 
 def collector_config(buffer: Path, pipelines: list[dict[str, Any]], **extra: Any) -> CollectorConfig:
     return CollectorConfig(listen=f"127.0.0.1:{free_port()}", buffer=buffer, pipelines=pipelines, **extra)
 
 
-class CollectorServer:
+class CollectorServer(ServedApp):
     """The collector app under a real uvicorn server, on its own thread."""
 
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
-        self._server: ThreadedServer | None = None
 
     @property
     def base_url(self) -> str:
@@ -52,62 +47,20 @@ class CollectorServer:
         self._server.start()
         return self
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
 
-    def __enter__(self) -> CollectorServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class CollectorProcess:
-    """``python -m pgmeter collect --config FILE`` as a child process."""
+class CollectorProcess(PgmeterProcess):
+    """``python -m pgmeter collect --config FILE`` as a child process, started ready."""
 
     def __init__(self, config: CollectorConfig, workdir: Path, name: str = "collector") -> None:
         self.config = config
         self.file = workdir / f"{name}.yaml"
         self.file.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
-        self.log = workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(["collect", "--config", str(self.file)], f"http://{config.listen}", workdir / f"{name}.log")
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.config.listen}"
-
-    def start(self, timeout: float = 30) -> CollectorProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PGMETER_")}
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "pgmeter", "collect", "--config", str(self.file)],
-                                            stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"collector exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"collector not ready:\n{self.log.read_text()[-4000:]}")
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+    def start(self, timeout: float = 30) -> Self:
+        super().start()
+        self.wait_ready(timeout)
+        return self
 
 
 def stored_ids(database_url: str) -> list[str]:

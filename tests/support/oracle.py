@@ -174,6 +174,20 @@ class Stored:
     # Memo of values read from data, by (rule, path): thousands of queries read them.
     memo: dict[tuple[str, str], Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
+    @property
+    def second(self) -> datetime:
+        """The event's time in UTC, to the second (what the range bounds compare)."""
+        key = ("s", "")
+        if key not in self.memo:
+            self.memo[key] = _second(self.time)
+        return self.memo[key]  # type: ignore[no-any-return]
+
+    def window(self, size: str, zone: ZoneInfo) -> datetime:
+        key = ("w", f"{size} {zone.key}")
+        if key not in self.memo:
+            self.memo[key] = window_start(self.time, size, zone)
+        return self.memo[key]  # type: ignore[no-any-return]
+
     def group(self, path: str) -> str:
         key = ("g", path)
         if key not in self.memo:
@@ -231,8 +245,10 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
 
     groups: dict[tuple[Any, ...], list[Stored]] = defaultdict(list)
     for event in events:
-        t = _second(event.time)
-        if event.type != meter.event_type or (lo is not None and t < lo) or (hi is not None and t >= hi):
+        if event.type != meter.event_type:
+            continue
+        t = event.second
+        if (lo is not None and t < lo) or (hi is not None and t >= hi):
             continue
         if query.subjects and event.subject not in query.subjects:
             continue
@@ -241,7 +257,7 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
             continue
         if any(string_filter(f, event.group(meter.group_by[k])) is False for k, f in query.advanced.items()):
             continue
-        start = window_start(event.time, query.window_size, zone) if query.window_size else None
+        start = event.window(query.window_size, zone) if query.window_size else None
         key = (start, event.subject if by_subject else None,
                tuple(event.group(meter.group_by[k]) for k in keys))
         groups[key].append(event)
@@ -254,9 +270,9 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
         if query.window_size:
             ws, we = start, window_end(start, query.window_size, zone)
         else:
-            minutes = [_second(e.time).replace(second=0) for e in members]
-            ws = lower if lower is not None else min(minutes)
-            we = query.to if query.to is not None else max(minutes) + MINUTE
+            seconds = [e.second for e in members]
+            ws = lower if lower is not None else min(seconds).replace(second=0)
+            we = query.to if query.to is not None else max(seconds).replace(second=0) + MINUTE
         rows.append(Row(value, ws, we, subject, tuple(zip(keys, values, strict=False))))
     rows.sort(key=lambda r: (r.window_start, r.subject or "", tuple(v for _, v in r.group_by)))
     if not rows and not query.window_size and not by_subject and not keys \
@@ -287,7 +303,7 @@ def _aggregate(meter: MeterDef, events: list[Stored]) -> Decimal | None:
     if meter.aggregation == "MAX":
         return max(numbers)
     if meter.aggregation == "LATEST":
-        return max(valued, key=lambda ev: (_second(ev[0].time), ev[0].seq))[1]
+        return max(valued, key=lambda ev: (ev[0].second, ev[0].seq))[1]
     raise ValueError(meter.aggregation)
 
 

@@ -19,7 +19,6 @@ from starlette.routing import Route
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.http import json_body, runtime_of, single_param, time_param
 from pgmeter.api.problems import Problem, bad_request
-from pgmeter.entitlements.service import Refused, check_meter_change
 from pgmeter.meters import store
 from pgmeter.meters.model import Aggregation, MeterSpec, check_limits
 from pgmeter.query.engine import distinct_values
@@ -212,7 +211,7 @@ async def update_meter(request: Request) -> Response:
         if problem is not None:
             raise problem
         async with runtime_of(request).api_pool.acquire() as conn:
-            await _features_allow(conn, meter, update.group_by or {})
+            await _guards_allow(request, conn, meter, update.group_by or {})
             # OpenMeter's PUT: groupBy and metadata are replaced (absent clears them),
             # an absent name resets to the slug, an absent description is kept.
             updated = await store.update(
@@ -225,18 +224,19 @@ async def update_meter(request: Request) -> Response:
     return JSONResponse(meter_json(updated))
 
 
-async def _features_allow(conn: Any, meter: store.Meter, group_by: dict[str, str] | None) -> None:
-    """Deletion (``group_by`` None) or a groupBy edit: 409 while a feature relies on the meter."""
-    try:
-        await check_meter_change(conn, meter.id, group_by)
-    except Refused as exc:
-        raise Problem(exc.status, exc.detail) from None
+async def _guards_allow(request: Request, conn: Any, meter: store.Meter, group_by: dict[str, str] | None) -> None:
+    """Deletion (``group_by`` None) or a groupBy edit: 409 while something relies on the
+    meter (a feature, say), as the guards the rooms registered tell."""
+    for guard in runtime_of(request).meter_guards:
+        refusal = await guard(conn, meter.id, group_by)
+        if refusal is not None:
+            raise Problem(409, refusal)
 
 
 async def delete_meter(request: Request) -> Response:
     meter = await find_meter(request, active=True)
     async with runtime_of(request).api_pool.acquire() as conn:
-        await _features_allow(conn, meter, None)
+        await _guards_allow(request, conn, meter, None)
         await store.delete(conn, meter)
     return Response(status_code=204)
 

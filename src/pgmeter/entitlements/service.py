@@ -140,16 +140,18 @@ async def archive_feature(conn: asyncpg.Connection, feature: store.Feature) -> N
     await store.archive_feature(conn, feature)
 
 
-async def check_meter_change(conn: asyncpg.Connection, meter_id: str, new_group_by: dict[str, str] | None) -> None:
-    """Meter deletion (``new_group_by`` None) or a groupBy edit, refused while a feature relies on it."""
+async def meter_change_refusal(conn: asyncpg.Connection, meter_id: str,
+                               new_group_by: dict[str, str] | None) -> str | None:
+    """Why a meter deletion (``new_group_by`` None) or groupBy edit is refused while a
+    feature relies on it, or None. A meter guard (``Runtime.meter_guards``): the api
+    answers 409 with it."""
     if new_group_by is None:
         keys = await store.features_using_meter(conn, meter_id)
-        if keys:
-            raise Refused(409, f"meter is used by features: {', '.join(keys)}; archive them first")
-        return
+        return f"meter is used by features: {', '.join(keys)}; archive them first" if keys else None
     for group_key, feature_key in (await store.filter_keys_of_meter(conn, meter_id)).items():
         if group_key not in new_group_by:
-            raise Refused(409, f"group by key {group_key} is used by feature {feature_key}; it cannot be removed")
+            return f"group by key {group_key} is used by feature {feature_key}; it cannot be removed"
+    return None
 
 
 # -- entitlements ----------------------------------------------------------------

@@ -76,11 +76,7 @@ async def _customer(conn: asyncpg.Connection, row: asyncpg.Record | None) -> Cus
     else:
         keys = await conn.fetch("SELECT subject_key FROM customer_subjects WHERE customer_id = $1 "
                                 "AND deleted_at = $2 ORDER BY subject_key", row["id"], row["deleted_at"])
-    return Customer(
-        id=row["id"], namespace=row["namespace"], key=row["key"], name=row["name"], description=row["description"],
-        primary_email=row["primary_email"], currency=row["currency"], billing_address=_load(row["billing_address"]),
-        metadata=_load(row["metadata"]), created_at=row["created_at"], updated_at=row["updated_at"],
-        deleted_at=row["deleted_at"], subject_keys=[r["subject_key"] for r in keys])
+    return Customer(**_with_json(row, "billing_address", "metadata"), subject_keys=[r["subject_key"] for r in keys])
 
 
 async def customer_by_id(conn: asyncpg.Connection, namespace: str, customer_id: str) -> Customer | None:
@@ -233,12 +229,7 @@ _FEATURE = ("id, namespace, key, name, meter_slug, meter_id, filters::text AS fi
 
 
 def _feature(row: asyncpg.Record | None) -> Feature | None:
-    if row is None:
-        return None
-    return Feature(id=row["id"], namespace=row["namespace"], key=row["key"], name=row["name"],
-                   meter_slug=row["meter_slug"], meter_id=row["meter_id"], filters=_load(row["filters"]),
-                   metadata=_load(row["metadata"]), created_at=row["created_at"], updated_at=row["updated_at"],
-                   archived_at=row["archived_at"])
+    return None if row is None else Feature(**_with_json(row, "filters", "metadata"))
 
 
 async def feature_by_id(conn: asyncpg.Connection, namespace: str, feature_id: str) -> Feature | None:

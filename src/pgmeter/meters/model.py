@@ -228,7 +228,8 @@ def check_limits(spec: MeterSpec, *, group_by_keys: int, json_path_bytes: int,
                  json_path_depth: int = MAX_PATH_DEPTH) -> list[tuple[str, str]]:
     """The configurable limits (the ``limits`` settings) a definition breaks, as (field, message).
 
-    Takes numbers rather than the settings: config.py imports this module.
+    Takes numbers rather than the settings, so callers with other limits (a test, a
+    tool) need no Settings.
     """
     problems: list[tuple[str, str]] = []
     if len(spec.group_by) > group_by_keys:

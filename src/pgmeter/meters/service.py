@@ -1,6 +1,9 @@
-"""Meters declared in the config file, made real at start.
+"""Meters declared in the config file: validated, then made real at start.
 
-Every role calls :func:`start`. Config meters are created in ``settings.namespace``
+:func:`config_meters` turns the file's plain definitions into :class:`MeterSpec`
+under the same rules and limits as the API (the CLI calls it right after loading
+the file, so a bad meter is a one-line configuration error with exit 2, before any
+connection). Every role calls :func:`start`. Config meters are created in ``settings.namespace``
 when missing; a database meter with the same slug that differs stops the process
 with one line saying what differs (as OpenMeter does), rather than letting the
 file and the database silently disagree. Several processes may start at once: an
@@ -14,9 +17,11 @@ import logging
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
+from pgmeter.config import ConfigError, Settings, invalid
 from pgmeter.meters import store
-from pgmeter.meters.model import MeterSpec
+from pgmeter.meters.model import MeterSpec, check_limits
 from pgmeter.rollup import objects
 from pgmeter.runtime import Runtime
 
@@ -28,6 +33,32 @@ CONFIG_METERS_LOCK_KEY = 7_283_110_004
 
 class MeterConfigError(RuntimeError):
     """A config meter disagrees with the database. The message is one line."""
+
+
+def config_meters(settings: Settings) -> list[MeterSpec]:
+    """The config file's meters, validated; raises :class:`ConfigError` naming the file
+    and the field, as for any other bad setting."""
+    source, limits = settings.source, settings.limits
+    if len(settings.meters) > limits.meters_per_namespace:
+        raise ConfigError(f"{source}: meters: {len(settings.meters)} meters, more than "
+                          f"limits.metersPerNamespace ({limits.meters_per_namespace})")
+    specs = []
+    for index, definition in enumerate(settings.meters):
+        try:
+            spec = MeterSpec.model_validate(definition)
+        except ValidationError as exc:
+            raise invalid(source, exc, at=("meters", index)) from None
+        problems = check_limits(spec, group_by_keys=limits.meter_group_by_keys,
+                                json_path_bytes=limits.json_path_bytes, json_path_depth=limits.json_path_depth)
+        if problems:
+            raise ConfigError(f"{source}: meters.{index} ({spec.slug}): "
+                              + "; ".join(f"{field}: {message}" for field, message in problems))
+        specs.append(spec)
+    slugs = [spec.slug for spec in specs]
+    duplicates = sorted({slug for slug in slugs if slugs.count(slug) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: meters: duplicate slug {', '.join(duplicates)}")
+    return specs
 
 
 def _fields(name: str, description: str | None, spec_like: Any) -> dict[str, Any]:
@@ -99,7 +130,7 @@ async def start(runtime: Runtime) -> None:
     settings = runtime.settings
     async with runtime.pool.acquire() as conn:
         try:
-            await sync_config_meters(conn, settings.namespace, list(settings.meters))
+            await sync_config_meters(conn, settings.namespace, config_meters(settings))
         except MeterConfigError as exc:
             log.error(str(exc))
             raise

@@ -161,11 +161,7 @@ async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_
             if span is not None:
                 lo, hi = lo or span[0], hi or span[1]
         if lo is None or hi is None or lo < hi:
-            usable = (usable_levels(window, params.window_time_zone, lo, hi, rollup.day_zones)
-                      if tables else set())
-            if not rollup.hourly:
-                usable.discard("h1")  # a meter created before the hourly level
-            plan = carve(lo, hi, usable, params.window_time_zone) if tables else Plan()
+            plan = _plan(rollup, tables, params, lo, hi)
             statement = _Statement(rollup, params, tail_floor)
             text = statement.aggregate(plan, lo, hi)
             if max_rows is not None:
@@ -174,6 +170,16 @@ async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_
             if max_rows is not None and len(records) > max_rows:
                 raise TooManyRows(max_rows)
     return QueryResult(rows=_rows(meter, rollup, params, records), watermark=rollup.last_seq)
+
+
+def _plan(rollup: Rollup, tables: bool, params: QueryParams, lo: datetime | None, hi: datetime | None) -> Plan:
+    """Which part of ``[lo, hi)`` each rollup level answers and which raw events do."""
+    if not tables:
+        return Plan()
+    usable = usable_levels(params.window_size, params.window_time_zone, lo, hi, rollup.day_zones)
+    if not rollup.hourly:
+        usable.discard("h1")  # a meter created before the hourly level
+    return carve(lo, hi, usable, params.window_time_zone)
 
 
 async def _extent(conn: asyncpg.Connection, rollup: Rollup, tables: bool, lo: datetime | None,
@@ -319,19 +325,32 @@ class _Statement:
                       if rollup.value_path is not None else None)
         values = objects.event_values(self.state, rollup.unique, value_path).as_string()
         minute = f", date_bin('1 minute', time, {ORIGIN}) AS minute" if self.extent else ""
-        head = f"SELECT subject, time{minute}{groups}{values} FROM events"
-        common = [f"namespace = {self.param(rollup.namespace, 'text')}",
-                  f"type = {self.param(rollup.event_type, 'text')}"]
+        return "\nUNION ALL\n".join(self.event_branches(f"SELECT subject, time{minute}{groups}{values} FROM events",
+                                                          plan, lo, hi))
+
+    def event_scope(self) -> list[str]:
+        """The meter's events (of the requested subjects)."""
+        scope = [f"namespace = {self.param(self.rollup.namespace, 'text')}",
+                 f"type = {self.param(self.rollup.event_type, 'text')}"]
         if self.subject_filter:
-            common.append(f"subject = ANY({self.subject_filter})")
-        last_seq = self.param(rollup.last_seq, "bigint")
-        branches = []
-        for edge_lo, edge_hi in plan.raw:
-            branches.append(head + self.where(common + [f"seq <= {last_seq}"]
-                                              + self.time_range("time", edge_lo, edge_hi)))
-        branches.append(head + self.where(common + [f"seq > {last_seq}"] + self.tail_bound()
+            scope.append(f"subject = ANY({self.subject_filter})")
+        return scope
+
+    def event_branches(self, head: str, plan: Plan, lo: datetime | None, hi: datetime | None) -> list[str]:
+        """``head`` (a SELECT ... FROM events) over the events the rollups do not answer.
+
+        The exactness rule, in one place: merged events (``seq <= last_seq``) where the
+        plan left edges to raw events, and every unmerged one (``seq > last_seq``) in
+        ``[lo, hi)``. Rollup rows and these neither overlap nor leave a gap, because
+        ``last_seq`` commits with the rollup rows it covers.
+        """
+        scope = self.event_scope()
+        last_seq = self.param(self.rollup.last_seq, "bigint")
+        branches = [head + self.where(scope + [f"seq <= {last_seq}"] + self.time_range("time", edge_lo, edge_hi))
+                    for edge_lo, edge_hi in plan.raw]
+        branches.append(head + self.where(scope + [f"seq > {last_seq}"] + self.tail_bound()
                                           + self.time_range("time", lo, hi)))
-        return "\nUNION ALL\n".join(branches)
+        return branches
 
     def rollup_branches(self, plan: Plan, sets: bool) -> list[str]:
         branches = []
@@ -399,6 +418,29 @@ class _Statement:
     def _alias_tail(self) -> str:
         return "".join(f", {c}" for c in (["subject"] if self.subject else []) + self.key_columns)
 
+    def distinct(self, plan: Plan, key: str | None, lo: datetime | None, hi: datetime | None,
+                 unmerged_before: datetime | None, limit: int | None) -> str:
+        """The distinct subjects (``key`` None) or values of group-by ``key``: the rollups'
+        and the raw events' (:meth:`event_branches`), plus every event before
+        ``unmerged_before`` (the meter's eventFrom: the rollups never hold those)."""
+        rollup = self.rollup
+        column = "subject" if key is None else rollup.column_of(key)
+        value = ("subject" if key is None else
+                 f"pgmeter_group_value(data #> {self.param(rollup.group_paths[int(column[1:]) - 1], 'text[]')})")
+        head = f"SELECT {value} FROM events"
+        branches = []
+        if unmerged_before is not None:
+            branches.append(head + self.where(self.event_scope() + self.time_range("time", lo, unmerged_before)))
+            lo = unmerged_before
+        if lo is None or hi is None or lo < hi:
+            for level, intervals in plan.levels.items():
+                table = rollup.table(level).as_string()
+                branches += [f"SELECT {column} FROM {table}{self.where(self.time_range('bucket', a, b))}"
+                             for a, b in intervals]
+            branches += self.event_branches(head, plan, lo, hi)
+        text = "SELECT DISTINCT v FROM (" + "\nUNION ALL\n".join(branches) + ") x (v)"
+        return text + (f" LIMIT {self.param(limit + 1, 'bigint')}" if limit is not None else "")
+
 
 def _out_zone(params: QueryParams) -> tzinfo:
     return UTC if params.window_time_zone in _UTC_NAMES else zone(params.window_time_zone)
@@ -450,53 +492,15 @@ async def distinct_values(db: Db, meter: Meter, key: str | None, from_: datetime
     async with _snapshot(db) as conn:
         rollup, tables = await _rollup_of(conn, meter)
         tail_floor = await floor.time_floor(conn, rollup.namespace, rollup.event_type, rollup.last_seq)
-        args: list[Any] = []
-
-        def param(value: Any, cast: str) -> str:
-            args.append(value)
-            return f"${len(args)}::{cast}"
-
-        def bounds(column: str, a: datetime | None, b: datetime | None) -> list[str]:
-            out = []
-            if a is not None:
-                out.append(f"{column} >= {param(a, 'timestamptz')}")
-            if b is not None:
-                out.append(f"{column} < {param(b, 'timestamptz')}")
-            return out
-
-        column = "subject" if key is None else rollup.column_of(key)
-        raw_value = ("subject" if key is None else
-                     f"pgmeter_group_value(data #> {param(rollup.group_paths[rollup.group_keys.index(key)], 'text[]')})")
-        common = [f"namespace = {param(rollup.namespace, 'text')}", f"type = {param(rollup.event_type, 'text')}"]
-        merged_lo = lo
-        branches = []
         # The meter's eventFrom, as read by the catalog (a stored -infinity is None there).
-        event_from = meter.event_from
-        if event_from is not None and (lo is None or lo < event_from):
-            before = event_from if hi is None else min(hi, event_from)
-            branches.append(f"SELECT {raw_value} FROM events WHERE "
-                            + " AND ".join(common + bounds("time", lo, before)))
-            merged_lo = event_from
-        if merged_lo is None or hi is None or merged_lo < hi:
-            last_seq = param(rollup.last_seq, "bigint")
-            levels = {"m1", "q15", "h1", "d1"} if rollup.hourly else {"m1", "q15", "d1"}
-            plan = carve(merged_lo, hi, levels) if tables else Plan()
-            for level, intervals in plan.levels.items():
-                table = rollup.table(level).as_string()
-                for a, b in intervals:
-                    conditions = bounds("bucket", a, b)
-                    where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
-                    branches.append(f"SELECT {column} FROM {table}{where}")
-            for a, b in plan.raw:
-                branches.append(f"SELECT {raw_value} FROM events WHERE "
-                                + " AND ".join(common + [f"seq <= {last_seq}"] + bounds("time", a, b)))
-            tail_bound = ["false"] if tail_floor is None else [f"time >= {param(tail_floor, 'timestamptz')}"]
-            branches.append(f"SELECT {raw_value} FROM events WHERE "
-                            + " AND ".join(common + [f"seq > {last_seq}"] + tail_bound
-                                           + bounds("time", merged_lo, hi)))
-        limit = f" LIMIT {param(max_rows + 1, 'bigint')}" if max_rows is not None else ""
-        records = await conn.fetch("SELECT DISTINCT v FROM (" + "\nUNION ALL\n".join(branches) + f") x (v){limit}",
-                                   *args)
+        before = None
+        if meter.event_from is not None and (lo is None or lo < meter.event_from):
+            before = meter.event_from if hi is None else min(hi, meter.event_from)
+        params = QueryParams()
+        merged_lo = before if before is not None else lo
+        statement = _Statement(rollup, params, tail_floor)
+        text = statement.distinct(_plan(rollup, tables, params, merged_lo, hi), key, lo, hi, before, max_rows)
+        records = await conn.fetch(text, *statement.args)
     if max_rows is not None and len(records) > max_rows:
         raise TooManyRows(max_rows, "narrow the range (from, to)")
     return sorted(record["v"] for record in records)

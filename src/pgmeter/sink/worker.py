@@ -224,8 +224,12 @@ class Sink:
                 wanted = self._fetch_size()
                 messages = await self._subscription.fetch(wanted, timeout=FETCH_TIMEOUT)
                 delay = 0.1
-            except nats.errors.TimeoutError:
-                continue  # nothing to do (or the broker is reconnecting)
+            except TimeoutError:
+                # Nothing to do (or the broker is reconnecting): waiting, not failing, so
+                # no warning and no backoff. nats-py raises its own TimeoutError (an
+                # asyncio.TimeoutError) or, when the server's 408 lands just before the
+                # client's deadline, a bare asyncio.TimeoutError; both are TimeoutError.
+                continue
             except asyncio.CancelledError:
                 raise
             except (nats.js.errors.APIError, nats.errors.NoRespondersError) as exc:
