@@ -148,30 +148,26 @@ class Usage:
         self.conn = conn
         self.ctx = ctx
         self.subjects = tuple(ctx.customer.usage_keys)
+        # The query groups by the customer, so the engine aggregates over the set of its
+        # subjects at once: a distinct count or a latest value across several subject
+        # keys is not the sum (or the largest) of per-subject values.
+        self.customers = {ctx.customer.id: self.subjects}
         self.filters = {k: (v,) for k, v in (ctx.feature.filters or {}).items()}
 
     async def total(self, lo: datetime, hi: datetime) -> Decimal:
         if hi <= lo or not self.subjects:
             return ZERO
         result = await run_query(self.conn, self.ctx.meter, QueryParams(
-            from_=lo, to=hi, subjects=self.subjects, filter_group_by=self.filters))
-        if self.ctx.latest:
-            # The latest value across the customer's subjects: the row of the latest event is
-            # not known per subject here, so the largest is used (one subject: exact).
-            return max((row.value for row in result.rows), default=ZERO)
-        return sum((row.value for row in result.rows), ZERO)
+            from_=lo, to=hi, customers=self.customers, filter_group_by=self.filters))
+        return result.rows[0].value if result.rows else ZERO  # one row: this customer's
 
     async def windows(self, lo: datetime, hi: datetime, size: WindowSize, zone: str) -> dict[datetime, Decimal]:
-        out: dict[datetime, Decimal] = {}
         if hi <= lo or not self.subjects:
-            return out
+            return {}
         result = await run_query(self.conn, self.ctx.meter, QueryParams(
-            from_=lo, to=hi, window_size=size, window_time_zone=zone, subjects=self.subjects,
+            from_=lo, to=hi, window_size=size, window_time_zone=zone, customers=self.customers,
             filter_group_by=self.filters))
-        for row in result.rows:
-            key = row.window_start.astimezone(UTC)
-            out[key] = out.get(key, ZERO) + row.value
-        return out
+        return {row.window_start.astimezone(UTC): row.value for row in result.rows}
 
     async def __call__(self, period_start: datetime, lo: datetime, hi: datetime) -> Decimal:
         if self.ctx.unique:

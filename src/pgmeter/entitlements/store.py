@@ -17,6 +17,7 @@ import asyncpg
 from pgmeter.entitlements.engine import Grant, State
 from pgmeter.entitlements.periods import Recurrence, parse_interval
 from pgmeter.meters.ulid import is_ulid, new_ulid
+from pgmeter.query.customers import subjects as customer_subjects
 
 
 def _json(value: Any) -> str | None:
@@ -56,10 +57,7 @@ class Customer:
     @property
     def usage_keys(self) -> list[str]:
         """The event subjects whose usage is this customer's: its key and subject keys."""
-        keys = set(self.subject_keys)
-        if self.key:
-            keys.add(self.key)
-        return sorted(keys)
+        return list(customer_subjects(self.key, self.subject_keys))
 
 
 _CUSTOMER = ("id, namespace, key, name, description, primary_email, currency, billing_address::text AS billing_address,"

@@ -217,7 +217,13 @@ class _Statement:
         self.tz = self.param(params.window_time_zone, "text") if self.window else ""
         self.subject = params.groups_by_subject
         self.key_columns = [rollup.column_of(key) for key in params.meter_keys]
-        self.subject_filter = self.param(list(params.subjects), "text[]") if params.subjects else None
+        self.subject_filter = self._subject_filter(params)
+        # Grouped by customer: each subject maps to its customer through two parallel
+        # arrays (a subject belongs to at most one live customer).
+        self.customer: tuple[str, str] | None = None
+        if params.customers:
+            pairs = [(key, cid) for cid, keys in params.customers.items() for key in keys]
+            self.customer = (self.param([k for k, _ in pairs], "text[]"), self.param([c for _, c in pairs], "text[]"))
         self.group_filters = {rollup.column_of(key): self.param(list(values), "text[]")
                               for key, values in params.filter_group_by.items() if values}
         self.advanced_filters = self._advanced(params)
@@ -231,6 +237,20 @@ class _Statement:
     def param(self, value: Any, cast: str) -> str:
         self.args.append(value)
         return f"${len(self.args)}::{cast}"
+
+    def _subject_filter(self, params: QueryParams) -> str | None:
+        """The subjects to read: those asked for, and of those the filtered customers'
+        (both given: both must match, as OpenMeter ANDs them)."""
+        if not params.customers:
+            return self.param(list(params.subjects), "text[]") if params.subjects else None
+        keys = sorted({key for keys in params.customers.values() for key in keys})
+        if params.subjects:
+            keys = [key for key in keys if key in set(params.subjects)]
+        return self.param(keys, "text[]")
+
+    def _grouped(self) -> list[str]:
+        """The grouped column names after ``ws``."""
+        return (["subject"] if self.subject else []) + (["cust"] if self.customer else []) + self.key_columns
 
     _COLUMN = "\x00column\x00"  # stands for the (prefixed) group column in compiled filters
 
@@ -255,8 +275,7 @@ class _Statement:
 
     def group_list(self, prefix: str = "") -> str:
         """``ws, subject, g2`` with the optional prefix on every column."""
-        columns = ["ws"] + (["subject"] if self.subject else []) + self.key_columns
-        return ", ".join(prefix + column for column in columns)
+        return ", ".join(prefix + column for column in ["ws", *self._grouped()])
 
     def filters(self, prefix: str) -> list[str]:
         """Subject and group-value filters; on rollup rows (``hashed``) also by the
@@ -295,6 +314,9 @@ class _Statement:
     def selected(self, prefix: str) -> str:
         """``, r.subject, r.g2``: the grouped columns, with the optional prefix."""
         parts = ([f"{prefix}subject"] if self.subject else []) + [f"{prefix}{c}" for c in self.key_columns]
+        if self.customer:
+            keys, ids = self.customer
+            parts.insert(1 if self.subject else 0, f"({ids})[array_position({keys}, {prefix}subject)]")
         return "".join(f", {part}" for part in parts)
 
     @staticmethod
@@ -392,7 +414,7 @@ class _Statement:
                 f"ORDER BY {order}")
 
     def _alias_tail(self) -> str:
-        return "".join(f", {c}" for c in (["subject"] if self.subject else []) + self.key_columns)
+        return "".join(f", {c}" for c in self._grouped())
 
 
 def _out_zone(params: QueryParams) -> tzinfo:
@@ -406,6 +428,7 @@ def _rows(meter: Meter, rollup: Rollup, params: QueryParams, records: list[async
     out_zone = _out_zone(params)
     start = _effective_from(meter, params)
     subject = params.groups_by_subject
+    customers = bool(params.customers)
     windowed = params.window_size is not None
     rows = []
     for record in records:
@@ -417,11 +440,13 @@ def _rows(meter: Meter, rollup: Rollup, params: QueryParams, records: list[async
             window_start = start if start is not None else record["t_min"]
             window_end = params.to if params.to is not None else record["t_max"] + MINUTE
         rows.append(QueryRow(record["value"], window_start, window_end, record["subject"] if subject else None,
-                             {key: record[column] for key, column in columns}))
+                             {key: record[column] for key, column in columns},
+                             record["cust"] if customers else None))
     if not windowed and start is None:
         # Each group's window starts at its first event: order by that first.
-        rows.sort(key=lambda row: (row.window_start, row.subject or "", tuple(row.group_by.values())))
-    if not rows and not windowed and not subject and not params.meter_keys \
+        rows.sort(key=lambda row: (row.window_start, row.subject or "", row.customer_id or "",
+                                   tuple(row.group_by.values())))
+    if not rows and not windowed and not subject and not customers and not params.meter_keys \
             and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):
         # OpenMeter's aggregate without GROUP BY returns one row even over no events.
         rows.append(QueryRow(value=Decimal(0), window_start=start if start is not None else EPOCH,
