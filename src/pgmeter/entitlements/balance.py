@@ -33,7 +33,7 @@ from pgmeter.entitlements.engine import ZERO, Grant, Reset, Segment, State
 from pgmeter.entitlements.periods import MINUTE, Recurrence, ceil_minute, parse_interval
 from pgmeter.meters import store as meter_store
 from pgmeter.meters.model import Aggregation
-from pgmeter.query.engine import run_query
+from pgmeter.query.engine import run_query, usage_in_ranges
 from pgmeter.query.params import QueryParams, WindowSize
 
 T = TypeVar("T")
@@ -153,10 +153,24 @@ class Usage:
         # keys is not the sum (or the largest) of per-subject values.
         self.customers = {ctx.customer.id: self.subjects}
         self.filters = {k: (v,) for k, v in (ctx.feature.filters or {}).items()}
+        self.known: dict[tuple[datetime, datetime], Decimal] = {}
+
+    async def prefetch(self, ranges: list[tuple[datetime, datetime]]) -> None:
+        """The usage of every adjacent range the engine will ask for, in one statement
+        (:func:`~pgmeter.query.engine.usage_in_ranges`) instead of one query each."""
+        bounds = sorted({t for lo, hi in ranges if lo < hi for t in (lo, hi)})
+        if len(bounds) < 2 or not self.subjects:
+            return
+        values = await usage_in_ranges(self.conn, self.ctx.meter, QueryParams(
+            customers=self.customers, filter_group_by=self.filters), bounds)
+        for (lo, hi), value in zip(zip(bounds, bounds[1:], strict=False), values, strict=True):
+            self.known[(lo, hi)] = ZERO if value is None else value
 
     async def total(self, lo: datetime, hi: datetime) -> Decimal:
         if hi <= lo or not self.subjects:
             return ZERO
+        if (lo, hi) in self.known:
+            return self.known[(lo, hi)]
         result = await run_query(self.conn, self.ctx.meter, QueryParams(
             from_=lo, to=hi, customers=self.customers, filter_group_by=self.filters))
         return result.rows[0].value if result.rows else ZERO  # one row: this customer's
@@ -226,7 +240,19 @@ async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: 
         if state.at <= horizon and state.at > start.at:
             saved.append(state)
 
-    state = await engine.run(start, timeline.period_at(start.at)[0], grants, resets, at, usage,
+    period_start = timeline.period_at(start.at)[0]
+    if not ctx.unique:
+        # The phases do not depend on usage: a dry run names them, one statement reads
+        # them all, then the real run finds each phase's usage in hand.
+        ranges: list[tuple[datetime, datetime]] = []
+
+        async def record(_: datetime, lo: datetime, hi: datetime) -> Decimal:
+            ranges.append((lo, hi))
+            return ZERO
+
+        await engine.run(start, period_start, grants, resets, at, record, latest=ctx.latest, observe=observe)
+        await usage.prefetch(ranges)
+    state = await engine.run(start, period_start, grants, resets, at, usage,
                              latest=ctx.latest, history=history, on_reset=on_reset, observe=observe)
     if saved and not ctx.latest:
         pending.save = store.Snapshot(saved[-1], epoch)
