@@ -269,6 +269,12 @@ async def fingerprint(conn: asyncpg.Connection, ent: store.Entitlement) -> tuple
     return tuple(row.values())
 
 
+async def _begin(conn: asyncpg.Connection) -> datetime:
+    """JIT off for the transaction (as for meter queries) and its ``now()``, in one round trip."""
+    now: datetime = await conn.fetchval("SELECT now() FROM set_config('jit', 'off', true)")
+    return now
+
+
 def lock_key(entitlement_id: str) -> str:
     return f"pgmeter.entitlement:{entitlement_id}"
 
@@ -292,8 +298,7 @@ async def metered_value(pool: asyncpg.Pool, ent: store.Entitlement, time: dateti
     at = ceil_minute(time)
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read"):
-            await conn.execute("SET LOCAL jit = off")
-            now = await conn.fetchval("SELECT now()")
+            now = await _begin(conn)
             seen = await fingerprint(conn, ent)
             ctx = await load_context(conn, ent)
             state, pending = await compute(conn, ctx, at, now=now, grace=grace)
@@ -353,8 +358,7 @@ async def history(pool: asyncpg.Pool, ent: store.Entitlement, lo: datetime, hi: 
                   zone_name: str, zone: tzinfo, *, grace: timedelta) -> History:
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            await conn.execute("SET LOCAL jit = off")
-            now = await conn.fetchval("SELECT now()")
+            now = await _begin(conn)
             ctx = await load_context(conn, ent)
             assert ent.measure_usage_from is not None
             spans = [w for w in windows(lo, hi, size, zone) if w[0] >= ent.measure_usage_from]
