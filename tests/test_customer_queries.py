@@ -218,7 +218,7 @@ usage_events = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 179), st.int
                         min_size=1, max_size=25)
 
 
-@hypothesis_settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hypothesis_settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(points=usage_events)
 def test_entitlement_usage_over_a_customers_subjects(ent_api: tuple[httpx.Client, str],
                                                      points: list[tuple[int, int, int, int]]) -> None:
