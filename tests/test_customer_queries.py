@@ -175,7 +175,7 @@ def ranges(stage: str, url: str, ids: dict[str, str], stored: list[oracle.Stored
                 f"{stage} {meter.slug} range {index} [{bounds[index]}, {bounds[index + 1]}): {value} want {expected}"
 
 
-def test_customer_parameters_are_checked(api: httpx.Client) -> None:
+def test_customer_parameters_are_checked(api: httpx.Client, settings: Settings) -> None:
     ids = create_customers(api)
     unknown = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
     for response in (api.get("/api/v1/meters/calls/query", params=[("filterCustomerId", ids["acme"]),
@@ -193,6 +193,18 @@ def test_customer_parameters_are_checked(api: httpx.Client) -> None:
     assert twice.status_code == 200 and twice.json()["data"] == []
     assert api.delete(f"/api/v1/customers/{ids['idle']}").status_code == 204
     assert api.get("/api/v1/meters/calls/query", params={"filterCustomerId": ids["idle"]}).status_code == 404
+    # The events list by customer: the events of its key and subject keys (OpenMeter); unknown ids are a 400.
+    recent = datetime.now(UTC) - timedelta(hours=1)
+    with psycopg.connect(settings.postgres.url) as conn:
+        events_sql.insert(conn, [Event(subject=s, time=recent, data={}, type="api.call", id=f"ev-{s}")
+                                 for s in ("acme", "acme-web", "beta", "stranger")])
+    listed = api.get("/api/v1/events", params=[("customerId", ids["acme"])])
+    assert listed.status_code == 200 and sorted(e["event"]["subject"] for e in listed.json()) == ["acme", "acme-web"]
+    listed = api.get("/api/v1/events", params=[("customerId", ids["acme"]), ("customerId", ids["beta"])])
+    assert sorted(e["event"]["subject"] for e in listed.json()) == ["acme", "acme-web", "beta"]
+    missing = api.get("/api/v1/events", params=[("customerId", ids["beta"]), ("customerId", unknown),
+                                                ("customerId", ids["idle"])])  # deleted above
+    assert missing.status_code == 400 and missing.json()["detail"].endswith(f": {unknown}, {ids['idle']}")
     csv = api.get("/api/v1/meters/calls/query", params={"filterCustomerId": ids["acme"]},
                   headers={"Accept": "text/csv"})
     assert csv.status_code == 200 and csv.text.splitlines()[0] == "window_start,window_end,customer_id,value"

@@ -81,7 +81,7 @@ def test_events_list(calls: dict[str, Any]) -> None:
     assert value(calls, "events.list") == [
         {"id": "e2", "data": {"tokens": 5, "model": "GPT-4o-mini", "region": "us"}, "stored": True},
         {"id": "e1", "data": {"tokens": 10, "model": "gpt-4o", "region": "eu"}, "stored": True}]
-    assert calls["events.list customerId"]["status"] == 400  # no customers yet: unknown, as OpenMeter
+    assert calls["events.list customerId"]["status"] == 400  # an unknown customer, as OpenMeter
 
 
 def test_meters_create(calls: dict[str, Any]) -> None:

@@ -17,19 +17,20 @@ import asyncpg
 
 
 class UnknownCustomer(LookupError):
-    """A customer id with no live customer in the namespace (the API answers 404)."""
+    """Customer ids with no live customer in the namespace (a meter query answers 404
+    naming the first, as OpenMeter; the events list 400 naming them all)."""
 
-    def __init__(self, customer_id: str) -> None:
-        super().__init__(f"customer with id {customer_id} not found")
-        self.customer_id = customer_id
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"customer with id {missing[0]} not found")
+        self.missing = missing
 
 
 async def attribution(db: asyncpg.Pool | asyncpg.Connection, namespace: str,
                       ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Each live customer's usage subjects, in the order the ids came (repeats once).
 
-    Raises :class:`UnknownCustomer` for the first id that names no live customer:
-    a deleted customer no longer answers queries, as OpenMeter lists live ones only.
+    Raises :class:`UnknownCustomer` for the ids that name no live customer: a
+    deleted customer no longer answers queries, as OpenMeter lists live ones only.
     """
     wanted = list(dict.fromkeys(ids))
     if not wanted:
@@ -40,9 +41,9 @@ async def attribution(db: asyncpg.Pool | asyncpg.Connection, namespace: str,
         "WHERE c.namespace = $1 AND c.id = ANY($2::text[]) AND c.deleted_at IS NULL GROUP BY c.id, c.key",
         namespace, wanted)
     found = {row["id"]: subjects(row["key"], row["keys"]) for row in rows}
-    for customer_id in wanted:
-        if customer_id not in found:
-            raise UnknownCustomer(customer_id)
+    missing = [customer_id for customer_id in wanted if customer_id not in found]
+    if missing:
+        raise UnknownCustomer(missing)
     return {customer_id: found[customer_id] for customer_id in wanted}
 
 
