@@ -1,9 +1,12 @@
 """Metered entitlement values: the engine fed with pgmeter's own usage.
 
 A value read opens one REPEATABLE READ snapshot and asks the meter query engine
-(:func:`pgmeter.query.engine.run_query`, rollups plus the unmerged tail) for the
-usage of each burn phase inside it, so every phase sees the same committed events
-and a value is exact up to the last committed event.
+(rollups plus the unmerged tail) for the usage of every burn phase inside it, so
+every phase sees the same committed events and a value is exact up to the last
+committed event. The phases do not depend on usage, so a dry run of the engine
+names them and :func:`pgmeter.query.engine.usage_in_ranges` answers them all in
+one statement (UNIQUE_COUNT, counted from the period start, asks per phase). Usage
+is the customer's: the events of its key and subject keys aggregated together.
 
 Snapshots keep reads cheap: the engine's state right after the newest usage-period
 boundary that lies at least ``valkey.settleAfter`` in the past is stored, and the
