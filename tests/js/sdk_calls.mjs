@@ -104,13 +104,17 @@ await call('features.create', async () => {
   const feature = await om.features.create({ key: 'js_calls', name: 'JS calls', meterSlug: 'js_calls' })
   return { key: feature.key, meterSlug: feature.meterSlug }
 })
-const minute = new Date(Math.floor(now.getTime() / 60000) * 60000)
 await call('customers.entitlements.create', async () => {
   const ent = await om.customers.entitlements.create(customer.id, {
     type: 'metered', featureKey: 'js_calls', usagePeriod: { interval: 'MONTH' }, isSoftLimit: false,
   })
   return { type: ent.type, customerId: ent.customerId === customer.id, featureKey: ent.featureKey }
 })
+// The wall clock once the entitlement exists, not argv's instant (taken when pytest
+// collected, maybe minutes ago): its usage period starts at its creation, and the
+// grant may not start before that.
+const wall = new Date()
+const minute = new Date(Math.floor(wall.getTime() / 60000) * 60000)
 let grantId = null
 await call('customers.entitlements.createGrant', async () => {
   const grant = await om.customers.entitlements.createGrant('tpp-js', 'js_calls', { amount: 3, effectiveAt: minute })
@@ -118,8 +122,8 @@ await call('customers.entitlements.createGrant', async () => {
   return { amount: grant.amount }
 })
 await call('events.ingest (customer)', () => om.events.ingest([
-  { id: 'c1', source: 'js', type: 'js.call', subject: 'tpp-js', time: now },
-  { id: 'c2', source: 'js', type: 'js.call', subject: 'tpp-js-app', time: now },
+  { id: 'c1', source: 'js', type: 'js.call', subject: 'tpp-js', time: wall },
+  { id: 'c2', source: 'js', type: 'js.call', subject: 'tpp-js-app', time: wall },
 ]))
 const later = new Date(minute.getTime() + 60000)
 await call('customers.entitlements.value', async () => {
