@@ -56,7 +56,7 @@ ALLOWED: list[tuple[str, str, str]] = [
      "OpenMeter's ListEventsParams.Validate (from and ingestedAtFrom within 32 days, from before to), "
      "in OpenMeter's words; the API's time range (docs/limits.md)"),
     ("GET /api/v1/events", r"customers not found",
-     "no customers in pgmeter yet (the entitlements work adds them); OpenMeter also answers 400 for unknown ids"),
+     "an unknown customer id, as OpenMeter answers it (400)"),
     ("POST /api/v1/events", r"unsupported CloudEvents version|time is more than|no events found|NUL characters",
      "specversion must be 1.0 (OpenMeter's CloudEvents decoder refuses others too); the event-time window "
      "(limits.eventMaxAge/eventMaxAhead, a documented difference); a JSON array without events (as OpenMeter); "

@@ -173,8 +173,8 @@ def compare(meter: oracle.MeterDef, got: list[dict[str, Any]], want: list[oracle
     for index, (row, expected) in enumerate(zip(got, want, strict=False)):
         start = datetime.fromisoformat(row["windowStart"])
         end = datetime.fromisoformat(row["windowEnd"])
-        key = (start, end, row["subject"], tuple(row["groupBy"].items()))
-        wanted = (expected.window_start, expected.window_end, expected.subject, expected.group_by)
+        key = (start, end, row["subject"], tuple(row["groupBy"].items()), row.get("customerId"))
+        wanted = (expected.window_start, expected.window_end, expected.subject, expected.group_by, expected.customer)
         if key != wanted:
             return f"row {index}: got {key} want {wanted}"
         if not same_value(meter.aggregation, row["value"], expected.value):

@@ -5,9 +5,9 @@ with every filter and list option, and prints what each returned; each call is
 checked by its own test here. The SDK is installed with ``npm install`` into
 ``.cache/js-sdk`` (gitignored, reused while the version matches). Without node
 and npm these tests skip, saying so. Not here: ``info``, ``debug`` and
-``events.listV2`` (pgmeter does not serve them) and the customers, subjects,
-features and entitlements calls (the entitlements work); the customer filters are
-checked to fail as OpenMeter fails for an unknown customer.
+``events.listV2`` (pgmeter does not serve them). The usage-limit flow is one path
+(customer -> feature -> entitlement -> grant -> ingest -> value, and a meter query by
+that customer); an unknown customer is checked to fail as OpenMeter fails.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_events_list(calls: dict[str, Any]) -> None:
     assert value(calls, "events.list") == [
         {"id": "e2", "data": {"tokens": 5, "model": "GPT-4o-mini", "region": "us"}, "stored": True},
         {"id": "e1", "data": {"tokens": 10, "model": "gpt-4o", "region": "eu"}, "stored": True}]
-    assert calls["events.list customerId"]["status"] == 400  # no customers yet: unknown, as OpenMeter
+    assert calls["events.list customerId"]["status"] == 400  # an unknown customer, as OpenMeter
 
 
 def test_meters_create(calls: dict[str, Any]) -> None:
@@ -135,10 +135,27 @@ def test_meters_list_group_by_values(calls: dict[str, Any]) -> None:
     assert value(calls, "meters.listGroupByValues") == ["GPT-4o-mini", "claude", "gpt-4o"]
 
 
+def test_customer_feature_entitlement_grant_ingest_value(calls: dict[str, Any]) -> None:
+    assert value(calls, "customers.create") == {"key": "tpp-js", "subjectKeys": ["tpp-js-app"], "id": "string"}
+    assert value(calls, "features.create") == {"key": "js_calls", "meterSlug": "js_calls"}
+    assert value(calls, "customers.entitlements.create") == {"type": "metered", "customerId": True,
+                                                             "featureKey": "js_calls"}
+    assert value(calls, "customers.entitlements.createGrant") == {"amount": 3}
+    assert calls["events.ingest (customer)"] == {"ok": True}
+    # One event under the customer's key and one under its subject key: both are its usage.
+    got = value(calls, "customers.entitlements.value")
+    assert (got["hasAccess"], got["balance"], got["usage"], got["overage"]) == (True, 1, 2, 0)
+    assert (got["totalAvailableGrantAmount"], got["grantBalances"]) == (3, 1)
+    assert value(calls, "customers.entitlementsV1.value") == {"hasAccess": True, "balance": 1, "usage": 2}
+    assert value(calls, "meters.query filterCustomerId (known)") == [[True, "tpp-js", 1], [True, "tpp-js-app", 1]]
+
+
 def test_every_call_is_checked(calls: dict[str, Any]) -> None:
     checked = {"events.ingest (one)", "events.ingest (batch)", "events.list", "events.list customerId",
                "meters.create", "meters.get", "meters.list", "meters.update", "meters.delete", "meters.query",
                "meters.query filterGroupBy", "meters.query advancedMeterGroupByFilters",
                "meters.query filterCustomerId", "meters.queryPost", "meters.queryPost advancedMeterGroupByFilters",
-               "meters.listGroupByValues"}
+               "meters.listGroupByValues", "customers.create", "features.create", "customers.entitlements.create",
+               "customers.entitlements.createGrant", "events.ingest (customer)", "customers.entitlements.value",
+               "customers.entitlementsV1.value", "meters.query filterCustomerId (known)"}
     assert set(calls) == checked

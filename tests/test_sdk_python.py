@@ -110,7 +110,7 @@ def test_events_list_with_every_option(env: Env) -> None:
     assert [e.event.id for e in env.client.events.list(from_parameter=DAY0, to=NOW - timedelta(hours=6), id="e",
                                                        limit=2)] == ["e4", "e3"]
     assert env.client.events.list(from_parameter=DAY0, to=DAY0 + timedelta(hours=2)) [0].event.id == "e1"
-    with pytest.raises(HttpResponseError) as unknown:  # no customers in pgmeter yet: unknown, as OpenMeter
+    with pytest.raises(HttpResponseError) as unknown:  # an unknown customer, as OpenMeter
         env.client.events.list(customer_id=["01ARZ3NDEKTSV4RRFFQ69G5FAV"])
     assert unknown.value.status_code == 400
 
@@ -186,7 +186,7 @@ def test_meters_query_json_with_every_option(env: Env) -> None:
     zoned = env.client.meters.query_json("tokens", window_size="HOUR", window_time_zone="Asia/Kolkata",
                                          subject=["bob"])
     assert [r.value for r in zoned.data] == [7, 1]
-    with pytest.raises(ResourceNotFoundError):  # no customers yet: unknown, as OpenMeter
+    with pytest.raises(ResourceNotFoundError):  # an unknown customer, as OpenMeter
         env.client.meters.query_json("tokens", filter_customer_id=["01ARZ3NDEKTSV4RRFFQ69G5FAV"])
 
 

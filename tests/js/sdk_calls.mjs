@@ -92,4 +92,54 @@ await call('meters.queryPost advancedMeterGroupByFilters', async () => rows(awai
 })))
 await call('meters.listGroupByValues', () => om.meters.listGroupByValues('tokens', 'model', { from: day0, to: now }))
 
+// Usage limits: customer -> feature -> entitlement -> grant -> ingest -> value, the
+// customer's usage coming from two subjects (its key and a subject key).
+await om.meters.create({ slug: 'js_calls', aggregation: 'COUNT', eventType: 'js.call' })
+let customer = null
+await call('customers.create', async () => {
+  customer = await om.customers.create({ name: 'TPP JS', key: 'tpp-js', usageAttribution: { subjectKeys: ['tpp-js-app'] } })
+  return { key: customer.key, subjectKeys: customer.usageAttribution.subjectKeys, id: typeof customer.id }
+})
+await call('features.create', async () => {
+  const feature = await om.features.create({ key: 'js_calls', name: 'JS calls', meterSlug: 'js_calls' })
+  return { key: feature.key, meterSlug: feature.meterSlug }
+})
+await call('customers.entitlements.create', async () => {
+  const ent = await om.customers.entitlements.create(customer.id, {
+    type: 'metered', featureKey: 'js_calls', usagePeriod: { interval: 'MONTH' }, isSoftLimit: false,
+  })
+  return { type: ent.type, customerId: ent.customerId === customer.id, featureKey: ent.featureKey }
+})
+// The wall clock once the entitlement exists, not argv's instant (taken when pytest
+// collected, maybe minutes ago): its usage period starts at its creation, and the
+// grant may not start before that.
+const wall = new Date()
+const minute = new Date(Math.floor(wall.getTime() / 60000) * 60000)
+let grantId = null
+await call('customers.entitlements.createGrant', async () => {
+  const grant = await om.customers.entitlements.createGrant('tpp-js', 'js_calls', { amount: 3, effectiveAt: minute })
+  grantId = grant.id
+  return { amount: grant.amount }
+})
+await call('events.ingest (customer)', () => om.events.ingest([
+  { id: 'c1', source: 'js', type: 'js.call', subject: 'tpp-js', time: wall },
+  { id: 'c2', source: 'js', type: 'js.call', subject: 'tpp-js-app', time: wall },
+]))
+const later = new Date(minute.getTime() + 60000)
+await call('customers.entitlements.value', async () => {
+  for (let i = 0; i < 600; i++) {  // until the sink has stored both events: an exact answer, not a timing one
+    const value = await om.customers.entitlements.value(customer.id, 'js_calls', { query: { time: later } })
+    if (value.usage >= 2) return { ...value, grantBalances: value.grantBalances?.[grantId] }
+    await sleep(50)
+  }
+  throw new Error('the sink did not store the customer events')
+})
+await call('customers.entitlementsV1.value', async () => {
+  const value = await om.customers.entitlementsV1.value('tpp-js', 'js_calls')
+  return { hasAccess: value.hasAccess, balance: value.balance, usage: value.usage }
+})
+await call('meters.query filterCustomerId (known)', async () => (await om.meters.query('js_calls', {
+  filterCustomerId: [customer.id], groupBy: ['customer_id', 'subject'],
+})).data.map((r) => [r.customerId === customer.id, r.subject, r.value]))
+
 process.stdout.write(JSON.stringify(results))

@@ -104,6 +104,7 @@ def query_string(query: oracle.Query) -> list[tuple[str, str]]:
         params += [(f"filterGroupBy[{key}]", v) for v in values]
     if query.advanced:
         params.append(("advancedMeterGroupByFilters", json.dumps(query.advanced)))
+    params += [("filterCustomerId", c) for c in query.customers]
     return params
 
 
@@ -123,4 +124,6 @@ def query_body(query: oracle.Query) -> dict[str, Any]:
         body["filterGroupBy"] = {k: list(v) for k, v in query.filter_group_by.items()}
     if query.advanced:
         body["advancedMeterGroupByFilters"] = query.advanced
+    if query.customers:
+        body["filterCustomerId"] = list(query.customers)
     return body

@@ -218,6 +218,8 @@ class Query:
     filter_group_by: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # advancedMeterGroupByFilters as sent: {key: filter object}.
     advanced: dict[str, Any] = field(default_factory=dict)
+    # filterCustomerId: customer id -> the subjects attributed to it (key and subjectKeys).
+    customers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ class Row:
     window_end: datetime
     subject: str | None
     group_by: tuple[tuple[str, str], ...]
+    customer: str | None = None
 
 
 def _second(t: datetime) -> datetime:
@@ -241,7 +244,8 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
     lo = _second(lower) if lower is not None else None
     hi = _second(query.to) if query.to is not None else None
     by_subject = bool(query.subjects) or "subject" in query.group_by
-    keys = [k for k in dict.fromkeys(query.group_by) if k != "subject"]
+    keys = [k for k in dict.fromkeys(query.group_by) if k not in ("subject", "customer_id")]
+    owner = {subject: cid for cid, subjects in query.customers.items() for subject in subjects}
 
     groups: dict[tuple[Any, ...], list[Stored]] = defaultdict(list)
     for event in events:
@@ -252,18 +256,20 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
             continue
         if query.subjects and event.subject not in query.subjects:
             continue
+        if query.customers and event.subject not in owner:
+            continue
         if any(values and event.group(meter.group_by[k]) not in values
                for k, values in query.filter_group_by.items()):
             continue
         if any(string_filter(f, event.group(meter.group_by[k])) is False for k, f in query.advanced.items()):
             continue
         start = event.window(query.window_size, zone) if query.window_size else None
-        key = (start, event.subject if by_subject else None,
+        key = (start, event.subject if by_subject else None, owner.get(event.subject),
                tuple(event.group(meter.group_by[k]) for k in keys))
         groups[key].append(event)
 
     rows = []
-    for (start, subject, values), members in groups.items():
+    for (start, subject, customer, values), members in groups.items():
         value = _aggregate(meter, members)
         if value is None:
             continue
@@ -273,9 +279,9 @@ def answer(meter: MeterDef, events: Iterable[Stored], query: Query) -> list[Row]
             seconds = [e.second for e in members]
             ws = lower if lower is not None else min(seconds).replace(second=0)
             we = query.to if query.to is not None else max(seconds).replace(second=0) + MINUTE
-        rows.append(Row(value, ws, we, subject, tuple(zip(keys, values, strict=False))))
-    rows.sort(key=lambda r: (r.window_start, r.subject or "", tuple(v for _, v in r.group_by)))
-    if not rows and not query.window_size and not by_subject and not keys \
+        rows.append(Row(value, ws, we, subject, tuple(zip(keys, values, strict=False)), customer))
+    rows.sort(key=lambda r: (r.window_start, r.subject or "", r.customer or "", tuple(v for _, v in r.group_by)))
+    if not rows and not query.window_size and not by_subject and not keys and not query.customers \
             and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):
         rows.append(Row(Decimal(0), lower if lower is not None else EPOCH,
                         query.to if query.to is not None else EPOCH + MINUTE, None, ()))

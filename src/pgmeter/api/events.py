@@ -13,6 +13,7 @@ Response objects was measured at about a tenth of the per-request CPU.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +30,7 @@ from pgmeter.ingest.publisher import PublishUnavailable
 from pgmeter.ingest.publisher import of as publisher_of
 from pgmeter.ingest.wire import EventTooLarge
 from pgmeter.metric_labels import tenant
+from pgmeter.query import customers
 
 RETRY_AFTER_SECONDS = "1"
 _ingested: dict[str, Counter] = {}
@@ -143,10 +145,16 @@ async def list_events(request: Request) -> Response:
         listing.validate(params, now)
     except listing.ListError as exc:
         raise bad_request(str(exc)) from None
-    customers = query.getlist("customerId")
-    if customers:
-        # There are no customers in pgmeter yet, so every id is unknown (OpenMeter: 400).
-        raise bad_request(f"customers not found in namespace {params.namespace}: {', '.join(customers)}")
+    ids = query.getlist("customerId")
+    if ids:
+        # The events of the customers' keys and subject keys (OpenMeter); an unknown id is a 400 here.
+        runtime = request.app.state.runtime
+        try:
+            found = await customers.attribution(runtime.api_pool, params.namespace, ids)
+        except customers.UnknownCustomer as exc:
+            raise bad_request(f"customers not found in namespace {params.namespace}: "
+                              f"{', '.join(exc.missing)}") from None
+        params = dataclasses.replace(params, customer_subjects=tuple(s for keys in found.values() for s in keys))
     items = await listing.list_events(request.app.state.runtime.query_pool, params)
     return JSONResponse(items)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -32,6 +33,7 @@ from pgmeter.api.http import json_body, runtime_of, time_param
 from pgmeter.api.meters import find_meter
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.meters.store import Meter
+from pgmeter.query import customers
 from pgmeter.query import filters as string_filters
 from pgmeter.query.cache import Body
 from pgmeter.query.params import (
@@ -44,6 +46,7 @@ from pgmeter.query.params import (
     validate,
     zone_name,
 )
+from pgmeter.runtime import Runtime
 from pgmeter.times import format_rfc3339
 
 MAX_LIST = 100  # subject, groupBy and filterCustomerId items, as OpenMeter
@@ -69,12 +72,6 @@ def _window_size(value: Any) -> WindowSize | None:
 def _client_id(value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 36):
         raise bad_request("clientId must be a string of 1 to 36 characters", parameter="clientId")
-
-
-def _no_customers(ids: list[Any]) -> None:
-    # pgmeter has no customer entity, so any customer id is unknown (OpenMeter: 404).
-    if ids:
-        raise Problem(404, f"customer with id {ids[0]} not found", extensions={"parameter": "filterCustomerId"})
 
 
 def _strings(name: str, value: Any) -> list[str]:
@@ -141,7 +138,6 @@ def params_from_query(request: Request) -> QueryParams:
         if len(items) > MAX_LIST:
             raise bad_request(f"{name} takes at most {MAX_LIST} items", parameter=name)
     _client_id(scalars.get("clientId"))
-    _no_customers(customers)
     return QueryParams(
         from_=time_param("from", scalars.get("from")), to=time_param("to", scalars.get("to")),
         window_size=_window_size(scalars.get("windowSize")),
@@ -149,6 +145,7 @@ def params_from_query(request: Request) -> QueryParams:
         subjects=tuple(subjects), group_by=tuple(group_by),
         filter_group_by={key: tuple(values) for key, values in filters.items()},
         advanced_filters=_advanced(string_filters.parse_json, scalars.get(string_filters.PARAMETER, "")),
+        customers=dict.fromkeys(customers, ()),
     )
 
 
@@ -174,7 +171,7 @@ def params_from_body(body: dict[str, Any]) -> QueryParams:
     if zone is not None and not isinstance(zone, str):
         raise bad_request("windowTimeZone must be a string", parameter="windowTimeZone")
     _client_id(body.get("clientId"))
-    _no_customers(_strings("filterCustomerId", body.get("filterCustomerId")))
+    customers = _strings("filterCustomerId", body.get("filterCustomerId"))
     return QueryParams(
         from_=time_param("from", body.get("from")), to=time_param("to", body.get("to")),
         window_size=_window_size(body.get("windowSize")), window_time_zone=zone_name(zone),
@@ -182,6 +179,7 @@ def params_from_body(body: dict[str, Any]) -> QueryParams:
         group_by=tuple(_strings("groupBy", body.get("groupBy"))),
         filter_group_by=filters,
         advanced_filters=_advanced(string_filters.parse, body.get(string_filters.PARAMETER)),
+        customers=dict.fromkeys(customers, ()),
     )
 
 
@@ -213,8 +211,10 @@ def _value_json(value: Decimal) -> str:
 
 
 def _row_json(row: QueryRow) -> str:
+    # customerId only on rows grouped by customer (OpenMeter omits the key otherwise).
+    customer = "" if row.customer_id is None else f',"customerId":{_ENCODER.encode(row.customer_id)}'
     return (f'{{"value":{_value_json(row.value)},"windowStart":"{format_rfc3339(row.window_start)}",'
-            f'"windowEnd":"{format_rfc3339(row.window_end)}","subject":{_ENCODER.encode(row.subject)},'
+            f'"windowEnd":"{format_rfc3339(row.window_end)}","subject":{_ENCODER.encode(row.subject)}{customer},'
             f'"groupBy":{_ENCODER.encode(row.group_by)}}}')
 
 
@@ -242,8 +242,9 @@ def iter_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Iterator
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     keys = list(params.meter_keys)
+    by_customer = bool(params.customers)
     writer.writerow(["window_start", "window_end", *(["subject"] if params.groups_by_subject else []),
-                     *keys, "value"])
+                     *(["customer_id"] if by_customer else []), *keys, "value"])
     rows = result.rows
     for start in range(0, len(rows), CHUNK_ROWS):
         for row in rows[start:start + CHUNK_ROWS]:
@@ -251,6 +252,7 @@ def iter_csv(meter: Meter, params: QueryParams, result: QueryResult) -> Iterator
                 format_rfc3339(row.window_start.replace(microsecond=0)),
                 format_rfc3339(row.window_end.replace(microsecond=0)),
                 *([row.subject] if params.groups_by_subject else []),
+                *([row.customer_id] if by_customer else []),
                 *(row.group_by[key] for key in keys),
                 f"{float(row.value):f}",
             ])
@@ -267,11 +269,25 @@ def _response(body: Body, media_type: str, headers: dict[str, str] | None = None
     return StreamingResponse(body, media_type=media_type, headers=headers)
 
 
+async def _with_customers(runtime: Runtime, meter: Meter, params: QueryParams) -> QueryParams:
+    """filterCustomerId's ids (parsed with no subjects yet) resolved to their subjects."""
+    if not params.customers:
+        return params
+    try:
+        # On the primary (api_pool): a customer created a moment ago is known, though a
+        # standby may not have it yet. One indexed read.
+        found = await customers.attribution(runtime.api_pool, meter.namespace, list(params.customers))
+    except customers.UnknownCustomer as exc:
+        raise Problem(404, str(exc), extensions={"parameter": "filterCustomerId"}) from None
+    return dataclasses.replace(params, customers=found)
+
+
 async def _answer(request: Request, meter: Meter, params: QueryParams) -> Response:
     try:
         # Checked before the cache sees the parameters (it reads the zone, for one).
         validate(params, meter.group_by)
         runtime = runtime_of(request)
+        params = await _with_customers(runtime, meter, params)
         cache = runtime.query_cache
         assert cache is not None, "the api role makes the query cache"
         # Read from the standby when one is configured; its lag goes with the answer.

@@ -1,9 +1,12 @@
 """Metered entitlement values: the engine fed with pgmeter's own usage.
 
 A value read opens one REPEATABLE READ snapshot and asks the meter query engine
-(:func:`pgmeter.query.engine.run_query`, rollups plus the unmerged tail) for the
-usage of each burn phase inside it, so every phase sees the same committed events
-and a value is exact up to the last committed event.
+(rollups plus the unmerged tail) for the usage of every burn phase inside it, so
+every phase sees the same committed events and a value is exact up to the last
+committed event. The phases do not depend on usage, so a dry run of the engine
+names them and :func:`pgmeter.query.engine.usage_in_ranges` answers them all in
+one statement (UNIQUE_COUNT, counted from the period start, asks per phase). Usage
+is the customer's: the events of its key and subject keys aggregated together.
 
 Snapshots keep reads cheap: the engine's state right after the newest usage-period
 boundary that lies at least ``valkey.settleAfter`` in the past is stored, and the
@@ -33,7 +36,7 @@ from pgmeter.entitlements.engine import ZERO, Grant, Reset, Segment, State
 from pgmeter.entitlements.periods import MINUTE, Recurrence, ceil_minute, parse_interval
 from pgmeter.meters import store as meter_store
 from pgmeter.meters.model import Aggregation
-from pgmeter.query.engine import run_query
+from pgmeter.query.engine import run_query, usage_in_ranges
 from pgmeter.query.params import QueryParams, WindowSize
 
 T = TypeVar("T")
@@ -148,30 +151,40 @@ class Usage:
         self.conn = conn
         self.ctx = ctx
         self.subjects = tuple(ctx.customer.usage_keys)
+        # The query groups by the customer, so the engine aggregates over the set of its
+        # subjects at once: a distinct count or a latest value across several subject
+        # keys is not the sum (or the largest) of per-subject values.
+        self.customers = {ctx.customer.id: self.subjects}
         self.filters = {k: (v,) for k, v in (ctx.feature.filters or {}).items()}
+        self.known: dict[tuple[datetime, datetime], Decimal] = {}
+
+    async def prefetch(self, ranges: list[tuple[datetime, datetime]]) -> None:
+        """The usage of every adjacent range the engine will ask for, in one statement
+        (:func:`~pgmeter.query.engine.usage_in_ranges`) instead of one query each."""
+        bounds = sorted({t for lo, hi in ranges if lo < hi for t in (lo, hi)})
+        if len(bounds) < 2 or not self.subjects:
+            return
+        values = await usage_in_ranges(self.conn, self.ctx.meter, QueryParams(
+            customers=self.customers, filter_group_by=self.filters), bounds)
+        for (lo, hi), value in zip(zip(bounds, bounds[1:], strict=False), values, strict=True):
+            self.known[(lo, hi)] = ZERO if value is None else value
 
     async def total(self, lo: datetime, hi: datetime) -> Decimal:
         if hi <= lo or not self.subjects:
             return ZERO
+        if (lo, hi) in self.known:
+            return self.known[(lo, hi)]
         result = await run_query(self.conn, self.ctx.meter, QueryParams(
-            from_=lo, to=hi, subjects=self.subjects, filter_group_by=self.filters))
-        if self.ctx.latest:
-            # The latest value across the customer's subjects: the row of the latest event is
-            # not known per subject here, so the largest is used (one subject: exact).
-            return max((row.value for row in result.rows), default=ZERO)
-        return sum((row.value for row in result.rows), ZERO)
+            from_=lo, to=hi, customers=self.customers, filter_group_by=self.filters))
+        return result.rows[0].value if result.rows else ZERO  # one row: this customer's
 
     async def windows(self, lo: datetime, hi: datetime, size: WindowSize, zone: str) -> dict[datetime, Decimal]:
-        out: dict[datetime, Decimal] = {}
         if hi <= lo or not self.subjects:
-            return out
+            return {}
         result = await run_query(self.conn, self.ctx.meter, QueryParams(
-            from_=lo, to=hi, window_size=size, window_time_zone=zone, subjects=self.subjects,
+            from_=lo, to=hi, window_size=size, window_time_zone=zone, customers=self.customers,
             filter_group_by=self.filters))
-        for row in result.rows:
-            key = row.window_start.astimezone(UTC)
-            out[key] = out.get(key, ZERO) + row.value
-        return out
+        return {row.window_start.astimezone(UTC): row.value for row in result.rows}
 
     async def __call__(self, period_start: datetime, lo: datetime, hi: datetime) -> Decimal:
         if self.ctx.unique:
@@ -230,7 +243,19 @@ async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: 
         if state.at <= horizon and state.at > start.at:
             saved.append(state)
 
-    state = await engine.run(start, timeline.period_at(start.at)[0], grants, resets, at, usage,
+    period_start = timeline.period_at(start.at)[0]
+    if not ctx.unique:
+        # The phases do not depend on usage: a dry run names them, one statement reads
+        # them all, then the real run finds each phase's usage in hand.
+        ranges: list[tuple[datetime, datetime]] = []
+
+        async def record(_: datetime, lo: datetime, hi: datetime) -> Decimal:
+            ranges.append((lo, hi))
+            return ZERO
+
+        await engine.run(start, period_start, grants, resets, at, record, latest=ctx.latest, observe=observe)
+        await usage.prefetch(ranges)
+    state = await engine.run(start, period_start, grants, resets, at, usage,
                              latest=ctx.latest, history=history, on_reset=on_reset, observe=observe)
     if saved and not ctx.latest:
         pending.save = store.Snapshot(saved[-1], epoch)
@@ -245,6 +270,12 @@ async def fingerprint(conn: asyncpg.Connection, ent: store.Entitlement) -> tuple
         "(SELECT count(*) FROM usage_resets WHERE entitlement_id = $1) AS resets, "
         "(SELECT updated_at FROM customers WHERE id = $2) AS customer_at", ent.id, ent.customer_id)
     return tuple(row.values())
+
+
+async def _begin(conn: asyncpg.Connection) -> datetime:
+    """JIT off for the transaction (as for meter queries) and its ``now()``, in one round trip."""
+    now: datetime = await conn.fetchval("SELECT now() FROM set_config('jit', 'off', true)")
+    return now
 
 
 def lock_key(entitlement_id: str) -> str:
@@ -270,8 +301,7 @@ async def metered_value(pool: asyncpg.Pool, ent: store.Entitlement, time: dateti
     at = ceil_minute(time)
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read"):
-            await conn.execute("SET LOCAL jit = off")
-            now = await conn.fetchval("SELECT now()")
+            now = await _begin(conn)
             seen = await fingerprint(conn, ent)
             ctx = await load_context(conn, ent)
             state, pending = await compute(conn, ctx, at, now=now, grace=grace)
@@ -331,8 +361,7 @@ async def history(pool: asyncpg.Pool, ent: store.Entitlement, lo: datetime, hi: 
                   zone_name: str, zone: tzinfo, *, grace: timedelta) -> History:
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            await conn.execute("SET LOCAL jit = off")
-            now = await conn.fetchval("SELECT now()")
+            now = await _begin(conn)
             ctx = await load_context(conn, ent)
             assert ent.measure_usage_from is not None
             spans = [w for w in windows(lo, hi, size, zone) if w[0] >= ent.measure_usage_from]

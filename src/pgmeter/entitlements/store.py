@@ -17,6 +17,7 @@ import asyncpg
 from pgmeter.entitlements.engine import Grant, State
 from pgmeter.entitlements.periods import Recurrence, parse_interval
 from pgmeter.meters.ulid import is_ulid, new_ulid
+from pgmeter.query.customers import subjects as customer_subjects
 
 
 def _json(value: Any) -> str | None:
@@ -56,40 +57,35 @@ class Customer:
     @property
     def usage_keys(self) -> list[str]:
         """The event subjects whose usage is this customer's: its key and subject keys."""
-        keys = set(self.subject_keys)
-        if self.key:
-            keys.add(self.key)
-        return sorted(keys)
+        return list(customer_subjects(self.key, self.subject_keys))
 
 
-_CUSTOMER = ("id, namespace, key, name, description, primary_email, currency, billing_address::text AS billing_address,"
-             " metadata::text AS metadata, created_at, updated_at, deleted_at")
+# The customer's subject keys come with its row (no query per customer). A deleted
+# customer's mappings were deleted with it: it shows the ones it had then.
+_CUSTOMER = ("c.id, c.namespace, c.key, c.name, c.description, c.primary_email, c.currency, "
+             "c.billing_address::text AS billing_address, c.metadata::text AS metadata, c.created_at, c.updated_at, "
+             "c.deleted_at, ARRAY(SELECT s.subject_key FROM customer_subjects s WHERE s.customer_id = c.id "
+             "AND s.deleted_at IS NOT DISTINCT FROM c.deleted_at ORDER BY s.subject_key) AS subject_keys")
 
 
-async def _customer(conn: asyncpg.Connection, row: asyncpg.Record | None) -> Customer | None:
+def _customer(row: asyncpg.Record | None) -> Customer | None:
     if row is None:
         return None
-    # A deleted customer's mappings were deleted with it; show the ones it had then.
-    if row["deleted_at"] is None:
-        keys = await conn.fetch("SELECT subject_key FROM customer_subjects WHERE customer_id = $1 "
-                                "AND deleted_at IS NULL ORDER BY subject_key", row["id"])
-    else:
-        keys = await conn.fetch("SELECT subject_key FROM customer_subjects WHERE customer_id = $1 "
-                                "AND deleted_at = $2 ORDER BY subject_key", row["id"], row["deleted_at"])
-    return Customer(**_with_json(row, "billing_address", "metadata"), subject_keys=[r["subject_key"] for r in keys])
+    values = _with_json(row, "billing_address", "metadata")
+    return Customer(**{**values, "subject_keys": list(values["subject_keys"])})
 
 
 async def customer_by_id(conn: asyncpg.Connection, namespace: str, customer_id: str) -> Customer | None:
-    row = await conn.fetchrow(f"SELECT {_CUSTOMER} FROM customers WHERE namespace = $1 AND id = $2",
+    row = await conn.fetchrow(f"SELECT {_CUSTOMER} FROM customers c WHERE c.namespace = $1 AND c.id = $2",
                               namespace, customer_id)
-    return await _customer(conn, row)
+    return _customer(row)
 
 
 async def customer_by_key(conn: asyncpg.Connection, namespace: str, key: str) -> Customer | None:
     """The live customer whose key is ``key``."""
-    row = await conn.fetchrow(f"SELECT {_CUSTOMER} FROM customers WHERE namespace = $1 AND key = $2 "
-                              "AND deleted_at IS NULL", namespace, key)
-    return await _customer(conn, row)
+    row = await conn.fetchrow(f"SELECT {_CUSTOMER} FROM customers c WHERE c.namespace = $1 AND c.key = $2 "
+                              "AND c.deleted_at IS NULL", namespace, key)
+    return _customer(row)
 
 
 async def customer_by_id_or_key(conn: asyncpg.Connection, namespace: str, id_or_key: str) -> Customer | None:
@@ -107,10 +103,10 @@ async def customer_by_subject(conn: asyncpg.Connection, namespace: str, subject:
     if found is not None:
         return found
     row = await conn.fetchrow(
-        f"SELECT {', '.join('c.' + c.strip() for c in _CUSTOMER.split(','))} FROM customers c "
-        "JOIN customer_subjects s ON s.customer_id = c.id AND s.deleted_at IS NULL "
-        "WHERE c.namespace = $1 AND s.subject_key = $2 AND c.deleted_at IS NULL", namespace, subject)
-    return await _customer(conn, row)
+        f"SELECT {_CUSTOMER} FROM customers c "
+        "JOIN customer_subjects m ON m.customer_id = c.id AND m.deleted_at IS NULL "
+        "WHERE c.namespace = $1 AND m.subject_key = $2 AND c.deleted_at IS NULL", namespace, subject)
+    return _customer(row)
 
 
 async def customer_conflicts(conn: asyncpg.Connection, namespace: str, key: str | None, subject_keys: list[str],
@@ -197,14 +193,10 @@ async def list_customers(conn: asyncpg.Connection, namespace: str, *, filters: d
     total = await conn.fetchval(f"SELECT count(*) FROM customers WHERE {where}", *args)
     column = {"id": "id", "name": 'name COLLATE "C"', "createdAt": "created_at"}[order_by]
     direction = "DESC" if descending else "ASC"
-    rows = await conn.fetch(f"SELECT {_CUSTOMER} FROM customers WHERE {where} ORDER BY {column} {direction}, id "
-                            f"LIMIT {page_size} OFFSET {(page - 1) * page_size}", *args)
-    out = []
-    for row in rows:
-        customer = await _customer(conn, row)
-        assert customer is not None
-        out.append(customer)
-    return total, out
+    order = f"ORDER BY {column} {direction}, id"
+    rows = await conn.fetch(f"SELECT {_CUSTOMER} FROM (SELECT * FROM customers WHERE {where} {order} "
+                            f"LIMIT {page_size} OFFSET {(page - 1) * page_size}) c {order}", *args)
+    return total, [customer for row in rows if (customer := _customer(row)) is not None]
 
 
 # -- features --------------------------------------------------------------------

@@ -45,6 +45,8 @@ class ListParams:
     ingested_to: datetime | None = None
     id: str | None = None
     subject: str | None = None
+    # customerId resolved: the events of any of these subjects (None: no customer filter).
+    customer_subjects: tuple[str, ...] | None = None
     limit: int = MAX_LIMIT
 
 
@@ -127,6 +129,8 @@ async def list_events(pool: asyncpg.Pool, params: ListParams) -> list[dict[str, 
         add("id LIKE '%' || {} || '%'", params.id)
     if params.subject is not None:
         add("subject = {}", params.subject)
+    if params.customer_subjects is not None:
+        add("subject = ANY({}::text[])", list(params.customer_subjects))
     args.append(params.limit)
     sql = (f"SELECT id, source, type, subject, time, data, ingested_at, stored_at FROM events "
            f"WHERE {' AND '.join(clauses)} ORDER BY time DESC, seq DESC LIMIT ${len(args)}")

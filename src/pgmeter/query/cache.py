@@ -195,6 +195,8 @@ class QueryCache:
             "subjects": sorted(params.subjects), "groupBy": list(params.group_by),
             "filter": {k: sorted(v) for k, v in sorted(params.filter_group_by.items())},
             "advanced": {k: f.canonical() for k, f in sorted(params.advanced_filters.items())},
+            # The subjects too: an answer by customer changes when its subject keys do.
+            "customers": {k: sorted(v) for k, v in sorted(params.customers.items())},
             "meter": meter.updated_at.isoformat(),
         }
         digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -237,14 +239,15 @@ def _split(params: QueryParams, moment: _Moment) -> tuple[QueryParams | None, Qu
 
 
 def _encode(result: QueryResult) -> bytes:
-    rows = [[str(r.value), r.window_start.isoformat(), r.window_end.isoformat(), r.subject, r.group_by]
-            for r in result.rows]
+    rows = [[str(r.value), r.window_start.isoformat(), r.window_end.isoformat(), r.subject, r.group_by,
+             r.customer_id] for r in result.rows]
     return json.dumps({"rows": rows, "watermark": result.watermark}).encode()
 
 
 def _decode(data: bytes) -> QueryResult:
     loaded = json.loads(data)
     rows = [QueryRow(value=Decimal(v), window_start=datetime.fromisoformat(ws), window_end=datetime.fromisoformat(we),
-                     subject=subject, group_by=group_by) for v, ws, we, subject, group_by in loaded["rows"]]
+                     subject=subject, group_by=group_by, customer_id=customer_id)
+            for v, ws, we, subject, group_by, customer_id in loaded["rows"]]
     return QueryResult(rows=rows, watermark=loaded["watermark"])
 

@@ -17,11 +17,11 @@ quoted identifiers are written into the SQL text.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from prometheus_client import Histogram
@@ -64,6 +64,7 @@ _UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", 
               "Etc/Greenwich", "Greenwich"}
 
 Db: TypeAlias = asyncpg.Pool | asyncpg.Connection
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -122,12 +123,38 @@ async def run_query(db: Db, meter: Meter, params: QueryParams, *, max_rows: int 
     ``max_rows + 1`` rows ever leave Postgres.
     """
     validate(params, meter.group_by)
+    return await _retrying(db, meter, params, lambda conn: _run(conn, meter, params, max_rows))
+
+
+async def usage_in_ranges(db: Db, meter: Meter, params: QueryParams, bounds: Sequence[datetime]) -> list[Decimal | None]:
+    """The meter's value in each ``[bounds[i], bounds[i + 1])``, in one statement and one snapshot.
+
+    For callers that need many adjacent ranges at once (an entitlement value needs
+    one per burn phase): a row per range instead of a query per range. ``params``
+    gives the subjects, customers and filters; its time range and window must be
+    unset, and it must not group (one value per range: several customers or subjects
+    are aggregated together). ``None`` where a range has no value (no events, or none
+    valid for SUM/MIN/MAX/AVG/LATEST).
+    """
+    validate(params, meter.group_by)
+    if params.from_ or params.to or params.window_size or params.groups_by_subject or params.meter_keys \
+            or len(params.customers) > 1:
+        raise ValueError("usage_in_ranges takes filters only")
+    if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError("bounds must increase")
+    if len(bounds) < 2:
+        return []
+    return await _retrying(db, meter, params, lambda conn: _ranges(conn, meter, params, list(bounds)))
+
+
+async def _retrying(db: Db, meter: Meter, params: QueryParams, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """``work`` in one snapshot, retried when the meter's rollup was rebuilt meanwhile."""
     started = time.perf_counter()
     try:
         for attempt in range(3):
             try:
                 async with _snapshot(db) as conn:
-                    return await _run(conn, meter, params, max_rows)
+                    return await work(conn)
             except asyncpg.UndefinedTableError:
                 # The meter's rollup was rebuilt (groupBy changed) between reading its
                 # version and reading its tables; the next snapshot sees the new one.
@@ -141,6 +168,33 @@ async def run_query(db: Db, meter: Meter, params: QueryParams, *, max_rows: int 
         raise AssertionError("unreachable")
     finally:
         QUERY_LATENCY.labels(tenant(meter.slug)).observe(time.perf_counter() - started)
+
+
+async def _ranges(conn: asyncpg.Connection, meter: Meter, params: QueryParams,
+                  bounds: list[datetime]) -> list[Decimal | None]:
+    rollup, tables = await _rollup_of(conn, meter)
+    tail_floor = await floor.time_floor(conn, rollup.namespace, rollup.event_type, rollup.last_seq)
+    for key in (*params.filter_group_by, *params.advanced_filters):
+        if key not in rollup.group_keys:  # the meter changed since the caller read it
+            raise QueryError("groupBy", f"invalid group by: {key}")
+    # Each range is carved on its own, so no rollup bucket straddles a boundary and
+    # width_bucket() of a bucket's start names the range it lies in.
+    plan = Plan()
+    lo = bounds[0] if meter.event_from is None else max(bounds[0], meter.event_from)
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        a = max(a, lo)
+        if a < b and tables:
+            part = carve(a, b, usable_levels(None, "UTC", a, b) - (set() if rollup.hourly else {"h1"}))
+            for level, intervals in part.levels.items():
+                _extend(plan.levels.setdefault(level, []), intervals)
+            _extend(plan.raw, part.raw)
+    if lo >= bounds[-1]:
+        return [None] * (len(bounds) - 1)
+    statement = _Statement(rollup, params, tail_floor, bounds=bounds)
+    records = await conn.fetch(statement.aggregate(plan, lo, bounds[-1]), *statement.args)
+    found = {record["ws"]: record["value"] for record in records}
+    # width_bucket numbers the range [bounds[i], bounds[i+1]) i + 1.
+    return [found.get(index + 1) for index in range(len(bounds) - 1)]
 
 
 async def _run(conn: asyncpg.Connection, meter: Meter, params: QueryParams, max_rows: int | None) -> QueryResult:
@@ -209,10 +263,21 @@ async def _extent(conn: asyncpg.Connection, rollup: Rollup, tables: bool, lo: da
     return first, last
 
 
+def _extend(intervals: list[tuple[datetime | None, datetime | None]],
+            more: list[tuple[datetime | None, datetime | None]]) -> None:
+    """Append, joining an interval to the last one where they touch (fewer index probes)."""
+    for a, b in sorted(more, key=lambda iv: iv[0] or EPOCH):
+        if intervals and intervals[-1][1] == a:
+            intervals[-1] = (intervals[-1][0], b)
+        else:
+            intervals.append((a, b))
+
+
 class _Statement:
     """Builds one query's SQL; values go to ``args`` as bind parameters."""
 
-    def __init__(self, rollup: Rollup, params: QueryParams, tail_floor: datetime | None) -> None:
+    def __init__(self, rollup: Rollup, params: QueryParams, tail_floor: datetime | None, *,
+                 bounds: list[datetime] | None = None) -> None:
         self.rollup = rollup
         self.params = params
         # The least time of the events not merged yet (None: there are none), read in
@@ -222,14 +287,22 @@ class _Statement:
         self.args: list[Any] = []
         self.window = params.window_size
         self.tz = self.param(params.window_time_zone, "text") if self.window else ""
+        # Ranges instead of windows (usage_in_ranges): ws is the range's number.
+        self.bounds = self.param(bounds, "timestamptz[]") if bounds else None
         self.subject = params.groups_by_subject
         self.key_columns = [rollup.column_of(key) for key in params.meter_keys]
-        self.subject_filter = self.param(list(params.subjects), "text[]") if params.subjects else None
+        self.subject_filter = self._subject_filter(params)
+        # Grouped by customer: each subject maps to its customer through two parallel
+        # arrays (a subject belongs to at most one live customer).
+        self.customer: tuple[str, str] | None = None
+        if params.customers:
+            pairs = [(key, cid) for cid, keys in params.customers.items() for key in keys]
+            self.customer = (self.param([k for k, _ in pairs], "text[]"), self.param([c for _, c in pairs], "text[]"))
         self.group_filters = {rollup.column_of(key): self.param(list(values), "text[]")
                               for key, values in params.filter_group_by.items() if values}
         self.advanced_filters = self._advanced(params)
         # Windowless answers report each group's first and last minute.
-        self.extent = self.window is None
+        self.extent = self.window is None and self.bounds is None
         # A query that neither groups nor filters by a meter key reads the
         # subject-only coarse levels: one row per subject and bucket.
         self.by_subject_only = (rollup.subject_levels and not self.key_columns and not self.group_filters
@@ -238,6 +311,20 @@ class _Statement:
     def param(self, value: Any, cast: str) -> str:
         self.args.append(value)
         return f"${len(self.args)}::{cast}"
+
+    def _subject_filter(self, params: QueryParams) -> str | None:
+        """The subjects to read: those asked for, and of those the filtered customers'
+        (both given: both must match, as OpenMeter ANDs them)."""
+        if not params.customers:
+            return self.param(list(params.subjects), "text[]") if params.subjects else None
+        keys = sorted({key for keys in params.customers.values() for key in keys})
+        if params.subjects:
+            keys = [key for key in keys if key in set(params.subjects)]
+        return self.param(keys, "text[]")
+
+    def _grouped(self) -> list[str]:
+        """The grouped column names after ``ws``."""
+        return (["subject"] if self.subject else []) + (["cust"] if self.customer else []) + self.key_columns
 
     _COLUMN = "\x00column\x00"  # stands for the (prefixed) group column in compiled filters
 
@@ -254,6 +341,8 @@ class _Statement:
     # -- pieces ------------------------------------------------------------------
 
     def window_start(self, expr: str, level: str | None = None) -> str:
+        if self.bounds is not None:
+            return f"width_bucket({expr}, {self.bounds})"
         if self.window is None:
             return "TIMESTAMPTZ 'epoch'"  # one window; a constant keeps joins simple
         if level in ("d1", "dz") and self.window is WindowSize.DAY:
@@ -264,8 +353,7 @@ class _Statement:
 
     def group_list(self, prefix: str = "") -> str:
         """``ws, subject, g2`` with the optional prefix on every column."""
-        columns = ["ws"] + (["subject"] if self.subject else []) + self.key_columns
-        return ", ".join(prefix + column for column in columns)
+        return ", ".join(prefix + column for column in ["ws", *self._grouped()])
 
     def filters(self, prefix: str) -> list[str]:
         """Subject and group-value filters; on rollup rows (``hashed``) also by the
@@ -304,6 +392,9 @@ class _Statement:
     def selected(self, prefix: str) -> str:
         """``, r.subject, r.g2``: the grouped columns, with the optional prefix."""
         parts = ([f"{prefix}subject"] if self.subject else []) + [f"{prefix}{c}" for c in self.key_columns]
+        if self.customer:
+            keys, ids = self.customer
+            parts.insert(1 if self.subject else 0, f"({ids})[array_position({keys}, {prefix}subject)]")
         return "".join(f", {part}" for part in parts)
 
     @staticmethod
@@ -364,12 +455,23 @@ class _Statement:
                 columns = f", r.cnt{objects.state_names(self.state, 'r.')}"
                 if self.extent:
                     columns += ", r.bucket, r.bucket" if level == "m1" else ", r.t_min, r.t_max"
+            head = f"SELECT {self.window_start('r.bucket', level)} AS ws{self.selected('r.')}{columns}"
             # The local-day level holds every zone of the meter: this query's only.
             zone = [f"r.zone = {self.tz}"] if level == "dz" else []
+            if self.bounds is not None:
+                # Many intervals (one or two per range): one branch per level that probes
+                # the index once per interval, so planning does not grow with the ranges.
+                # OFFSET 0 keeps the subquery apart, so its bounds are index conditions
+                # (joined, the planner scanned all the subject's rows and filtered them).
+                los = self.param([a for a, _ in intervals], "timestamptz[]")
+                his = self.param([b for _, b in intervals], "timestamptz[]")
+                conditions = ["r.bucket >= iv.lo", "r.bucket < iv.hi", *zone, *self.filters("r.")]
+                branches.append(f"SELECT r.* FROM unnest({los}, {his}) iv (lo, hi), LATERAL ({head} FROM "
+                                f"{table.as_string()} r{self.where(conditions)} OFFSET 0) r")
+                continue
             for a, b in intervals:
                 conditions = zone + self.time_range("r.bucket", a, b) + self.filters("r.")
-                branches.append(f"SELECT {self.window_start('r.bucket', level)} AS ws{self.selected('r.')}"
-                                f"{columns} FROM {table.as_string()} r{self.where(conditions)}")
+                branches.append(f"{head} FROM {table.as_string()} r{self.where(conditions)}")
         return branches
 
     # -- statements --------------------------------------------------------------
@@ -416,7 +518,7 @@ class _Statement:
                 f"ORDER BY {order}")
 
     def _alias_tail(self) -> str:
-        return "".join(f", {c}" for c in (["subject"] if self.subject else []) + self.key_columns)
+        return "".join(f", {c}" for c in self._grouped())
 
     def distinct(self, plan: Plan, key: str | None, lo: datetime | None, hi: datetime | None,
                  unmerged_before: datetime | None, limit: int | None) -> str:
@@ -453,6 +555,7 @@ def _rows(meter: Meter, rollup: Rollup, params: QueryParams, records: list[async
     out_zone = _out_zone(params)
     start = _effective_from(meter, params)
     subject = params.groups_by_subject
+    customers = bool(params.customers)
     windowed = params.window_size is not None
     rows = []
     for record in records:
@@ -464,11 +567,13 @@ def _rows(meter: Meter, rollup: Rollup, params: QueryParams, records: list[async
             window_start = start if start is not None else record["t_min"]
             window_end = params.to if params.to is not None else record["t_max"] + MINUTE
         rows.append(QueryRow(record["value"], window_start, window_end, record["subject"] if subject else None,
-                             {key: record[column] for key, column in columns}))
+                             {key: record[column] for key, column in columns},
+                             record["cust"] if customers else None))
     if not windowed and start is None:
         # Each group's window starts at its first event: order by that first.
-        rows.sort(key=lambda row: (row.window_start, row.subject or "", tuple(row.group_by.values())))
-    if not rows and not windowed and not subject and not params.meter_keys \
+        rows.sort(key=lambda row: (row.window_start, row.subject or "", row.customer_id or "",
+                                   tuple(row.group_by.values())))
+    if not rows and not windowed and not subject and not customers and not params.meter_keys \
             and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):
         # OpenMeter's aggregate without GROUP BY returns one row even over no events.
         rows.append(QueryRow(value=Decimal(0), window_start=start if start is not None else EPOCH,

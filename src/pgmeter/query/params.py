@@ -63,6 +63,11 @@ class QueryParams:
     # key -> advancedMeterGroupByFilters filter (pgmeter.query.filters); never together
     # with filter_group_by. Keys whose filter filters nothing are dropped by validate().
     advanced_filters: Mapping[str, StringFilter] = field(default_factory=dict)
+    # filterCustomerId resolved: customer id -> its usage subjects (the customer key and
+    # usageAttribution.subjectKeys). Filters to those subjects and groups by customer,
+    # aggregating over each customer's subjects together (a distinct count or a latest
+    # value across them, not a sum of per-subject values).
+    customers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def groups_by_subject(self) -> bool:
@@ -74,7 +79,7 @@ class QueryParams:
         """The meter group-by keys to group by, in request order, without repeats."""
         seen: list[str] = []
         for key in self.group_by:
-            if key != "subject" and key not in seen:
+            if key not in ("subject", "customer_id") and key not in seen:
                 seen.append(key)
         return tuple(seen)
 
@@ -86,6 +91,7 @@ class QueryRow:
     window_end: datetime
     subject: str | None
     group_by: dict[str, str]
+    customer_id: str | None = None  # set when the query groups by customer
 
 
 @dataclass(frozen=True)
@@ -181,8 +187,9 @@ def validate(params: QueryParams, group_keys: list[str] | dict[str, str]) -> Non
         check_text("subject", subject)
     for key in params.group_by:
         if key == "customer_id":
-            raise QueryError("groupBy", "invalid group by: customer_id (needs filterCustomerId; "
-                                        "pgmeter has no customers)")
+            if not params.customers:  # OpenMeter: customer_id groups only filtered customers
+                raise QueryError("groupBy", "invalid group by: customer_id (it needs filterCustomerId)")
+            continue
         if key != "subject" and key not in group_keys:
             raise QueryError("groupBy", f"invalid group by: {key}")
     if params.filter_group_by and params.advanced_filters:
