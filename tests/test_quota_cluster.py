@@ -16,14 +16,14 @@ import pytest
 import valkey
 from valkey.cluster import ValkeyCluster
 
-from pgmeter.config import MeterSpec, Settings
+from pgmeter.config import Settings
 from pgmeter.quota import layout
 from tests.support.app import AppServer
 from tests.support.ingest import make_event, post_events
 from tests.support.valkey_cluster import valkey_cluster
 
-METER = MeterSpec.model_validate({"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call",
-                                  "valueProperty": "$.n"})
+METER = {"slug": "api_calls", "aggregation": "SUM", "eventType": "api.call",
+     "valueProperty": "$.n"}
 
 
 def wait_for(predicate: Any, timeout: float = 30) -> None:
