@@ -37,9 +37,6 @@ KNOWN: dict[tuple[str, str], str] = {
     ("pgmeter.api.shapes", "entitlements"): "the JSON shapes of those routes",
     # Lago wallet top-ups become entitlement grants: a room of its own in waiting.
     ("pgmeter.lago.webhooks", "entitlements"): "Lago credits become grants",
-    # Names the rooms' services for typed Runtime fields; imported for type checking only.
-    ("pgmeter.runtime", "notify"): "typing only",
-    ("pgmeter.runtime", "quota"): "typing only",
 }
 
 
