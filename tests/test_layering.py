@@ -27,14 +27,6 @@ COMPOSITION_ROOTS = {"pgmeter.roles", "pgmeter.cli", "pgmeter.__main__"}
 # Core modules that still import a room, and why. The list may only shrink: an entry
 # that no longer imports its room fails the test, so a fix also deletes its line.
 KNOWN: dict[tuple[str, str], str] = {
-    # The entitlements room's HTTP surface, written before rooms carried their own
-    # routes (as notify.api does): to move into the room.
-    ("pgmeter.api.customers", "entitlements"): "entitlements routes living in api/",
-    ("pgmeter.api.customers", "quota"): "entitlements routes living in api/ (Valkey-first values)",
-    ("pgmeter.api.entitlements", "entitlements"): "entitlements routes living in api/",
-    ("pgmeter.api.entitlements", "quota"): "entitlements routes living in api/ (Valkey-first values)",
-    ("pgmeter.api.features", "entitlements"): "entitlements routes living in api/",
-    ("pgmeter.api.shapes", "entitlements"): "the JSON shapes of those routes",
     # Lago wallet top-ups become entitlement grants: a room of its own in waiting.
     ("pgmeter.lago.webhooks", "entitlements"): "Lago credits become grants",
 }

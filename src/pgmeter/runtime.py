@@ -88,6 +88,32 @@ class NotifyService(Protocol):
     wake: asyncio.Event  # set to deliver now rather than at the next poll
 
 
+# A value now: its JSON body and the headers saying how fresh it is.
+ValueNow = tuple[dict[str, Any], dict[str, str]]
+
+
+class QuotaValues(Protocol):
+    """Entitlement values now, Valkey first (pgmeter.quota.reader), for the entitlement routes.
+
+    The quota room imports the entitlements room, so the entitlements room does not import
+    quota back: the routes find this reader on the runtime, registered by the composition
+    root, and compute every value exactly where it is absent.
+    """
+
+    def enabled(self, runtime: Runtime) -> bool: ...
+
+    def key_for(self, runtime: Runtime, namespace: str, *, subject: str | None = None,
+                customer: str | None = None, feature_key: str) -> str: ...
+
+    async def cached(self, runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | None = None,
+                     ) -> tuple[ValueNow | None, bool]: ...
+
+    async def worker_running(self, runtime: Runtime) -> bool: ...
+
+    async def computed(self, runtime: Runtime, namespace: str, entitlement_id: str, *, v2: bool,
+                       ) -> ValueNow | None: ...
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -118,6 +144,7 @@ class Runtime:
     refresher: Refresher | None = None
     quota: QuotaService | None = None
     notify: NotifyService | None = None
+    quota_values: QuotaValues | None = None
     # When this process last saw the quota worker's heartbeat in Valkey (monotonic).
     quota_heartbeat_seen: float = float("-inf")
     # The event limits in force, resolved from the settings once.
