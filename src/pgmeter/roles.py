@@ -16,8 +16,8 @@ from pgmeter.runtime import Runtime
 def api_routes() -> list[BaseRoute]:
     from pgmeter.api import docs, events, meters, portal, query
     from pgmeter.console import routes as console
+    from pgmeter.credits import webhooks
     from pgmeter.entitlements.api import customers, entitlements, features
-    from pgmeter.lago import webhooks
     from pgmeter.notify import api as notifications
 
     return [*events.routes, *meters.routes, *query.routes, *customers.routes, *features.routes,
