@@ -7,9 +7,9 @@ config, runtime, ...) reaches them only through hooks they register on the Runti
 through small Protocols of its own (``QuotaService``, ``NotifyService``) rather than
 importing them, even for type checking. Only the composition roots wire rooms in.
 
-Between rooms, the rule is one direction per pair: a room may import another only
-if that one does not import it back (quota, notify and credits build on
-entitlements). Where both would need each other, the dependency the other way goes
+Between rooms, the rule is one direction: a room may import another only if that one
+does not import it back, directly or through a third (quota, notify and credits
+build on entitlements, notify on quota). Where both would need each other, the dependency the other way goes
 through a Runtime hook: the entitlements routes read quota's Valkey-first values from
 ``runtime.quota_values``, which the composition root sets to ``pgmeter.quota.reader``.
 
@@ -104,7 +104,6 @@ def test_rooms_import_each_other_one_way_only() -> None:
         pytest.fail(f"rooms importing each other (pass one direction through a Runtime hook): {exc.args[1]}")
     # The dependencies the docstring names, so the rule is seen to bite.
     assert {("quota", "entitlements"), ("notify", "entitlements"), ("credits", "entitlements")} <= edges
-
 
 
 def test_config_imports_no_pgmeter_module() -> None:
