@@ -1,4 +1,4 @@
--- Real-time quota (src/pgmeter/quota) and the Lago webhook receiver (src/pgmeter/lago/webhooks.py).
+-- Real-time quota (src/pgmeter/quota) and the Lago webhook receiver (src/pgmeter/credits/webhooks.py).
 -- (Numbered 009 here only because migrations must be gapless; the brief reserves 020+ for this
 -- branch, so the lead renumbers it at merge.)
 

@@ -1,4 +1,4 @@
-"""Lago's wallet webhooks in (pgmeter.lago.webhooks): signed both ways, replayed, tampered, duplicated.
+"""Lago's wallet webhooks in (pgmeter.credits.webhooks): signed both ways, replayed, tampered, duplicated.
 
 The RSA key pair and the HMAC token are made here; payloads follow Lago's shapes
 (reference: collector-and-lago-billing.md B3: ``{webhook_type, object_type,
@@ -279,7 +279,7 @@ def test_expired_is_not_required_but_times_are_bounded() -> None:
     """Lago's JWTs carry no exp: the receiver must not require one (PyJWT does not by default)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     config = LagoWebhooksConfig.model_validate({"publicKey": public_pem(key)})
-    from pgmeter.lago.webhooks import BadSignature, verify
+    from pgmeter.credits.webhooks import BadSignature, verify
 
     body = b'{"webhook_type": "wallet.updated"}'
     verify(config, body, None, jwt.encode({"data": body.decode(), "iss": "x"}, key, algorithm="RS256"))

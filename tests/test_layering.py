@@ -1,19 +1,28 @@
 """The layering DESIGN promises: the core never imports the rooms, config.py no domain.
 
-Rooms (entitlements, quota, notify, collect, console) are optional domains built on
-the core; the core (api, ingest, sink, rollup, query, meters, db, lago, config,
-runtime, ...) reaches them only through hooks they register on the Runtime
-(``post_commit``, ``meter_guards``). Only the composition roots wire rooms in.
+Rooms (entitlements, quota, notify, credits, collect, console) are optional domains
+built on the core; the core (api, ingest, sink, rollup, query, meters, db, lago,
+config, runtime, ...) reaches them only through hooks they register on the Runtime
+(``post_commit``, ``meter_guards``, ``quota_values``), and names their services
+through small Protocols of its own (``QuotaService``, ``NotifyService``) rather than
+importing them, even for type checking. Only the composition roots wire rooms in.
+
+Between rooms, the rule is one direction: a room may import another only if that one
+does not import it back, directly or through a third (quota, notify and credits
+build on entitlements, notify on quota). Where both would need each other, the dependency the other way goes
+through a Runtime hook: the entitlements routes read quota's Valkey-first values from
+``runtime.quota_values``, which the composition root sets to ``pgmeter.quota.reader``.
 
 Read from the source with :mod:`ast` rather than by importing it: every import
 counts, also one inside a function (the lazy imports that keep start-up light), and
-no module runs. import-linter states the same contract, but as a new dependency for
-some fifty lines, and its contracts cannot carry the reason for each exception.
+no module runs. import-linter states the same contracts, but as a new dependency for
+some fifty lines.
 """
 
 from __future__ import annotations
 
 import ast
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import pytest
@@ -21,26 +30,9 @@ import pytest
 import pgmeter
 
 SOURCE = Path(pgmeter.__file__).parent
-ROOMS = {"entitlements", "quota", "notify", "collect", "console"}
+ROOMS = {"entitlements", "quota", "notify", "credits", "collect", "console"}
 # Modules whose job is to know which module implements what: they may import anything.
 COMPOSITION_ROOTS = {"pgmeter.roles", "pgmeter.cli", "pgmeter.__main__"}
-# Core modules that still import a room, and why. The list may only shrink: an entry
-# that no longer imports its room fails the test, so a fix also deletes its line.
-KNOWN: dict[tuple[str, str], str] = {
-    # The entitlements room's HTTP surface, written before rooms carried their own
-    # routes (as notify.api does): to move into the room.
-    ("pgmeter.api.customers", "entitlements"): "entitlements routes living in api/",
-    ("pgmeter.api.customers", "quota"): "entitlements routes living in api/ (Valkey-first values)",
-    ("pgmeter.api.entitlements", "entitlements"): "entitlements routes living in api/",
-    ("pgmeter.api.entitlements", "quota"): "entitlements routes living in api/ (Valkey-first values)",
-    ("pgmeter.api.features", "entitlements"): "entitlements routes living in api/",
-    ("pgmeter.api.shapes", "entitlements"): "the JSON shapes of those routes",
-    # Lago wallet top-ups become entitlement grants: a room of its own in waiting.
-    ("pgmeter.lago.webhooks", "entitlements"): "Lago credits become grants",
-    # Names the rooms' services for typed Runtime fields; imported for type checking only.
-    ("pgmeter.runtime", "notify"): "typing only",
-    ("pgmeter.runtime", "quota"): "typing only",
-}
 
 
 def module_name(path: Path) -> str:
@@ -90,12 +82,28 @@ def core_imports_of_rooms() -> set[tuple[str, str]]:
     return found
 
 
+def room_imports() -> set[tuple[str, str]]:
+    """(room, room it imports) over every module of every room."""
+    return {(layer(module), layer(name)) for module, names in modules().items() if layer(module) in ROOMS
+            for name in names if layer(name) in ROOMS and layer(name) != layer(module)}
+
+
 def test_the_core_never_imports_a_room() -> None:
-    found = core_imports_of_rooms()
-    new = sorted(found - KNOWN.keys())
-    assert not new, f"core modules importing rooms (register a hook on the Runtime instead): {new}"
-    fixed = sorted(KNOWN.keys() - found)
-    assert not fixed, f"no longer imported: delete these from KNOWN: {fixed}"
+    found = sorted(core_imports_of_rooms())
+    assert not found, f"core modules importing rooms (register a hook on the Runtime instead): {found}"
+
+
+def test_rooms_import_each_other_one_way_only() -> None:
+    edges = room_imports()
+    graph: dict[str, set[str]] = {}
+    for room, imported_room in edges:
+        graph.setdefault(room, set()).add(imported_room)
+    try:
+        tuple(TopologicalSorter(graph).static_order())
+    except CycleError as exc:
+        pytest.fail(f"rooms importing each other (pass one direction through a Runtime hook): {exc.args[1]}")
+    # The dependencies the docstring names, so the rule is seen to bite.
+    assert {("quota", "entitlements"), ("notify", "entitlements"), ("credits", "entitlements")} <= edges
 
 
 def test_config_imports_no_pgmeter_module() -> None:
@@ -108,7 +116,7 @@ def test_config_imports_no_pgmeter_module() -> None:
     ("pgmeter.api.meters", "def f():\n    import pgmeter.notify.api\n", {"pgmeter.notify.api"}),
     ("pgmeter.api.meters", "from ..console import routes", {"pgmeter.console", "pgmeter.console.routes"}),
     ("pgmeter.api.meters", "from . import http", {"pgmeter.api", "pgmeter.api.http"}),
-    ("pgmeter.lago", "from .webhooks import routes", {"pgmeter.lago.webhooks", "pgmeter.lago.webhooks.routes"}),
+    ("pgmeter.lago", "from .sync import start", {"pgmeter.lago.sync", "pgmeter.lago.sync.start"}),
     ("pgmeter.api.meters", "import json\nfrom starlette import routing", set()),
 ])
 def test_imports_are_found_however_written(module: str, source: str, expected: set[str]) -> None:

@@ -307,7 +307,7 @@ class LagoCredits(Section):
 
 
 class LagoWebhooksConfig(Section):
-    """The receiver of Lago's webhooks (pgmeter.lago.webhooks, POST /lago/webhooks).
+    """The receiver of Lago's webhooks (pgmeter.credits.webhooks, POST /lago/webhooks).
 
     Off until a key is set. ``publicKey``: Lago's RSA public key (PEM, or base64 PEM as
     GET /api/v1/webhooks/public_key serves it) for the default ``jwt`` signatures;

@@ -14,9 +14,10 @@ from pgmeter.runtime import Runtime
 
 
 def api_routes() -> list[BaseRoute]:
-    from pgmeter.api import customers, docs, entitlements, events, features, meters, portal, query
+    from pgmeter.api import docs, events, meters, portal, query
     from pgmeter.console import routes as console
-    from pgmeter.lago import webhooks
+    from pgmeter.credits import webhooks
+    from pgmeter.entitlements.api import customers, entitlements, features
     from pgmeter.notify import api as notifications
 
     return [*events.routes, *meters.routes, *query.routes, *customers.routes, *features.routes,
@@ -36,9 +37,13 @@ async def start(runtime: Runtime) -> None:
         from pgmeter.entitlements import service as entitlements
         from pgmeter.ingest import publisher
         from pgmeter.query.cache import QueryCache
+        from pgmeter.quota import reader as quota_values
 
         # Features rely on their meter: no deleting it, no removing a groupBy key they filter on.
         runtime.meter_guards.append(entitlements.meter_change_refusal)
+        # Entitlement values now come from the quota room's copy in Valkey when it is
+        # fresh; the entitlements routes find the reader here (quota imports entitlements).
+        runtime.quota_values = quota_values
 
         runtime.query_cache = QueryCache(runtime.valkey, runtime.settings)
         await publisher.start(runtime)

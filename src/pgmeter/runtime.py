@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 import nats
@@ -32,9 +32,7 @@ from pgmeter.ingest.limits import EventLimits
 
 if TYPE_CHECKING:  # the roles import the runtime; the runtime only names them
     from pgmeter.ingest.publisher import Publisher
-    from pgmeter.notify.delivery import Dispatcher
     from pgmeter.query.cache import QueryCache
-    from pgmeter.quota.worker import QuotaWorker
     from pgmeter.rollup.refresher import Refresher
     from pgmeter.sink.worker import Sink
 
@@ -70,6 +68,52 @@ class Committed:
 MeterGuard = Callable[[asyncpg.Connection, str, dict[str, str] | None], Awaitable[str | None]]
 
 
+# The rooms' services other rooms reach through the runtime, named here by what is used
+# of them: the core imports no room, not even to name a type.
+
+class QuotaService(Protocol):
+    """The quota worker (pgmeter.quota.worker), as the notify room and the value reads use it."""
+
+    seq: int  # the highest sink sequence the worker has seen
+    # Called with each fresh value (a pgmeter.quota.balances.Computed) and the explicit
+    # resets behind it.
+    listeners: list[Callable[[Any, list[str]], Awaitable[None]]]
+    # Whether a listener wants values now, when the worker is not storing them in Valkey.
+    interested: list[Callable[[], bool]]
+
+
+class NotifyService(Protocol):
+    """The notification dispatcher (pgmeter.notify.delivery), as the notify routes use it."""
+
+    wake: asyncio.Event  # set to deliver now rather than at the next poll
+
+
+# A value now: its JSON body and the headers saying how fresh it is.
+ValueNow = tuple[dict[str, Any], dict[str, str]]
+
+
+class QuotaValues(Protocol):
+    """Entitlement values now, Valkey first (pgmeter.quota.reader), for the entitlement routes.
+
+    The quota room imports the entitlements room, so the entitlements room does not import
+    quota back: the routes find this reader on the runtime, registered by the composition
+    root, and compute every value exactly where it is absent.
+    """
+
+    def enabled(self, runtime: Runtime) -> bool: ...
+
+    def key_for(self, runtime: Runtime, namespace: str, *, subject: str | None = None,
+                customer: str | None = None, feature_key: str) -> str: ...
+
+    async def cached(self, runtime: Runtime, key: str, *, v2: bool, entitlement_id: str | None = None,
+                     ) -> tuple[ValueNow | None, bool]: ...
+
+    async def worker_running(self, runtime: Runtime) -> bool: ...
+
+    async def computed(self, runtime: Runtime, namespace: str, entitlement_id: str, *, v2: bool,
+                       ) -> ValueNow | None: ...
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -98,8 +142,9 @@ class Runtime:
     query_cache: QueryCache | None = None
     sink: Sink | None = None
     refresher: Refresher | None = None
-    quota: QuotaWorker | None = None
-    notify: Dispatcher | None = None
+    quota: QuotaService | None = None
+    notify: NotifyService | None = None
+    quota_values: QuotaValues | None = None
     # When this process last saw the quota worker's heartbeat in Valkey (monotonic).
     quota_heartbeat_seen: float = float("-inf")
     # The event limits in force, resolved from the settings once.

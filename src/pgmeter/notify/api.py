@@ -22,10 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pgmeter.api import shapes
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.meters import json_body, runtime_of
 from pgmeter.api.problems import Problem, bad_request
+from pgmeter.entitlements.api import shapes
 from pgmeter.meters.ulid import is_ulid, new_ulid
 from pgmeter.notify.rules import RESET, THRESHOLD, THRESHOLD_TYPES, USAGE_KINDS
 

@@ -69,10 +69,10 @@ def active_thresholds(thresholds: list[dict[str, Any]], usage: Decimal, balance:
 
 
 def payload_of(event_id: str, kind: str, computed: Computed, threshold: dict[str, Any] | None) -> dict[str, Any]:
-    from pgmeter.api.customers import customer_json
-    from pgmeter.api.entitlements import V1, entitlement_json
-    from pgmeter.api.features import feature_json
-    from pgmeter.api.shapes import number
+    from pgmeter.entitlements.api.customers import customer_json
+    from pgmeter.entitlements.api.entitlements import V1, entitlement_json
+    from pgmeter.entitlements.api.features import feature_json
+    from pgmeter.entitlements.api.shapes import number
 
     ctx, value = computed.ctx, computed.value
     assert ctx is not None and value is not None

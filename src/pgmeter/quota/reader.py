@@ -11,6 +11,10 @@ The answer says how fresh it is, in headers (the body keeps OpenMeter's shape):
 ``X-Pgmeter-Value-Source`` (``valkey`` or ``computed``), ``X-Pgmeter-Value-As-Of``
 (the Postgres snapshot time the value reflects: every event committed before it is
 counted) and ``X-Pgmeter-Value-Seq`` (see :mod:`pgmeter.quota.layout`).
+
+The entitlement routes reach this module as ``runtime.quota_values`` (it answers the
+core's ``QuotaValues`` protocol), set by :mod:`pgmeter.roles`: this room imports the
+entitlements room, which therefore does not import it back.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from decimal import Decimal
 from typing import Any
 
 from pgmeter.dependencies import describe
-from pgmeter.entitlements import store
 from pgmeter.quota import balances, layout
 from pgmeter.runtime import Runtime
 
@@ -34,7 +37,7 @@ HEARTBEAT_CACHE = 1.0
 
 def _body(has_access: bool, balance: Decimal, usage: Decimal, overage: Decimal, total: Decimal,
           grant_balances: dict[str, Decimal], v2: bool) -> dict[str, Any]:
-    from pgmeter.api.shapes import number
+    from pgmeter.entitlements.api.shapes import number
 
     body: dict[str, Any] = {"hasAccess": has_access, "balance": number(balance), "usage": number(usage),
                             "overage": number(overage), "totalAvailableGrantAmount": number(total)}
@@ -111,13 +114,13 @@ def key_for(runtime: Runtime, namespace: str, *, subject: str | None = None, cus
     return layout.customer_key(prefix, namespace, customer, feature_key)
 
 
-async def computed(runtime: Runtime, ent: store.Entitlement, *, v2: bool,
+async def computed(runtime: Runtime, namespace: str, entitlement_id: str, *, v2: bool,
                    ) -> tuple[dict[str, Any], dict[str, str]] | None:
     """The exact value now, written back to Valkey; ``None`` if the entitlement has none now."""
     prefix = runtime.settings.valkey.key_prefix
     worker = runtime.quota
     seq = worker.seq if worker is not None else 0
-    result = await balances.compute(runtime.api_pool, prefix, ent.namespace, ent.id, seq=seq,
+    result = await balances.compute(runtime.api_pool, prefix, namespace, entitlement_id, seq=seq,
                                     grace=runtime.settings.valkey.settle_after)
     if result is None or result.value is None:
         return None

@@ -22,16 +22,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pgmeter.api import shapes
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.http import json_body, runtime_of, time_param
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements import balance, service, store
+from pgmeter.entitlements.api import shapes
 from pgmeter.entitlements.periods import IntervalError, ceil_minute, floor_minute, parse_interval
 from pgmeter.entitlements.service import EntitlementInput, GrantInput
 from pgmeter.meters.ulid import is_ulid
 from pgmeter.query.params import QueryError, WindowSize, zone
-from pgmeter.quota import reader as quota_reader
+from pgmeter.runtime import QuotaValues
 from pgmeter.times import format_rfc3339
 
 EXPIRATION_DURATIONS = ("HOUR", "DAY", "WEEK", "MONTH", "YEAR")
@@ -298,6 +298,20 @@ def entitlement_input(body: dict[str, Any], api: Api) -> EntitlementInput:
     return data
 
 
+def values_now(request: Request) -> QuotaValues | None:
+    """The quota room's Valkey-first reader when this request asks for a value now and it
+    serves one; None to compute the value exactly.
+
+    Found on the runtime (registered by pgmeter.roles), not imported: the quota room
+    imports this room, which does not import it back.
+    """
+    runtime = runtime_of(request)
+    values = runtime.quota_values
+    if "time" in request.query_params or values is None or not values.enabled(runtime):
+        return None
+    return values
+
+
 def at_param(request: Request, name: str = "time") -> datetime:
     value = shapes.query_time(request, name)
     return value if value is not None else datetime.now(UTC)
@@ -364,24 +378,25 @@ def _routes(api: Api) -> list[Route]:
     async def value(request: Request) -> Response:
         runtime = runtime_of(request)
         ref_value = request.path_params["entitlementIdOrFeatureKey"]
-        now = "time" not in request.query_params and quota_reader.enabled(runtime)
-        if now and not is_ulid(ref_value):
+        values = values_now(request)
+        now = values is not None
+        if values is not None and not is_ulid(ref_value):
             # The quota room's copy in Valkey, without a Postgres round trip (pgmeter.quota.reader).
-            key = quota_reader.key_for(runtime, namespace_of(request), feature_key=ref_value,
-                                       subject=request.path_params.get("subjectIdOrKey"),
-                                       customer=request.path_params.get("customerIdOrKey"))
-            hit, now = await quota_reader.cached(runtime, key, v2=api.v2)
+            key = values.key_for(runtime, namespace_of(request), feature_key=ref_value,
+                                 subject=request.path_params.get("subjectIdOrKey"),
+                                 customer=request.path_params.get("customerIdOrKey"))
+            hit, now = await values.cached(runtime, key, v2=api.v2)
             if hit is not None:
                 return JSONResponse(hit[0], headers=hit[1])
-        elif now:
-            now = await quota_reader.worker_running(runtime)
+        elif values is not None:
+            now = await values.worker_running(runtime)
         at = at_param(request)
         customer = await owner(request, api)
         ent = await entitlement_of(request, customer, ref_value, at, deleted=True)
         if ent is None and api.subject:
             raise not_found(request, ref_value)
-        if now and ent is not None and ent.type == "metered" and ent.active_at(at):
-            found = await quota_reader.computed(runtime, ent, v2=api.v2)
+        if values is not None and now and ent is not None and ent.type == "metered" and ent.active_at(at):
+            found = await values.computed(runtime, ent.namespace, ent.id, v2=api.v2)
             if found is not None:
                 return JSONResponse(found[0], headers=found[1])
         return JSONResponse(await value_json(request, ent, at, api))

@@ -13,11 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pgmeter.api import shapes
 from pgmeter.api.auth import namespace_of
 from pgmeter.api.http import json_body, runtime_of
 from pgmeter.api.problems import Problem
 from pgmeter.entitlements import service, store
+from pgmeter.entitlements.api import shapes
 
 KEY = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 

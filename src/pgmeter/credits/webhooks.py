@@ -46,9 +46,9 @@ from starlette.routing import Route
 
 from pgmeter.api.meters import runtime_of
 from pgmeter.api.problems import Problem, bad_request
-from pgmeter.api.shapes import storable
 from pgmeter.config import LagoCredits, LagoWebhooksConfig
 from pgmeter.entitlements import service, store
+from pgmeter.entitlements.api.shapes import storable
 from pgmeter.entitlements.balance import Timeline
 from pgmeter.entitlements.periods import floor_minute
 

@@ -17,14 +17,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pgmeter.api import shapes
 from pgmeter.api.auth import namespace_of
-from pgmeter.api.entitlements import V1_ADMIN, at_param, customer_of_path, value_json
 from pgmeter.api.http import json_body, runtime_of
 from pgmeter.api.problems import Problem, bad_request
 from pgmeter.entitlements import balance, service, store
+from pgmeter.entitlements.api import shapes
+from pgmeter.entitlements.api.entitlements import V1_ADMIN, at_param, customer_of_path, value_json, values_now
 from pgmeter.meters.ulid import new_ulid
-from pgmeter.quota import reader as quota_reader
 
 CURRENCY = re.compile(r"^[A-Z]{3}$")
 # ISO 4217 codes that are not fiat money (precious metals, testing, SDRs, fund units).
@@ -145,12 +144,13 @@ async def customer_access(request: Request) -> Response:
 
 async def customer_value(request: Request) -> Response:
     runtime = runtime_of(request)
-    now = "time" not in request.query_params and quota_reader.enabled(runtime)
-    if now:
+    values = values_now(request)
+    now = values is not None
+    if values is not None:
         # Valkey first, as the entitlement routes (pgmeter.quota.reader).
-        key = quota_reader.key_for(runtime, namespace_of(request), customer=request.path_params["customerIdOrKey"],
-                                   feature_key=request.path_params["featureKey"])
-        hit, now = await quota_reader.cached(runtime, key, v2=V1_ADMIN.v2)
+        key = values.key_for(runtime, namespace_of(request), customer=request.path_params["customerIdOrKey"],
+                             feature_key=request.path_params["featureKey"])
+        hit, now = await values.cached(runtime, key, v2=V1_ADMIN.v2)
         if hit is not None:
             return JSONResponse(hit[0], headers=hit[1])
     customer = await customer_of_path(request, live=True)
@@ -158,8 +158,8 @@ async def customer_value(request: Request) -> Response:
     async with runtime.api_pool.acquire() as conn:
         ent = await store.entitlement_for_feature_at(conn, customer.namespace, customer.id,
                                                      request.path_params["featureKey"], at)
-    if now and ent is not None and ent.type == "metered" and ent.active_at(at):
-        found = await quota_reader.computed(runtime, ent, v2=V1_ADMIN.v2)
+    if values is not None and now and ent is not None and ent.type == "metered" and ent.active_at(at):
+        found = await values.computed(runtime, ent.namespace, ent.id, v2=V1_ADMIN.v2)
         if found is not None:
             return JSONResponse(found[0], headers=found[1])
     return JSONResponse(await value_json(request, ent, at, V1_ADMIN))
