@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -103,7 +104,10 @@ def admin_api(server: AppServer) -> httpx.Client:
 
 
 def wait_for(driver: WebDriver, check: Callable[[WebDriver], Any]) -> Any:
-    return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(check)
+    # The console re-renders a view as its data arrives: an element found a moment ago
+    # may be gone when it is read. That is a moment of the page, not an answer; ask again.
+    return WebDriverWait(driver, WAIT, poll_frequency=0.05,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(check)
 
 
 def use_token(driver: WebDriver, token: str) -> None:
