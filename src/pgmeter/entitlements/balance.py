@@ -7,6 +7,10 @@ committed event. The phases do not depend on usage, so a dry run of the engine
 names them and :func:`pgmeter.query.engine.usage_in_ranges` answers them all in
 one statement (UNIQUE_COUNT, counted from the period start, asks per phase). Usage
 is the customer's: the events of its key and subject keys aggregated together.
+Everything else the read needs (customer, feature, meter, grants, resets, cache
+epoch, snapshots, the meter query's rollup row and tail floor) comes from one
+context statement (:func:`pgmeter.entitlements.store.load`), so a steady read is
+four round trips: BEGIN, the context, the usage, COMMIT.
 
 Snapshots keep reads cheap: the engine's state right after the newest usage-period
 boundary that lies at least ``valkey.settleAfter`` in the past is stored, and the
