@@ -12,7 +12,9 @@ ago) with 10 grants of mixed priorities and expiries. Then it measures, in one r
   current period through ``run_query``), as a ratio.
 
 Every figure is measured on this machine in this run; nothing here is a test.
-``--events`` scales the size, ``--quick`` is a small smoke run.
+``--events`` scales the size, ``--quick`` is a small smoke run. Before the timings it
+lists the statements of one steady value read (the round trips a read costs) with
+their times.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pgmeter.db.pool import create_pool
 from pgmeter.devstack import services
 from pgmeter.devstack.process import free_port
 from pgmeter.entitlements import balance, service
+from pgmeter.entitlements import store as entitlement_store
 from pgmeter.entitlements.service import EntitlementInput, GrantInput
 from pgmeter.meters import store
 from pgmeter.meters.model import MeterSpec
@@ -103,6 +106,7 @@ async def run(total: int, subjects: int, reads: int) -> None:
         first = time.perf_counter() - started
         print(f"  first value read (replays every monthly period): {first * 1000:.0f} ms; usage {value.usage}, "
               f"balance {value.balance}", flush=True)
+        await profile(url, ent, now, grace)
         value_times, query_times = [], []
         params = QueryParams(from_=period[0], to=now + timedelta(minutes=1), subjects=("tpp-heavy",))
         for _ in range(reads):
@@ -120,6 +124,27 @@ async def run(total: int, subjects: int, reads: int) -> None:
         await pool.close()
     finally:
         proc.stop()
+
+
+async def profile(url: str, ent: entitlement_store.Entitlement, now: datetime, grace: timedelta) -> None:
+    """Print every statement of one steady value read, on a connection of its own."""
+    logged: list[tuple[str, float]] = []
+    pool = await create_pool(url, size=1)
+    try:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda record: logged.append((record.query, record.elapsed)))
+        await balance.metered_value(pool, ent, now, grace=grace)  # prepares the statements
+        logged.clear()
+        started = time.perf_counter()
+        await balance.metered_value(pool, ent, now, grace=grace)
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0)  # the logger is called soon after each statement
+    finally:
+        await pool.close()
+    print(f"  one steady value read: {len(logged)} statements (one round trip each), {elapsed * 1000:.1f} ms",
+          flush=True)
+    for query, seconds in logged:
+        print(f"    {seconds * 1000:6.2f} ms  {' '.join(query.split())[:96]}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,10 @@ committed event. The phases do not depend on usage, so a dry run of the engine
 names them and :func:`pgmeter.query.engine.usage_in_ranges` answers them all in
 one statement (UNIQUE_COUNT, counted from the period start, asks per phase). Usage
 is the customer's: the events of its key and subject keys aggregated together.
+Everything else the read needs (customer, feature, meter, grants, resets, cache
+epoch, snapshots, the meter query's rollup row and tail floor) comes from one
+context statement (:func:`pgmeter.entitlements.store.load`), so a steady read is
+four round trips: BEGIN, the context, the usage, COMMIT.
 
 Snapshots keep reads cheap: the engine's state right after the newest usage-period
 boundary that lies at least ``valkey.settleAfter`` in the past is stored, and the
@@ -36,7 +40,7 @@ from pgmeter.entitlements.engine import ZERO, Grant, Reset, Segment, State
 from pgmeter.entitlements.periods import MINUTE, Recurrence, ceil_minute, parse_interval
 from pgmeter.meters import store as meter_store
 from pgmeter.meters.model import Aggregation
-from pgmeter.query.engine import run_query, usage_in_ranges
+from pgmeter.query.engine import Source, run_query, usage_in_ranges
 from pgmeter.query.params import QueryParams, WindowSize
 
 T = TypeVar("T")
@@ -96,7 +100,8 @@ class Timeline:
 
 @dataclass
 class Context:
-    """Everything a metered value depends on, read in one snapshot."""
+    """Everything a metered value depends on, read in one snapshot (one statement,
+    :func:`pgmeter.entitlements.store.load`)."""
 
     entitlement: store.Entitlement
     customer: store.Customer
@@ -104,6 +109,12 @@ class Context:
     meter: meter_store.Meter
     grants: list[store.GrantRow]
     resets: list[store.ResetRow]
+    now: datetime  # the transaction's now()
+    fingerprint: tuple[object, ...]  # see store.fingerprint
+    epoch: int  # the cache epoch of the meter's event type
+    snapshots_at: datetime | None  # snapshots holds those at or before this (None: not read)
+    snapshots: list[store.Snapshot]  # newest first
+    source: Source | None  # the meter query's rollup and tail floor, when read in this snapshot
 
     @property
     def engine_grants(self) -> list[Grant]:
@@ -165,7 +176,7 @@ class Usage:
         if len(bounds) < 2 or not self.subjects:
             return
         values = await usage_in_ranges(self.conn, self.ctx.meter, QueryParams(
-            customers=self.customers, filter_group_by=self.filters), bounds)
+            customers=self.customers, filter_group_by=self.filters), bounds, source=self.ctx.source)
         for (lo, hi), value in zip(zip(bounds, bounds[1:], strict=False), values, strict=True):
             self.known[(lo, hi)] = ZERO if value is None else value
 
@@ -193,13 +204,19 @@ class Usage:
         return await self.total(lo, hi)
 
 
-async def load_context(conn: asyncpg.Connection, ent: store.Entitlement) -> Context:
-    customer = await store.customer_by_id(conn, ent.namespace, ent.customer_id)
-    feature = await store.feature_by_id(conn, ent.namespace, ent.feature_id)
-    assert customer is not None and feature is not None and feature.meter_id is not None
-    meter = await meter_store.get_by_id(conn, ent.namespace, feature.meter_id)
-    assert meter is not None
-    return Context(ent, customer, feature, meter, await store.grants_of(conn, ent.id), await store.resets_of(conn, ent.id))
+async def load_context(conn: asyncpg.Connection, ent: store.Entitlement, *, at: datetime | None = None) -> Context:
+    """The context of ``ent``'s values, in one round trip.
+
+    With ``at``, it also holds what a computation at ``at`` starts from: the snapshots
+    at or before it and the meter query's source (rollup row and tail floor), which the
+    usage statement then does not read again. Only a caller inside one REPEATABLE READ
+    snapshot passes ``at``: under READ COMMITTED the rollup could move on between this
+    statement and the usage statement, and the tail would count merged events twice.
+    """
+    loaded = await store.load(conn, ent, at)
+    return Context(ent, loaded.customer, loaded.feature, loaded.meter, loaded.grants, loaded.resets,
+                   now=loaded.now, fingerprint=loaded.fingerprint, epoch=loaded.epoch, snapshots_at=at,
+                   snapshots=loaded.snapshots, source=loaded.source if at is not None else None)
 
 
 async def _start(conn: asyncpg.Connection, ctx: Context, usage: Usage, at: datetime, epoch: int,
@@ -207,7 +224,8 @@ async def _start(conn: asyncpg.Connection, ctx: Context, usage: Usage, at: datet
     ent = ctx.entitlement
     assert ent.measure_usage_from is not None
     if not ctx.latest:
-        for snap in await store.snapshots_at_or_before(conn, ent.id, at):
+        snapshots = ctx.snapshots if ctx.snapshots_at == at else await store.snapshots_at_or_before(conn, ent.id, at)
+        for snap in snapshots:
             if snap.state.at < ent.measure_usage_from:
                 break
             if snap.epoch == epoch:
@@ -230,7 +248,7 @@ async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: 
     if at < ent.measure_usage_from:
         return engine.starting_state(grants, at), pending
     usage = Usage(conn, ctx)
-    epoch = pending.epoch = await store.cache_epoch(conn, ctx.meter.namespace, ctx.meter.event_type)
+    epoch = pending.epoch = ctx.epoch
     start = await _start(conn, ctx, usage, at, epoch, pending)
     if history is not None:
         start = engine.starting_state(grants, ent.measure_usage_from) if start.at > min(observe or [at]) else start
@@ -262,20 +280,7 @@ async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: 
     return state, pending
 
 
-async def fingerprint(conn: asyncpg.Connection, ent: store.Entitlement) -> tuple[object, ...]:
-    """What a value's inputs were: any change in between makes a computed snapshot stale."""
-    row = await conn.fetchrow(
-        "SELECT (SELECT count(*) FROM grants WHERE entitlement_id = $1) AS grants, "
-        "(SELECT max(updated_at) FROM grants WHERE entitlement_id = $1) AS grants_at, "
-        "(SELECT count(*) FROM usage_resets WHERE entitlement_id = $1) AS resets, "
-        "(SELECT updated_at FROM customers WHERE id = $2) AS customer_at", ent.id, ent.customer_id)
-    return tuple(row.values())
-
-
-async def _begin(conn: asyncpg.Connection) -> datetime:
-    """JIT off for the transaction (as for meter queries) and its ``now()``, in one round trip."""
-    now: datetime = await conn.fetchval("SELECT now() FROM set_config('jit', 'off', true)")
-    return now
+fingerprint = store.fingerprint  # what a value's inputs were (the quota room's reads use it too)
 
 
 def lock_key(entitlement_id: str) -> str:
@@ -287,7 +292,7 @@ async def _write_back(pool: asyncpg.Pool, ent: store.Entitlement, pending: _Pend
         return
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock_key(ent.id))
-        if await fingerprint(conn, ent) != seen:
+        if await store.fingerprint(conn, ent) != seen:
             return  # a grant, void, reset or subject change came in meanwhile: its own invalidation wins
         if pending.drop_from is not None:
             await store.invalidate_snapshots(conn, [ent.id], pending.drop_from)
@@ -300,12 +305,12 @@ async def _write_back(pool: asyncpg.Pool, ent: store.Entitlement, pending: _Pend
 async def metered_value(pool: asyncpg.Pool, ent: store.Entitlement, time: datetime, *, grace: timedelta) -> tuple[Value, Context]:
     at = ceil_minute(time)
     async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read"):
-            now = await _begin(conn)
-            seen = await fingerprint(conn, ent)
-            ctx = await load_context(conn, ent)
-            state, pending = await compute(conn, ctx, at, now=now, grace=grace)
-    await _write_back(pool, ent, pending, seen)
+        # Four round trips: BEGIN, the context (load_context), the usage of every
+        # phase (usage_in_ranges), COMMIT; the snapshot write-back is rare.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            ctx = await load_context(conn, ent, at=at)
+            state, pending = await compute(conn, ctx, at, now=ctx.now, grace=grace)
+    await _write_back(pool, ent, pending, ctx.fingerprint)
     return value_of(ctx, state, at), ctx
 
 
@@ -361,13 +366,12 @@ async def history(pool: asyncpg.Pool, ent: store.Entitlement, lo: datetime, hi: 
                   zone_name: str, zone: tzinfo, *, grace: timedelta) -> History:
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            now = await _begin(conn)
-            ctx = await load_context(conn, ent)
+            ctx = await load_context(conn, ent, at=hi)
             assert ent.measure_usage_from is not None
             spans = [w for w in windows(lo, hi, size, zone) if w[0] >= ent.measure_usage_from]
             observe = [w[0] for w in spans]
             segments: list[Segment] = []
-            await compute(conn, ctx, hi, now=now, grace=grace, history=segments, observe=observe)
+            await compute(conn, ctx, hi, now=ctx.now, grace=grace, history=segments, observe=observe)
             usage = await Usage(conn, ctx).windows(lo, hi, size, zone_name)
     grants = ctx.engine_grants
     at_start: dict[datetime, dict[str, Decimal]] = {}

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
+from functools import cached_property
 
 from pgmeter.entitlements.periods import Recurrence, floor_minute
 
@@ -42,7 +43,7 @@ class Grant:
     max_rollover: Decimal = ZERO
     recurrence: Recurrence | None = None
 
-    @property
+    @cached_property  # asked for hundreds of times per value read (every phase, every grant)
     def end(self) -> datetime | None:
         """Where the grant stops being active: expiry, void or delete, whichever is first."""
         ends = [t for t in (self.expires_at, self.voided_at, self.deleted_at) if t is not None]

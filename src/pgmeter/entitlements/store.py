@@ -7,6 +7,7 @@ what is refused) live in :mod:`.service`. JSON columns travel as text.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -16,8 +17,10 @@ import asyncpg
 
 from pgmeter.entitlements.engine import Grant, State
 from pgmeter.entitlements.periods import Recurrence, parse_interval
+from pgmeter.meters import store as meter_store
 from pgmeter.meters.ulid import is_ulid, new_ulid
 from pgmeter.query.customers import subjects as customer_subjects
+from pgmeter.query.engine import Source, source_sql
 
 
 def _json(value: Any) -> str | None:
@@ -28,7 +31,7 @@ def _load(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def _with_json(row: asyncpg.Record, *columns: str) -> dict[str, Any]:
+def _with_json(row: Mapping[str, Any], *columns: str) -> dict[str, Any]:
     """The row as keyword arguments, its JSON ``columns`` (selected as text) decoded."""
     values = dict(row)
     for column in columns:
@@ -68,7 +71,7 @@ _CUSTOMER = ("c.id, c.namespace, c.key, c.name, c.description, c.primary_email, 
              "AND s.deleted_at IS NOT DISTINCT FROM c.deleted_at ORDER BY s.subject_key) AS subject_keys")
 
 
-def _customer(row: asyncpg.Record | None) -> Customer | None:
+def _customer(row: Mapping[str, Any] | None) -> Customer | None:
     if row is None:
         return None
     values = _with_json(row, "billing_address", "metadata")
@@ -220,7 +223,7 @@ _FEATURE = ("id, namespace, key, name, meter_slug, meter_id, filters::text AS fi
             "created_at, updated_at, archived_at")
 
 
-def _feature(row: asyncpg.Record | None) -> Feature | None:
+def _feature(row: Mapping[str, Any] | None) -> Feature | None:
     return None if row is None else Feature(**_with_json(row, "filters", "metadata"))
 
 
@@ -459,7 +462,7 @@ _GRANT = ("id, namespace, entitlement_id, amount, priority, effective_at, expira
           "annotations::text AS annotations, created_at, updated_at, deleted_at, voided_at")
 
 
-def _grant(row: asyncpg.Record | None) -> GrantRow | None:
+def _grant(row: Mapping[str, Any] | None) -> GrantRow | None:
     return None if row is None else GrantRow(**_with_json(row, "metadata", "annotations"))
 
 
@@ -528,9 +531,12 @@ class ResetRow:
     preserve_overage: bool
 
 
+_RESET = "reset_time, anchor, usage_interval, preserve_overage"
+
+
 async def resets_of(conn: asyncpg.Connection, entitlement_id: str) -> list[ResetRow]:
-    rows = await conn.fetch("SELECT reset_time, anchor, usage_interval, preserve_overage FROM usage_resets "
-                            "WHERE entitlement_id = $1 ORDER BY reset_time", entitlement_id)
+    rows = await conn.fetch(f"SELECT {_RESET} FROM usage_resets WHERE entitlement_id = $1 ORDER BY reset_time",
+                            entitlement_id)
     return [ResetRow(**dict(r)) for r in rows]
 
 
@@ -546,17 +552,24 @@ class Snapshot:
     epoch: int
 
 
+_SNAPSHOT = "at, balances::text AS balances, overage, usage, total_grant_usage, checksum, epoch"
+
+
+def _snapshot(r: Mapping[str, Any]) -> Snapshot:
+    balances = {k: Decimal(v) for k, v in json.loads(r["balances"]).items()}
+    return Snapshot(State(at=r["at"], balances=balances, overage=r["overage"], usage=r["usage"],
+                          total_grant_usage=r["total_grant_usage"], checksum=r["checksum"]), r["epoch"])
+
+
+def _snapshots_sql(entitlement_id: str, at: str) -> str:
+    """The newest 8 snapshots at or before ``at`` (SQL expressions both)."""
+    return (f"SELECT {_SNAPSHOT} FROM balance_snapshots WHERE entitlement_id = {entitlement_id} AND at <= {at} "
+            "ORDER BY at DESC LIMIT 8")
+
+
 async def snapshots_at_or_before(conn: asyncpg.Connection, entitlement_id: str, at: datetime) -> list[Snapshot]:
     """Newest first."""
-    rows = await conn.fetch(
-        "SELECT at, balances::text AS balances, overage, usage, total_grant_usage, checksum, epoch "
-        "FROM balance_snapshots WHERE entitlement_id = $1 AND at <= $2 ORDER BY at DESC LIMIT 8", entitlement_id, at)
-    out = []
-    for r in rows:
-        balances = {k: Decimal(v) for k, v in json.loads(r["balances"]).items()}
-        out.append(Snapshot(State(at=r["at"], balances=balances, overage=r["overage"], usage=r["usage"],
-                                  total_grant_usage=r["total_grant_usage"], checksum=r["checksum"]), r["epoch"]))
-    return out
+    return [_snapshot(r) for r in await conn.fetch(_snapshots_sql("$1", "$2"), entitlement_id, at)]
 
 
 async def save_snapshot(conn: asyncpg.Connection, entitlement_id: str, snapshot: Snapshot) -> None:
@@ -586,3 +599,108 @@ async def cache_epoch(conn: asyncpg.Connection, namespace: str, event_type: str)
     value = await conn.fetchval("SELECT epoch FROM cache_epochs WHERE namespace = $1 AND event_type = $2",
                                 namespace, event_type)
     return int(value or 0)
+
+
+
+# -- a value's context, in one statement -----------------------------------------
+
+def _fingerprint_sql(entitlement_id: str, customer_id: str) -> str:
+    """What a value's inputs were (see :func:`fingerprint`), as four columns."""
+    return (f"(SELECT count(*) FROM grants WHERE entitlement_id = {entitlement_id}) AS grant_count, "
+            f"(SELECT max(updated_at) FROM grants WHERE entitlement_id = {entitlement_id}) AS grants_at, "
+            f"(SELECT count(*) FROM usage_resets WHERE entitlement_id = {entitlement_id}) AS reset_count, "
+            f"(SELECT updated_at FROM customers WHERE id = {customer_id}) AS customer_at")
+
+
+_FINGERPRINT = ("grant_count", "grants_at", "reset_count", "customer_at")
+
+
+async def fingerprint(conn: asyncpg.Connection, ent: Entitlement) -> tuple[object, ...]:
+    """What a value's inputs were: any change in between makes a computed snapshot stale."""
+    row = await conn.fetchrow("SELECT " + _fingerprint_sql("$1", "$2"), ent.id, ent.customer_id)
+    return tuple(row[name] for name in _FINGERPRINT)
+
+
+def _names(columns: str) -> list[str]:
+    """The output names of a select list (each item's alias, else its column), to read
+    the anonymous records (tuples) of :data:`_CONTEXT` by name."""
+    names, depth, item = [], 0, ""
+    for char in columns + ",":
+        if char == "," and depth == 0:
+            names.append(item.split(" AS ")[-1].strip().split(".")[-1])
+            item = ""
+            continue
+        depth += (char == "(") - (char == ")")
+        item += char
+    return names
+
+
+def _record(columns: str) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
+    names = _names(columns)
+    return lambda values: dict(zip(names, values, strict=True))
+
+
+# Everything a metered value reads before its usage, in one round trip (a dozen
+# before): the session settings of a meter query (see query.engine._no_jit; they
+# apply to the statements after this one), the fingerprint, the customer, feature
+# and meter, the grants and resets, the cache epoch, the snapshots at or before $5,
+# and the meter query's source (rollup row and tail floor, NULL columns when the
+# meter has no rollup). Rows of several columns come as anonymous records, read by
+# name through :func:`_record`. $1 namespace, $2 entitlement, $3 customer, $4 feature.
+_CONTEXT = f"""
+WITH f AS (SELECT {_FEATURE} FROM features WHERE namespace = $1 AND id = $4),
+m AS (SELECT {meter_store.COLUMNS} FROM meters WHERE namespace = $1 AND id = (SELECT meter_id FROM f))
+SELECT s.*, now() AS now,
+       set_config('jit', 'off', true) AS jit, set_config('plan_cache_mode', 'force_custom_plan', true) AS plans,
+       {_fingerprint_sql("$2", "$3")},
+       (SELECT ROW(c.*) FROM (SELECT {_CUSTOMER} FROM customers c WHERE c.namespace = $1 AND c.id = $3) c) AS customer,
+       (SELECT ROW(f.*) FROM f) AS feature,
+       (SELECT ROW(m.*) FROM m) AS meter,
+       (SELECT e.epoch FROM cache_epochs e, m WHERE e.namespace = m.namespace AND e.event_type = m.event_type)
+         AS epoch,
+       ARRAY(SELECT ROW(g.*) FROM (SELECT {_GRANT} FROM grants WHERE entitlement_id = $2) g
+              ORDER BY g.created_at, g.id) AS grant_rows,
+       ARRAY(SELECT ROW(r.*) FROM (SELECT {_RESET} FROM usage_resets WHERE entitlement_id = $2) r
+              ORDER BY r.reset_time) AS reset_rows,
+       ARRAY(SELECT ROW(b.*) FROM ({_snapshots_sql("$2", "$5")}) b ORDER BY b.at DESC) AS snapshot_rows
+  FROM (SELECT) one LEFT JOIN LATERAL ({source_sql("(SELECT meter_id FROM f)")}) s ON true
+"""
+_CUSTOMER_RECORD = _record(_CUSTOMER)
+_FEATURE_RECORD = _record(_FEATURE)
+_METER_RECORD = _record(meter_store.COLUMNS)
+_GRANT_RECORD = _record(_GRANT)
+_RESET_RECORD = _record(_RESET)
+_SNAPSHOT_RECORD = _record(_SNAPSHOT)
+
+
+@dataclass
+class Loaded:
+    """What :func:`load` read, in one snapshot."""
+
+    now: datetime
+    fingerprint: tuple[object, ...]
+    customer: Customer
+    feature: Feature
+    meter: meter_store.Meter
+    grants: list[GrantRow]
+    resets: list[ResetRow]
+    epoch: int
+    snapshots: list[Snapshot]  # newest first, at or before load's ``at``
+    source: Source | None  # None: the meter has no rollup (deleted)
+
+
+async def load(conn: asyncpg.Connection, ent: Entitlement, at: datetime | None) -> Loaded:
+    """The context of a value of ``ent`` (metered, its feature has a meter) at ``at``
+    (None: no snapshots), in one statement."""
+    row = await conn.fetchrow(_CONTEXT, ent.namespace, ent.id, ent.customer_id, ent.feature_id, at)
+    customer = _customer(_CUSTOMER_RECORD(row["customer"]))
+    feature = _feature(_FEATURE_RECORD(row["feature"]))
+    assert customer is not None and feature is not None and row["meter"] is not None
+    return Loaded(
+        now=row["now"], fingerprint=tuple(row[name] for name in _FINGERPRINT), customer=customer, feature=feature,
+        meter=meter_store.from_row(_METER_RECORD(row["meter"])),
+        grants=[grant for g in row["grant_rows"] if (grant := _grant(_GRANT_RECORD(g))) is not None],
+        resets=[ResetRow(**_RESET_RECORD(r)) for r in row["reset_rows"]],
+        epoch=int(row["epoch"] or 0),
+        snapshots=[_snapshot(_SNAPSHOT_RECORD(b)) for b in row["snapshot_rows"]],
+        source=None if row["meter_id"] is None else Source.of(row))

@@ -9,6 +9,7 @@ rollup (or the other way round).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -77,7 +78,7 @@ class Meter:
         )
 
 
-_COLUMNS = ("id, namespace, slug, name, description, aggregation, event_type, event_from, value_property, "
+COLUMNS = ("id, namespace, slug, name, description, aggregation, event_type, event_from, value_property, "
             "group_by::text AS group_by, metadata::text AS metadata, annotations::text AS annotations, "
             "created_at, updated_at, deleted_at, "
             "(SELECT json_build_object('reason', r.failure_reason, 'since', r.failing_since, "
@@ -104,7 +105,7 @@ def _event_from(value: datetime | None) -> datetime | None:
     return None if value is not None and value.tzinfo is None and value == datetime.min else value
 
 
-def _meter(row: asyncpg.Record) -> Meter:
+def from_row(row: Mapping[str, Any]) -> Meter:
     return Meter(
         id=row["id"], namespace=row["namespace"], slug=row["slug"], name=row["name"],
         description=row["description"], aggregation=Aggregation(row["aggregation"]),
@@ -125,17 +126,17 @@ def _failure(text: str | None) -> Failure | None:
 
 async def get_by_id(conn: asyncpg.Connection, namespace: str, meter_id: str) -> Meter | None:
     """By ULID, deleted meters included (as OpenMeter)."""
-    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM meters WHERE namespace = $1 AND id = $2",
+    row = await conn.fetchrow(f"SELECT {COLUMNS} FROM meters WHERE namespace = $1 AND id = $2",
                               namespace, meter_id)
-    return _meter(row) if row else None
+    return from_row(row) if row else None
 
 
 async def get_by_slug(conn: asyncpg.Connection, namespace: str, slug: str) -> Meter | None:
     """The active meter with this slug (deleted ones freed it)."""
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM meters WHERE namespace = $1 AND slug = $2 AND deleted_at IS NULL",
+        f"SELECT {COLUMNS} FROM meters WHERE namespace = $1 AND slug = $2 AND deleted_at IS NULL",
         namespace, slug)
-    return _meter(row) if row else None
+    return from_row(row) if row else None
 
 
 async def get(conn: asyncpg.Connection, namespace: str, id_or_slug: str) -> Meter | None:
@@ -157,14 +158,14 @@ async def list_meters(conn: asyncpg.Connection, namespace: str, *, order_by: str
     direction = "DESC" if descending else "ASC"
     deleted = "" if include_deleted else "AND deleted_at IS NULL"
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM meters WHERE namespace = $1 {deleted} "
+        f"SELECT {COLUMNS} FROM meters WHERE namespace = $1 {deleted} "
         f"ORDER BY {column}{collate} {direction}, id {direction}", namespace)
-    return [_meter(row) for row in rows]
+    return [from_row(row) for row in rows]
 
 
 async def active_meters(conn: asyncpg.Connection) -> list[Meter]:
-    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM meters WHERE deleted_at IS NULL ORDER BY id")
-    return [_meter(row) for row in rows]
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM meters WHERE deleted_at IS NULL ORDER BY id")
+    return [from_row(row) for row in rows]
 
 
 async def create(conn: asyncpg.Connection, namespace: str, spec: MeterSpec, *,
@@ -190,7 +191,7 @@ async def create(conn: asyncpg.Connection, namespace: str, spec: MeterSpec, *,
                 INSERT INTO meters (id, namespace, slug, name, description, aggregation, event_type,
                                     event_from, value_property, group_by, metadata)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb, $11::text::jsonb)
-                RETURNING {_COLUMNS}
+                RETURNING {COLUMNS}
                 """,
                 meter_id, namespace, spec.slug, spec.display_name, spec.description, str(spec.aggregation),
                 spec.event_type, spec.event_from, spec.value_property, json.dumps(spec.group_by),
@@ -199,7 +200,7 @@ async def create(conn: asyncpg.Connection, namespace: str, spec: MeterSpec, *,
         except asyncpg.UniqueViolationError:
             raise SlugTaken(spec.slug) from None
         await objects.create(conn, meter_id, namespace, spec.slug, spec)
-    return _meter(row)
+    return from_row(row)
 
 
 def updated_spec(meter: Meter, *, name: str | None, description: str | None,
@@ -229,7 +230,7 @@ async def update(conn: asyncpg.Connection, meter: Meter, *, name: str | None, de
                SET name = $2, description = $3, group_by = $4::text::jsonb,
                    metadata = $5::text::jsonb, updated_at = now()
              WHERE id = $1 AND deleted_at IS NULL
-            RETURNING {_COLUMNS}
+            RETURNING {COLUMNS}
             """,
             meter.id, spec.display_name, spec.description, json.dumps(spec.group_by),
             json.dumps(spec.metadata) if spec.metadata is not None else None,
@@ -238,7 +239,7 @@ async def update(conn: asyncpg.Connection, meter: Meter, *, name: str | None, de
             raise LookupError(meter.id)
         if spec.group_by != meter.group_by:
             await objects.rebuild(conn, meter.id, meter.namespace, meter.slug, spec)
-    return _meter(row)
+    return from_row(row)
 
 
 async def delete(conn: asyncpg.Connection, meter: Meter) -> None:

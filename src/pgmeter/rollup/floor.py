@@ -27,13 +27,20 @@ import asyncpg
 # No event's time is before this (it was a Python datetime): the floor when the seed
 # row (unknown times) applies.
 EARLIEST = datetime.min.replace(tzinfo=UTC)
+_EARLIEST = "'0001-01-01 00:00:00+00'::timestamptz"  # EARLIEST in SQL ('-infinity' has no datetime)
 
-_FLOOR = """
-SELECT min(min_time) = '-infinity' AS unbounded,
-       greatest(min(min_time), $4::timestamptz) AS floor
-  FROM event_floor
- WHERE hi_seq > $3 AND ((namespace = $1 AND type = $2) OR namespace IS NULL)
-"""
+
+def floor_sql(namespace: str, event_type: str, last_seq: str) -> str:
+    """:func:`time_floor` as one SQL expression over three SQL expressions, so a
+    statement that reads the meter's rollup can read its floor too (no round trip of
+    its own). NULL when no event is unmerged; the seed row (unknown times) gives
+    ``EARLIEST``."""
+    return (f"(SELECT CASE WHEN min(min_time) IS NOT NULL THEN greatest(min(min_time), {_EARLIEST}) END "
+            f"FROM event_floor WHERE hi_seq > {last_seq} "
+            f"AND ((namespace = {namespace} AND type = {event_type}) OR namespace IS NULL))")
+
+
+_FLOOR = "SELECT " + floor_sql("$1", "$2", "$3")
 
 _FLOOR_ANY = """
 SELECT greatest(min(min_time), $2::timestamptz) AS floor FROM event_floor WHERE hi_seq > $1
@@ -63,10 +70,8 @@ SELECT namespace, type, (SELECT seq FROM upto), min(min_time)
 async def time_floor(conn: asyncpg.Connection, namespace: str, event_type: str, last_seq: int) -> datetime | None:
     """A lower bound of the time of every event of (namespace, type) with seq >
     ``last_seq`` in this snapshot; None when there is no such event."""
-    row = await conn.fetchrow(_FLOOR, namespace, event_type, last_seq, EARLIEST)
-    if row["unbounded"] is None:
-        return None
-    return EARLIEST if row["unbounded"] else row["floor"]
+    found: datetime | None = await conn.fetchval(_FLOOR, namespace, event_type, last_seq)
+    return found
 
 
 async def any_floor(conn: asyncpg.Connection, last_seq: int) -> datetime | None:
