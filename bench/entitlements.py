@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,6 +125,7 @@ async def run(total: int, subjects: int, reads: int) -> None:
         await pool.close()
     finally:
         proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # 5 GB at 10M events
 
 
 async def profile(url: str, ent: entitlement_store.Entitlement, now: datetime, grace: timedelta) -> None:
