@@ -268,14 +268,22 @@ async def delete_channel(request: Request) -> Response:
     return Response(status_code=204)
 
 
-async def list_channels(request: Request) -> Response:
+async def _page(conn: asyncpg.Connection, request: Request, table: str,
+                columns: str) -> tuple[int, int, int, list[asyncpg.Record]]:
+    """One page of the namespace's channels or rules (``table`` is one of ours, not input),
+    with OpenMeter's ``includeDeleted``/``includeDisabled``: page, size, total and rows."""
     page, size = shapes.pagination(request)
     deleted, disabled = shapes.flag(request, "includeDeleted"), shapes.flag(request, "includeDisabled")
     where = "namespace = $1" + ("" if deleted else " AND deleted_at IS NULL") + ("" if disabled else " AND NOT disabled")
+    total = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE {where}", namespace_of(request))
+    rows = await conn.fetch(f"SELECT {columns} FROM {table} WHERE {where} ORDER BY created_at, id "
+                            "LIMIT $2 OFFSET $3", namespace_of(request), size, (page - 1) * size)
+    return page, size, total, rows
+
+
+async def list_channels(request: Request) -> Response:
     async with runtime_of(request).api_pool.acquire() as conn:
-        total = await conn.fetchval(f"SELECT count(*) FROM notification_channels WHERE {where}", namespace_of(request))
-        rows = await conn.fetch(f"SELECT {_CHANNEL} FROM notification_channels WHERE {where} ORDER BY created_at, id "
-                                "LIMIT $2 OFFSET $3", namespace_of(request), size, (page - 1) * size)
+        page, size, total, rows = await _page(conn, request, "notification_channels", _CHANNEL)
     return JSONResponse(shapes.page_body(total, page, size, [channel_json(r) for r in rows]))
 
 
@@ -332,13 +340,8 @@ async def delete_rule(request: Request) -> Response:
 
 
 async def list_rules(request: Request) -> Response:
-    page, size = shapes.pagination(request)
-    deleted, disabled = shapes.flag(request, "includeDeleted"), shapes.flag(request, "includeDisabled")
-    where = "namespace = $1" + ("" if deleted else " AND deleted_at IS NULL") + ("" if disabled else " AND NOT disabled")
     async with runtime_of(request).api_pool.acquire() as conn:
-        total = await conn.fetchval(f"SELECT count(*) FROM notification_rules WHERE {where}", namespace_of(request))
-        rows = await conn.fetch(f"SELECT {_RULE} FROM notification_rules WHERE {where} ORDER BY created_at, id "
-                                "LIMIT $2 OFFSET $3", namespace_of(request), size, (page - 1) * size)
+        page, size, total, rows = await _page(conn, request, "notification_rules", _RULE)
         items = [await rule_json(conn, r) for r in rows]
     return JSONResponse(shapes.page_body(total, page, size, items))
 
