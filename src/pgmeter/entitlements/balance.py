@@ -280,9 +280,6 @@ async def compute(conn: asyncpg.Connection, ctx: Context, at: datetime, *, now: 
     return state, pending
 
 
-fingerprint = store.fingerprint  # what a value's inputs were (the quota room's reads use it too)
-
-
 def lock_key(entitlement_id: str) -> str:
     return f"pgmeter.entitlement:{entitlement_id}"
 

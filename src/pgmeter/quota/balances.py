@@ -108,14 +108,15 @@ async def compute(pool: asyncpg.Pool, prefix: str, namespace: str, entitlement_i
             at = ceil_minute(now)
             if ent.type != "metered" or not ent.active_at(now) or customer.deleted_at is not None:
                 return Computed(ent.id, keys, None, now, 0)
-            seen = await balance.fingerprint(conn, ent)
-            ctx = await balance.load_context(conn, ent)
+            # The context statement carries the fingerprint, the snapshots at ``at`` and the
+            # meter's source too: this transaction is one REPEATABLE READ snapshot.
+            ctx = await balance.load_context(conn, ent, at=at)
             state, pending = await balance.compute(conn, ctx, at, now=now, grace=grace)
             future_event = await conn.fetchval(
                 "SELECT min(time) FROM events WHERE namespace = $1 AND type = $2 AND time >= $3 "
                 "AND subject = ANY($4::text[])", namespace, ctx.meter.event_type, at, ctx.customer.usage_keys)
     # The snapshot bookkeeping of a value read (the engine's own, same lock and checks).
-    await balance._write_back(pool, ent, pending, seen)
+    await balance._write_back(pool, ent, pending, ctx.fingerprint)
     value = balance.value_of(ctx, state, at)
     fields, valid_until = fields_of(ctx, value, now, seq, future_event)
     return Computed(ent.id, keys, fields, now, valid_until, value, ctx)
